@@ -1,0 +1,141 @@
+"""The ``dgiqa`` command.
+
+``dgiqa score`` scores images named by path or URI with both models loaded once; one bad image gives its own
+error line and the others go on. ``dgiqa make-sample`` writes generated photos and random weights to try it
+with. Bad arguments and unusable weights end the command with one line naming the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import fsspec
+
+from pipeline.preprocess import ImageError, PreprocessConfig
+from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, Scorer, ScorerConfig
+
+EXIT_IMAGE_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _read(uri: str, storage_options: dict) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError(f"no such file or object: {uri}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{uri} is a folder, not an image") from None
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    config = ScorerConfig(
+        weights=args.weights,
+        depth_weights=args.depth_weights,
+        encoder=args.encoder,
+        depth_version=args.depth_version,
+        device=args.device,
+        preprocess=PreprocessConfig(num_crops=args.crops, max_pixels=args.max_pixels),
+        storage_options=args.storage_options,
+    )
+    scorer = Scorer(config)
+    failed = 0
+    for uri in args.images:
+        row = {"uri": uri, "score": None, "score_std": None, "num_crops": None, "width": None, "height": None,
+               "status": "ok", "error": None, "model_id": scorer.model_id}
+        try:
+            result = scorer.score_bytes(_read(uri, args.storage_options))
+            row.update(score=result.score, score_std=result.score_std, num_crops=result.num_crops,
+                       width=result.width, height=result.height)
+        except ImageError as exc:
+            row.update(status="error", error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+        failed += row["status"] != "ok"
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif row["status"] == "ok":
+            print(f"{uri}\t{row['score']:.6f}", flush=True)
+        else:
+            print(f"{uri}\terror: {row['error']}", flush=True)
+    return EXIT_IMAGE_FAILED if failed else 0
+
+
+def _make_sample_command(args: argparse.Namespace) -> int:
+    from pipeline.sample import write_sample
+
+    paths = write_sample(Path(args.folder), encoder=args.encoder)
+    images = " ".join(str(p) for p in paths["images"])
+    print(f"wrote {len(paths['images'])} images and random weights (scores mean nothing with random weights)")
+    print(f"dgiqa score {images} --weights {paths['weights']} --depth-weights {paths['depth_weights']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dgiqa`` argument parser."""
+    parser = argparse.ArgumentParser(prog="dgiqa", description="DGIQA image-quality scores for photo libraries.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score images named by local path or fsspec URI")
+    score.add_argument("images", nargs="+", metavar="IMAGE_OR_URI")
+    score.add_argument("--weights", required=True, help="URI of the DGIQA checkpoint (.pth/.pt/.safetensors/folder)")
+    score.add_argument("--depth-weights", required=True, help="URI of the Depth Anything checkpoint")
+    score.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
+                       help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
+    score.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
+    score.add_argument("--crops", type=_positive_int, default=20, help="random 224x224 crops per image (20)")
+    score.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto, cpu or cuda (auto)")
+    score.add_argument("--max-pixels", type=_positive_int, default=PreprocessConfig.max_pixels,
+                       help="refuse images with more pixels than this (%(default)s)")
+    score.add_argument("--storage-options", type=_storage_options, default={},
+                       help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
+    score.add_argument("--json", action="store_true", help="one JSON object per line instead of uri<TAB>score")
+    score.set_defaults(run=_score_command)
+
+    sample = commands.add_parser("make-sample", help="write generated photos and random weights to try dgiqa with")
+    sample.add_argument("folder")
+    sample.add_argument("--encoder", default="vits", choices=("vits", "vitb", "vitl"))
+    sample.set_defaults(run=_make_sample_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dgiqa``; returns the exit code (0 ok, 1 some image failed, 2 unusable arguments or weights)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as exc:
+        # WeightsError and config errors are ValueErrors: one line naming the problem, no traceback.
+        print(f"dgiqa: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Image preprocessing identical to the published DGIQA inference, one image at a time.
+
+Every number here reproduces a step of the published script, so that the same image and weights give the same
+score:
+
+* decode to 8-bit RGB with the EXIF orientation applied (what ``cv2.imread`` returns, channel order aside);
+* depth-model input: RGB/255 in float64, resized with OpenCV bicubic so both sides are at least 518 px with
+  the aspect ratio kept and each side rounded to a multiple of 14 (Depth Anything's "lower_bound" rule),
+  ImageNet mean/std, then float32;
+* depth map: the model output resized bilinearly to the image size, min-max scaled to 0..255 and truncated to
+  uint8, replicated to three channels;
+* image and depth map resized with OpenCV bilinear so the shorter side is 384 (albumentations'
+  ``SmallestMaxSize``), normalised with ImageNet mean/std through the same float32 lookup table;
+* ``num_crops`` 224x224 crops at the same positions in both, drawn from a fresh ``random.Random(42)``: ``x``
+  then ``y`` for each crop. A fresh generator per image makes a score independent of batch, order and worker.
+
+OpenCV's ``resize`` is used on purpose: Pillow, torchvision and ``F.interpolate`` give pixels a level apart
+from it, and the score notices.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """One image cannot be scored; the message says why. Other images are unaffected."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How one image becomes model inputs. The defaults are the published inference's.
+
+    Attributes:
+        num_crops: Random 224x224 crops averaged into one score.
+        crop_size: Crop side in pixels (the Swin backbones are built for 224).
+        short_side: Shorter side after the quality-branch resize.
+        depth_lower_bound: Both sides of the depth-model input are at least this many pixels.
+        depth_multiple: Depth-model input sides are multiples of this (the ViT patch size).
+        seed: Seed of the per-image crop-position generator.
+        max_pixels: Images with more pixels are refused before decoding, so a decompression bomb never
+            allocates its declared size.
+        min_side: Images with a shorter side are refused: upscaling a few pixels to 384 gives no real score.
+        max_aspect: Images longer than this ratio are refused: the depth model's token count (and memory)
+            grows with the long side once the short side is scaled to 518.
+    """
+
+    num_crops: int = 20
+    crop_size: int = 224
+    short_side: int = 384
+    depth_lower_bound: int = 518
+    depth_multiple: int = 14
+    seed: int = 42
+    max_pixels: int = 100_000_000
+    min_side: int = 16
+    max_aspect: float = 10.0
+
+    def __post_init__(self):
+        if self.num_crops < 1:
+            raise ValueError(f"num_crops must be at least 1, got {self.num_crops}")
+        if self.short_side < self.crop_size:
+            raise ValueError(f"short_side ({self.short_side}) must be at least crop_size ({self.crop_size})")
+        if self.max_pixels < 1 or self.min_side < 1 or self.max_aspect < 1:
+            raise ValueError("max_pixels and min_side must be positive and max_aspect at least 1")
+
+
+def _to_uint8_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # cv2.imread keeps the high byte of 16-bit samples; 32-bit integer images are read as 16-bit data.
+        arr = np.asarray(im).astype(np.uint32)
+        gray = np.clip(arr, 0, 65535) >> 8
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
+        gray = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode != "RGB":
+        # Alpha is dropped, not composited, as cv2.imread(IMREAD_COLOR) does; palettes are expanded.
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def decode_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Decode image bytes to an ``(H, W, 3)`` uint8 RGB array, EXIF orientation applied.
+
+    Animated images give their first frame. The pixel count is checked from the header before any pixel is
+    decoded.
+
+    Raises:
+        ImageError: Empty, unrecognised, truncated or corrupt data, or an image outside the configured limits.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image refused: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+        raise ImageError(f"cannot open image: {type(exc).__name__}: {exc}") from None
+    width, height = im.size
+    if width * height > config.max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                         f"{config.max_pixels} (max_pixels)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_uint8_rgb(im)
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad EXIF, decoder errors
+        raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
+    check_size(rgb.shape[0], rgb.shape[1], config)
+    return np.ascontiguousarray(rgb)
+
+
+def check_size(height: int, width: int, config: PreprocessConfig) -> None:
+    """Refuse images too small or too elongated to score (see ``PreprocessConfig``)."""
+    if min(height, width) < config.min_side:
+        raise ImageError(f"image is {width}x{height}; its shorter side must be at least {config.min_side} px")
+    if max(height, width) > config.max_aspect * min(height, width):
+        raise ImageError(f"image is {width}x{height}, aspect ratio {max(height, width) / min(height, width):.1f}; "
+                         f"at most {config.max_aspect:g} is scored")
+
+
+def _constrain_to_multiple(x: float, multiple: int, min_val: int) -> int:
+    y = round(x / multiple) * multiple  # round half to even, as numpy.round
+    if y < min_val:
+        y = math.ceil(x / multiple) * multiple
+    return int(y)
+
+
+def depth_input_size(height: int, width: int, config: PreprocessConfig = PreprocessConfig()) -> tuple[int, int]:
+    """``(height, width)`` of the depth-model input: both sides >= the lower bound, multiples of 14."""
+    bound = config.depth_lower_bound
+    scale_h, scale_w = bound / height, bound / width
+    scale = scale_w if scale_w > scale_h else scale_h  # scale so that the output is a lower bound
+    return (_constrain_to_multiple(scale * height, config.depth_multiple, bound),
+            _constrain_to_multiple(scale * width, config.depth_multiple, bound))
+
+
+def depth_model_input(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
+    """The ``(3, h, w)`` float32 input of Depth Anything for an ``(H, W, 3)`` uint8 RGB image."""
+    new_h, new_w = depth_input_size(rgb.shape[0], rgb.shape[1], config)
+    resized = cv2.resize(rgb / 255.0, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    normalized = (resized - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)).astype(np.float32))
+
+
+def depth_to_map(depth: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """Turn a model depth output ``(h, w)`` into the ``(height, width, 3)`` uint8 map DGIQA sees.
+
+    Bilinear resize to the image size, min-max scaling to 0..255 and truncation, three equal channels.
+    """
+    full = F.interpolate(depth[None, None].float(), (height, width), mode="bilinear", align_corners=False)[0, 0]
+    d = full.cpu().numpy()
+    lo, hi = d.min(), d.max()
+    scaled = (d - lo) / (hi - lo + 1e-8) * 255
+    gray = scaled.astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def short_side_size(height: int, width: int, config: PreprocessConfig = PreprocessConfig()) -> tuple[int, int]:
+    """``(height, width)`` after scaling the shorter side to ``short_side`` (Python rounding, as albumentations)."""
+    scale = config.short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_short_side(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Bilinear OpenCV resize of a uint8 ``(H, W, 3)`` array so its shorter side is ``short_side``."""
+    new_h, new_w = short_side_size(image.shape[0], image.shape[1], config)
+    if (new_h, new_w) == image.shape[:2]:
+        return image
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def _normalize_tables() -> np.ndarray:
+    # The published pipeline normalises uint8 pixels through float32 lookup tables:
+    # (v - mean * 255) * (1 / (std * 255)), all in float32.
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32) * 255.0
+    denominator = np.reciprocal(np.array(IMAGENET_STD, dtype=np.float32) * 255.0)
+    return (np.arange(256, dtype=np.float32)[None, :] - mean[:, None]) * denominator[:, None]
+
+
+_NORMALIZE_TABLES = _normalize_tables()
+
+
+def normalize_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """ImageNet-normalise a uint8 ``(H, W, 3)`` array into a float32 ``(3, H, W)`` tensor."""
+    chw = np.stack([_NORMALIZE_TABLES[c][image[..., c]] for c in range(3)])
+    return torch.from_numpy(chw)
+
+
+def crop_positions(height: int, width: int, config: PreprocessConfig = PreprocessConfig()) -> list[tuple[int, int]]:
+    """``(y, x)`` of each crop's top-left corner, drawn as the published script draws them."""
+    rng = random.Random(config.seed)
+    positions = []
+    for _ in range(config.num_crops):
+        x = rng.randint(0, width - config.crop_size)
+        y = rng.randint(0, height - config.crop_size)
+        positions.append((y, x))
+    return positions
+
+
+def crops(image: torch.Tensor, depth: torch.Tensor,
+          config: PreprocessConfig = PreprocessConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the same ``num_crops`` crops from a ``(3, H, W)`` image and its depth map.
+
+    Returns:
+        Two ``(num_crops, 3, crop_size, crop_size)`` tensors.
+    """
+    size = config.crop_size
+    positions = crop_positions(image.shape[1], image.shape[2], config)
+    image_crops = torch.stack([image[:, y:y + size, x:x + size] for y, x in positions])
+    depth_crops = torch.stack([depth[:, y:y + size, x:x + size] for y, x in positions])
+    return image_crops, depth_crops
+
+
+def quality_inputs(rgb: np.ndarray, depth_map: np.ndarray,
+                   config: PreprocessConfig = PreprocessConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the decoded image and its uint8 depth map to DGIQA's crop tensors."""
+    image = normalize_to_tensor(resize_short_side(rgb, config))
+    depth = normalize_to_tensor(resize_short_side(depth_map, config))
+    return crops(image, depth, config)

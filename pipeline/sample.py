@@ -1,0 +1,85 @@
+"""Sample data for trying the product without the published weights: random checkpoints and generated photos.
+
+Scores computed with random weights are meaningless as quality judgements; they exercise every step of the
+real pipeline (and let tests run with no network). Files written here say ``random`` in their names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from pipeline.models.depth_anything import build_depth_anything
+from pipeline.models.dgiqa import build_dgiqa
+
+DGIQA_RANDOM = "dgiqa_random.safetensors"
+
+
+def depth_random_name(encoder: str = "vits") -> str:
+    """File name of a random Depth Anything V1 checkpoint for ``encoder``."""
+    return f"depth_anything_v1_{encoder}14_random.safetensors"
+
+
+def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return path
+
+
+def write_random_dgiqa(path: Path, seed: int = 0) -> Path:
+    """Save a DGIQA checkpoint with PyTorch's default random initialisation."""
+    torch.manual_seed(seed)
+    return _save(build_dgiqa().state_dict(), path)
+
+
+def write_random_depth_anything(path: Path, encoder: str = "vits", seed: int = 0) -> Path:
+    """Save a random Depth Anything V1 checkpoint whose depth maps are not flat.
+
+    With default initialisation the final ReLU zeroes almost every output, so every depth map would be a
+    constant; a positive output bias keeps the maps varied, which the tests need to see depth at work.
+    """
+    torch.manual_seed(seed)
+    state = build_depth_anything(encoder).state_dict()
+    state["depth_head.scratch.output_conv2.2.bias"].fill_(0.5)
+    return _save(state, path)
+
+
+def synthetic_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 RGB image: sky gradient, ground plane, a few soft shapes and sensor noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = height * rng.uniform(0.4, 0.6)
+    sky = np.stack([110 + 60 * yy / height, 150 + 50 * yy / height, 235 - 30 * yy / height], axis=-1)
+    ground = np.stack([70 + 40 * yy / height, 110 + 30 * xx / width, 50 + 20 * yy / height], axis=-1)
+    img = np.where((yy < horizon)[..., None], sky, ground)
+    for _ in range(6):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        r = rng.uniform(0.05, 0.2) * min(height, width)
+        mask = np.clip(1.5 - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / r, 0, 1)[..., None]
+        img = img * (1 - mask) + rng.uniform(20, 235, size=3) * mask
+    img += rng.normal(0, 4, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_sample(folder: Path, encoder: str = "vits") -> dict[str, list[Path] | Path]:
+    """Write sample images and random weights under ``folder``.
+
+    Returns:
+        ``images`` (paths), ``weights`` and ``depth_weights`` (paths).
+    """
+    images_dir, weights_dir = folder / "images", folder / "weights"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (h, w, fmt) in enumerate([(480, 640, "JPEG"), (768, 512, "JPEG"), (400, 600, "PNG")]):
+        path = images_dir / f"sample_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        Image.fromarray(synthetic_photo(h, w, seed=i)).save(path, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+        images.append(path)
+    return {
+        "images": images,
+        "weights": write_random_dgiqa(weights_dir / DGIQA_RANDOM),
+        "depth_weights": write_random_depth_anything(weights_dir / depth_random_name(encoder), encoder),
+    }

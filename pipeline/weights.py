@@ -1,0 +1,173 @@
+"""One loading path for model weights: URI -> bytes -> state dict -> remap -> strict load.
+
+Weights come only from a URI the user passes (a local path, ``file://``, ``s3://`` or any fsspec URL, or a
+Hugging Face-style folder already on disk); nothing is downloaded from a model hub. PyTorch files are read with
+``torch.load(weights_only=True)``, which refuses pickled code; ``.safetensors`` files hold tensors only.
+The SHA-256 of the bytes read identifies the model version in every output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from torch import nn
+
+# Weight files looked for, in order, inside a Hugging Face-style folder.
+FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+
+
+class WeightsError(ValueError):
+    """Weights could not be read, or do not fit the model they are meant for."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A state dict and where it came from.
+
+    Attributes:
+        uri: The URI the user passed.
+        path: The file actually read (differs from ``uri`` for a folder).
+        sha256: Hex SHA-256 of the file's bytes.
+        state_dict: Tensors by key, wrappers and ``module.`` prefixes removed.
+        config: The folder's ``config.json``, if it had one.
+    """
+
+    uri: str
+    path: str
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+    config: dict | None = None
+
+
+def _weights_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, dict | None]:
+    if not fs.isdir(path):
+        return path, None
+    config = None
+    config_path = posixpath.join(path, "config.json")
+    if fs.exists(config_path):
+        with fs.open(config_path, "rb") as f:
+            config = json.loads(f.read())
+    for name in FOLDER_WEIGHT_FILES:
+        candidate = posixpath.join(path, name)
+        if fs.exists(candidate):
+            return candidate, config
+    found = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".safetensors", ".pth", ".pt", ".bin")))
+    if len(found) == 1:
+        return found[0], config
+    raise WeightsError(f"folder {path} holds {len(found)} weight files ({', '.join(found) or 'none'}); "
+                       f"expected one, or one of {', '.join(FOLDER_WEIGHT_FILES)}")
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    # 8-byte little-endian header length, then a JSON object.
+    return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data)
+
+
+def _decode(data: bytes, path: str) -> Mapping:
+    if path.endswith(".safetensors") or _looks_like_safetensors(data):
+        try:
+            return load_safetensors_bytes(data)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path} is not a readable PyTorch weights file (loaded with weights_only=True, "
+                           f"which refuses pickled code): {first_line}") from None
+
+
+def _unwrap(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} holds no state dict (a mapping of names to tensors)")
+    state_dict = {}
+    for key, value in obj.items():
+        for prefix in STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state_dict[key] = value
+    return state_dict
+
+
+def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpoint:
+    """Read a checkpoint from a URI and hash its bytes.
+
+    Args:
+        uri: Local path, ``file://``, ``s3://`` or other fsspec URL of a ``.pth``/``.pt``/``.bin``/
+            ``.safetensors`` file, or of a folder holding ``config.json`` and one weights file.
+        storage_options: fsspec options (endpoint, profile, ...); credentials come from the environment.
+
+    Raises:
+        WeightsError: The URI cannot be read or does not hold a state dict.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        weights_path, config = _weights_file(fs, path)
+        with fs.open(weights_path, "rb") as f:
+            data = f.read()
+    except WeightsError:
+        raise
+    except FileNotFoundError:
+        raise WeightsError(f"no weights at {uri}") from None
+    except Exception as exc:  # noqa: BLE001 - storage errors of any backend, reported with the URI
+        raise WeightsError(f"cannot read weights from {uri}: {type(exc).__name__}: {exc}") from None
+    if not data:
+        raise WeightsError(f"{weights_path} is empty (0 bytes)")
+    state_dict = _unwrap(_decode(data, weights_path), weights_path)
+    return Checkpoint(uri=uri, path=weights_path, sha256=hashlib.sha256(data).hexdigest(),
+                      state_dict=state_dict, config=config)
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str,
+                filter_fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+    """Remap a state dict with the model's filter function and load it strictly.
+
+    Args:
+        model: The module to load into.
+        state_dict: Tensors by key, as read.
+        name: What the weights are for, used in the error message (e.g. ``"DGIQA (--weights)"``).
+        filter_fn: The model's ``checkpoint_filter_fn``, renaming keys of other layouts.
+
+    Raises:
+        WeightsError: Keys are missing or unexpected, or shapes differ; the message names them.
+    """
+    remapped = filter_fn(state_dict) if filter_fn else dict(state_dict)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(remapped))
+    unexpected = sorted(set(remapped) - set(expected))
+    mismatched = sorted(f"{k} {tuple(remapped[k].shape)} vs {tuple(expected[k].shape)}"
+                        for k in set(expected) & set(remapped) if remapped[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (checkpoint vs model): {_preview(mismatched)}")
+    if problems:
+        raise WeightsError(f"{name} checkpoint does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(remapped, strict=True)
