@@ -115,7 +115,7 @@ def decode_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> 
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image refused: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
-        raise ImageError(f"cannot open image: {type(exc).__name__}: {exc}") from None
+        raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
     width, height = im.size
     if width * height > config.max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "

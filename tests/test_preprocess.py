@@ -1,0 +1,224 @@
+import io
+import random
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageError,
+    PreprocessConfig,
+    crop_positions,
+    crops,
+    decode_image,
+    depth_input_size,
+    depth_model_input,
+    depth_to_map,
+    normalize_to_tensor,
+    resize_short_side,
+    short_side_size,
+)
+from pipeline.sample import synthetic_photo
+
+
+def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _cv2_reference(data: bytes, tmp_path) -> np.ndarray:
+    """What the published inference decodes: cv2.imread (EXIF orientation applied), as RGB."""
+    path = tmp_path / "img.bin"
+    path.write_bytes(data)
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def test_crop_positions_follow_the_published_draws():
+    cfg = PreprocessConfig(num_crops=20)
+    rng = random.Random(42)
+    expected = []
+    for _ in range(20):
+        x = rng.randint(0, 577 - 224)
+        y = rng.randint(0, 384 - 224)
+        expected.append((y, x))
+    assert crop_positions(384, 577, cfg) == expected
+    # A fresh generator per image: the same size always gives the same crops.
+    assert crop_positions(384, 577, cfg) == crop_positions(384, 577, cfg)
+    three = PreprocessConfig(num_crops=3)
+    assert crop_positions(384, 384, three) != crop_positions(384, 577, three)
+
+
+@pytest.mark.parametrize(("hw", "expected"), [
+    ((480, 640), (518, 686)),    # 640 * 518/480 = 690.7 -> 49.3 patches -> 49 * 14
+    ((333, 500), (518, 784)),    # 500 * 518/333 = 777.8 -> 55.6 -> 56 * 14
+    ((1001, 517), (1008, 518)),  # width needs the larger scale: 1001 * 518/517 = 1002.9 -> 71.6 -> 72 * 14
+    ((518, 539), (518, 532)),    # 539 / 14 = 38.5 rounds half to even: 38 * 14
+    ((518, 525), (518, 532)),    # 525 / 14 = 37.5 rounds half to even: 38 * 14
+    ((518, 518), (518, 518)),
+    ((2000, 3000), (518, 784)),  # downscale: 3000 * 518/2000 = 777 -> 55.5 rounds half to even: 56 * 14
+])
+def test_depth_input_size_lower_bound_multiple_of_14(hw, expected):
+    h, w = depth_input_size(*hw)
+    assert (h, w) == expected
+    assert h % 14 == 0 and w % 14 == 0 and min(h, w) >= 518
+
+
+@pytest.mark.parametrize(("hw", "expected"), [
+    ((480, 640), (384, 512)),
+    ((333, 500), (384, 577)),    # 500 * 384/333 = 576.6
+    ((1001, 517), (743, 384)),   # 1001 * 384/517 = 743.5 (743.49...)
+    ((384, 999), (384, 999)),
+    ((229, 229), (384, 384)),    # small images are upscaled, as published
+])
+def test_short_side_rule(hw, expected):
+    assert short_side_size(*hw) == expected
+    resized = resize_short_side(np.zeros((*hw, 3), np.uint8))
+    assert resized.shape == (*expected, 3)
+
+
+def test_depth_model_input_matches_published_arithmetic():
+    rgb = synthetic_photo(100, 150, seed=3)
+    cfg = PreprocessConfig(depth_lower_bound=70)
+    x = depth_model_input(rgb, cfg)
+    h, w = depth_input_size(100, 150, cfg)
+    assert x.shape == (3, h, w) and x.dtype == torch.float32
+    # Bicubic on float RGB in [0, 1] (not on uint8), then ImageNet mean/std.
+    ref = cv2.resize(rgb.astype(np.float64) / 255.0, (w, h), interpolation=cv2.INTER_CUBIC)
+    ref = ((ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
+    np.testing.assert_allclose(x.numpy(), ref, atol=1e-6)
+    assert x.min() < (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0] + 0.5  # unclipped float input
+
+
+def test_depth_to_map_min_max_truncation():
+    ramp = torch.linspace(0, 3, 50).repeat(40, 1)
+    out = depth_to_map(ramp, 40, 50)
+    assert out.shape == (40, 50, 3) and out.dtype == np.uint8
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
+    assert out.min() == 0 and out.max() == 255
+    # Truncation, not rounding: a value 0.9 of the way to the next level stays on the lower level.
+    exact = (ramp.numpy() / 3 * 255)
+    assert np.array_equal(out[..., 0], exact.astype(np.uint8))
+    resized = depth_to_map(ramp, 80, 100)
+    assert resized.shape == (80, 100, 3)
+    assert (depth_to_map(torch.ones(10, 10), 10, 10) == 0).all()  # flat depth: no division by zero
+
+
+def test_normalization_equals_imagenet_formula():
+    img = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    t = normalize_to_tensor(img)
+    ref = ((img / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
+    assert t.shape == (3, 30, 40) and t.dtype == torch.float32
+    np.testing.assert_allclose(t.numpy(), ref, atol=2e-6)
+
+
+def test_crops_are_aligned_between_image_and_depth():
+    cfg = PreprocessConfig(num_crops=5)
+    image = torch.arange(3 * 384 * 500, dtype=torch.float32).reshape(3, 384, 500)
+    depth = image * 2
+    a, b = crops(image, depth, cfg)
+    assert a.shape == b.shape == (5, 3, 224, 224)
+    assert torch.equal(b, a * 2)
+    y, x = crop_positions(384, 500, cfg)[0]
+    assert a[0, 0, 0, 0] == image[0, y, x]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_cv2_imread(orientation, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(synthetic_photo(60, 90, seed=orientation), "JPEG", quality=90, exif=exif.tobytes())
+    decoded = decode_image(data)
+    assert decoded.shape == ((90, 60, 3) if orientation >= 5 else (60, 90, 3))
+    assert np.array_equal(decoded, _cv2_reference(data, tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "progressive", "png", "gray", "palette", "rgba", "16bit_gray", "16bit_rgb"])
+def test_decode_equals_published_decoder(kind, tmp_path):
+    rgb = synthetic_photo(64, 96, seed=1)
+    if kind == "jpeg":
+        data = _encode(rgb, "JPEG", quality=85)
+    elif kind == "progressive":
+        data = _encode(rgb, "JPEG", quality=75, progressive=True, subsampling=2)
+    elif kind == "png":
+        data = _encode(rgb, "PNG")
+    elif kind == "gray":
+        data = _encode(rgb[..., 0], "PNG")
+    elif kind == "palette":
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(buf, "PNG")
+        data = buf.getvalue()
+    elif kind == "rgba":
+        alpha = np.full((64, 96, 1), 7, np.uint8)
+        data = _encode(np.concatenate([rgb, alpha], axis=2), "PNG")
+    else:
+        wide = rgb.astype(np.uint16) * 257 + 3
+        path = tmp_path / "w.png"
+        cv2.imwrite(str(path), wide[..., 0] if kind == "16bit_gray" else wide[..., ::-1])
+        data = path.read_bytes()
+    decoded = decode_image(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == (64, 96, 3)
+    assert np.array_equal(decoded, _cv2_reference(data, tmp_path))
+
+
+def test_cmyk_and_float_tiff_decode_to_rgb():
+    rgb = synthetic_photo(40, 50, seed=2)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG", quality=95)
+    cmyk = decode_image(buf.getvalue())
+    assert cmyk.shape == (40, 50, 3) and np.abs(cmyk.astype(int) - rgb).mean() < 8
+    buf = io.BytesIO()
+    Image.fromarray(rgb[..., 0].astype(np.float32) / 255.0, mode="F").save(buf, "TIFF")
+    gray = decode_image(buf.getvalue())
+    assert gray.shape == (40, 50, 3) and np.abs(gray[..., 0].astype(int) - rgb[..., 0]).max() <= 1
+
+
+def _png_with_declared_size(width: int, height: int) -> bytes:
+    data = bytearray(_encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "empty file"),
+    (b"<html><body>not found</body></html>", "not a recognised image format"),
+    (_png_with_declared_size(12_000, 10_000), "12000x10000 = 120000000 pixels, over the limit of 100000000"),
+    (_png_with_declared_size(50_000, 50_000), "decompression bomb"),
+])
+def test_bad_inputs_give_clear_errors(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(data)
+
+
+def test_truncated_files_give_clear_errors():
+    rgb = synthetic_photo(200, 300, seed=4)
+    for fmt in ("JPEG", "PNG"):
+        data = _encode(rgb, fmt)
+        with pytest.raises(ImageError, match="truncated or corrupt"):
+            decode_image(data[: len(data) // 2])
+
+
+def test_size_limits_are_configurable():
+    data = _encode(synthetic_photo(100, 120), "PNG")
+    assert decode_image(data).shape == (100, 120, 3)
+    with pytest.raises(ImageError, match="12000 pixels, over the limit of 11999"):
+        decode_image(data, PreprocessConfig(max_pixels=11_999))
+    with pytest.raises(ImageError, match="shorter side must be at least"):
+        decode_image(_encode(np.zeros((1, 1, 3), np.uint8), "PNG"))
+    with pytest.raises(ImageError, match="aspect ratio 12.0"):
+        decode_image(_encode(np.zeros((20, 240, 3), np.uint8), "PNG"))
+
+
+def test_animated_gif_scores_first_frame():
+    frames = [Image.fromarray(np.full((40, 40, 3), v, np.uint8)) for v in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(buf.getvalue()).mean() < 50

@@ -1,0 +1,116 @@
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.preprocess import ImageError, PreprocessConfig, decode_image
+from pipeline.sample import synthetic_photo
+from pipeline.scorer import Scorer, ScorerConfig
+from pipeline.weights import WeightsError
+from tests.conftest import FAST
+
+
+def test_real_photographs_score(fast_scorer, photo_paths):
+    for path in photo_paths:
+        data = path.read_bytes()
+        result = fast_scorer.score_bytes(data)
+        h, w = decode_image(data).shape[:2]
+        assert 0 < result.score < 1
+        assert result.score_std >= 0 and result.num_crops == FAST.num_crops
+        assert (result.width, result.height) == (w, h)
+
+
+def test_score_is_mean_of_crop_scores_and_independent_of_batch(fast_scorer, photo_paths):
+    images = [decode_image(p.read_bytes()) for p in photo_paths[:3]]
+    together = fast_scorer.score_images(images)
+    alone = [fast_scorer.score_images([img])[0] for img in images]
+    reversed_order = fast_scorer.score_images(images[::-1])[::-1]
+    for a, b, c in zip(together, alone, reversed_order, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-6) == pytest.approx(c.score, abs=1e-6)
+        assert a.score_std == pytest.approx(b.score_std, abs=1e-6)
+    assert len({round(r.score, 7) for r in together}) == 3  # different photos, different scores
+
+
+def test_depth_map_varies_and_matches_image_size(fast_scorer, photo_paths):
+    rgb = decode_image(photo_paths[0].read_bytes())
+    depth = fast_scorer.depth_map(rgb)
+    assert depth.shape == rgb.shape and depth.dtype == np.uint8
+    assert depth.min() == 0 and depth.max() >= 254  # 255 * range / (range + 1e-8) may truncate to 254
+
+
+def _encoded(kind: str) -> bytes:
+    rgb = synthetic_photo(300, 400, seed=7)
+    buf = io.BytesIO()
+    if kind == "exif_rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(rgb).save(buf, "JPEG", exif=exif.tobytes())
+    elif kind == "grayscale":
+        Image.fromarray(rgb[..., 1]).save(buf, "JPEG")
+    elif kind == "palette":
+        Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(buf, "PNG")
+    elif kind == "rgba":
+        Image.fromarray(rgb).convert("RGBA").save(buf, "PNG")
+    elif kind == "cmyk":
+        Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG")
+    elif kind == "16bit":
+        ok, png = cv2.imencode(".png", (rgb.astype(np.uint16) * 257)[..., ::-1])
+        assert ok
+        return png.tobytes()
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["exif_rotated", "grayscale", "palette", "rgba", "cmyk", "16bit"])
+def test_every_image_mode_scores(fast_scorer, kind):
+    result = fast_scorer.score_bytes(_encoded(kind))
+    assert 0 < result.score < 1
+    assert (result.width, result.height) == ((300, 400) if kind == "exif_rotated" else (400, 300))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "empty file"),
+    (b"GIF89a but not really", "truncated or corrupt|not a recognised"),
+    (_encoded("grayscale")[:200], "truncated or corrupt"),
+])
+def test_bad_images_raise_image_errors(fast_scorer, data, message):
+    with pytest.raises(ImageError, match=message):
+        fast_scorer.score_bytes(data)
+
+
+def test_model_id_names_both_weights(fast_scorer):
+    assert fast_scorer.model_id == (f"dgiqa@{fast_scorer.dgiqa_sha256}"
+                                    f"+depth-anything-v1-vits@{fast_scorer.depth_sha256}")
+    assert len(fast_scorer.dgiqa_sha256) == 64 and fast_scorer.encoder == "vits"
+
+
+def test_wrong_weights_fail_at_load_with_clear_errors(checkpoints):
+    dgiqa, depth = str(checkpoints["dgiqa"]), str(checkpoints["depth"])
+    with pytest.raises(WeightsError, match="--encoder vitl was given, but --depth-weights .* holds a vits model"):
+        Scorer(ScorerConfig(weights=dgiqa, depth_weights=depth, encoder="vitl"))
+    with pytest.raises(WeightsError, match="not a Depth Anything checkpoint"):
+        Scorer(ScorerConfig(weights=dgiqa, depth_weights=dgiqa))
+    with pytest.raises(WeightsError, match=r"DGIQA \(--weights .*\) checkpoint does not fit the model: \d+ missing"):
+        Scorer(ScorerConfig(weights=depth, depth_weights=depth))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        ScorerConfig(weights="a", depth_weights="b", encoder="vitg")
+    with pytest.raises(ValueError, match="num_crops must be at least 1"):
+        PreprocessConfig(num_crops=0)
+
+
+@pytest.mark.slow
+def test_full_size_path_on_a_photo(checkpoints, photo_paths):
+    """The published sizes end to end: depth input >= 518 px, 384 px short side, 224 px crops."""
+    scorer = Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                 device="cpu", preprocess=PreprocessConfig(num_crops=2)))
+    data = photo_paths[1].read_bytes()  # coffee.png, 600x400
+    result = scorer.score_bytes(data)
+    assert 0 < result.score < 1 and (result.width, result.height) == (600, 400)
+    fast = Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                               device="cpu", preprocess=PreprocessConfig(num_crops=2, depth_lower_bound=70)))
+    # The depth resolution reaches the score: the published 518 px depth input is not a detail.
+    assert abs(fast.score_bytes(data).score - result.score) > 1e-7
