@@ -235,9 +235,32 @@ def crops(image: torch.Tensor, depth: torch.Tensor,
     return image_crops, depth_crops
 
 
-def quality_inputs(rgb: np.ndarray, depth_map: np.ndarray,
+@dataclass(frozen=True)
+class PreparedImage:
+    """Everything the models need from one image, computed on the CPU before any model runs.
+
+    Attributes:
+        rgb_small: uint8 ``(h, w, 3)`` image with its shorter side resized to ``short_side``.
+        depth_input: float32 ``(3, h', w')`` Depth Anything input.
+        height: Height of the decoded image (the depth map is resized back to it, as published).
+        width: Width of the decoded image.
+    """
+
+    rgb_small: np.ndarray
+    depth_input: torch.Tensor
+    height: int
+    width: int
+
+
+def prepare_image(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> PreparedImage:
+    """Do the model-independent work for one decoded image: both resizes, depth normalisation."""
+    return PreparedImage(rgb_small=resize_short_side(rgb, config), depth_input=depth_model_input(rgb, config),
+                         height=rgb.shape[0], width=rgb.shape[1])
+
+
+def quality_inputs(rgb_small: np.ndarray, depth_map: np.ndarray,
                    config: PreprocessConfig = PreprocessConfig()) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the decoded image and its uint8 depth map to DGIQA's crop tensors."""
-    image = normalize_to_tensor(resize_short_side(rgb, config))
+    """From the resized image and its full-size uint8 depth map to DGIQA's crop tensors."""
+    image = normalize_to_tensor(rgb_small)
     depth = normalize_to_tensor(resize_short_side(depth_map, config))
     return crops(image, depth, config)

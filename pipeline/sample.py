@@ -83,3 +83,17 @@ def write_sample(folder: Path, encoder: str = "vits") -> dict[str, list[Path] | 
         "weights": write_random_dgiqa(weights_dir / DGIQA_RANDOM),
         "depth_weights": write_random_depth_anything(weights_dir / depth_random_name(encoder), encoder),
     }
+
+
+def write_demo_bucket(folder: Path) -> dict[str, Path]:
+    """A local folder that plays the bucket for the job's demo: images, a CSV manifest, random weights.
+
+    Returns:
+        ``manifest``, ``output``, ``weights`` and ``depth_weights`` paths.
+    """
+    paths = write_sample(folder)
+    manifest = folder / "manifest.csv"
+    lines = ["uri,source"] + [f"{p.relative_to(folder).as_posix()},generated" for p in paths["images"]]
+    manifest.write_text("\n".join(lines) + "\n")
+    return {"manifest": manifest, "output": folder / "scores", "weights": paths["weights"],
+            "depth_weights": paths["depth_weights"]}

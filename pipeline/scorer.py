@@ -7,17 +7,26 @@ call; its config is a small picklable dataclass that can be shipped to workers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.models import depth_anything as da
 from pipeline.models.dgiqa import build_dgiqa
 from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
-from pipeline.preprocess import PreprocessConfig, decode_image, depth_model_input, depth_to_map, quality_inputs
-from pipeline.weights import WeightsError, load_strict, read_checkpoint
+from pipeline.preprocess import (
+    PreparedImage,
+    PreprocessConfig,
+    decode_image,
+    depth_to_map,
+    prepare_image,
+    quality_inputs,
+)
+from pipeline.weights import WeightsError, check_fits, load_strict, read_checkpoint
 
 ENCODER_CHOICES = ("auto", *da.ENCODERS)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -34,6 +43,7 @@ class ScorerConfig:
         depth_version: ``v1`` (the published DGIQA pairing) or ``v2``.
         device: ``auto`` (CUDA when this process sees a GPU), ``cpu`` or ``cuda``.
         crop_batch: Crops per DGIQA forward pass; crops of several images share one pass.
+        depth_batch: Same-size images per Depth Anything forward pass.
         preprocess: Resize, crop and safety limits.
         storage_options: fsspec options for reading the weights.
     """
@@ -44,6 +54,7 @@ class ScorerConfig:
     depth_version: str = "v1"
     device: str = "auto"
     crop_batch: int = 40
+    depth_batch: int = 8
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage_options: Mapping | None = None
 
@@ -54,8 +65,9 @@ class ScorerConfig:
             raise ValueError(f"depth_version must be one of {', '.join(da.VERSIONS)}, got {self.depth_version!r}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
-        if self.crop_batch < 1:
-            raise ValueError(f"crop_batch must be at least 1, got {self.crop_batch}")
+        if self.crop_batch < 1 or self.depth_batch < 1:
+            raise ValueError(f"crop_batch and depth_batch must be at least 1, got {self.crop_batch}, "
+                             f"{self.depth_batch}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which weights a scorer runs: what ``model_id`` in every output row identifies.
+
+    Attributes:
+        model_id: ``dgiqa@<sha256>+depth-anything-<version>-<encoder>@<sha256>``.
+        encoder: The Depth Anything encoder found in the checkpoint.
+        dgiqa_sha256: SHA-256 of the DGIQA weights file.
+        depth_sha256: SHA-256 of the Depth Anything weights file.
+    """
+
+    model_id: str
+    encoder: str
+    dgiqa_sha256: str
+    depth_sha256: str
+
+
+def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn.Module, nn.Module]:
+    dgiqa_ckpt = read_checkpoint(config.weights, config.storage_options)
+    depth_ckpt = read_checkpoint(config.depth_weights, config.storage_options)
+    depth_state = da.checkpoint_filter_fn(depth_ckpt.state_dict)
+    try:
+        found = da.encoder_of(depth_state)
+    except KeyError as exc:
+        raise WeightsError(f"--depth-weights {depth_ckpt.path}: {exc.args[0]}") from None
+    if config.encoder not in ("auto", found):
+        raise WeightsError(f"--encoder {config.encoder} was given, but --depth-weights {depth_ckpt.path} "
+                           f"holds a {found} model")
+    with contextlib.nullcontext() if materialize else torch.device("meta"):
+        dgiqa = build_dgiqa()
+        depth_model = da.build_depth_anything(found, config.depth_version)
+    check = load_strict if materialize else check_fits
+    check(dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
+    check(depth_model, depth_state, f"Depth Anything {found} (--depth-weights {depth_ckpt.path})")
+    info = ModelInfo(
+        model_id=f"dgiqa@{dgiqa_ckpt.sha256}+depth-anything-{config.depth_version}-{found}@{depth_ckpt.sha256}",
+        encoder=found, dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth_ckpt.sha256)
+    return info, dgiqa, depth_model
+
+
+def check_models(config: ScorerConfig) -> ModelInfo:
+    """Read and hash both checkpoints and check them against the architectures, without building the models.
+
+    A job calls this on its driver to fail before any work when weights are unusable, and to know the
+    ``model_id`` it skips already-scored images by.
+
+    Raises:
+        WeightsError: A checkpoint cannot be read or does not fit its model.
+    """
+    return _load_models(config, materialize=False)[0]
+
+
 class Scorer:
     """DGIQA and Depth Anything, loaded once, scoring images the way the published inference does.
 
@@ -100,46 +164,46 @@ class Scorer:
     def __init__(self, config: ScorerConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        dgiqa_ckpt = read_checkpoint(config.weights, config.storage_options)
-        depth_ckpt = read_checkpoint(config.depth_weights, config.storage_options)
-        depth_state = da.checkpoint_filter_fn(depth_ckpt.state_dict)
-        try:
-            found = da.encoder_of(depth_state)
-        except KeyError as exc:
-            raise WeightsError(f"--depth-weights {depth_ckpt.path}: {exc.args[0]}") from None
-        if config.encoder not in ("auto", found):
-            raise WeightsError(f"--encoder {config.encoder} was given, but --depth-weights {depth_ckpt.path} "
-                               f"holds a {found} model")
-        self.encoder = found
-        self.dgiqa = build_dgiqa()
-        load_strict(self.dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
-        self.depth_model = da.build_depth_anything(found, config.depth_version)
-        load_strict(self.depth_model, depth_state, f"Depth Anything {found} (--depth-weights {depth_ckpt.path})")
+        self.info, self.dgiqa, self.depth_model = _load_models(config, materialize=True)
         self.dgiqa.to(self.device)
         self.depth_model.to(self.device)
-        self.dgiqa_sha256 = dgiqa_ckpt.sha256
-        self.depth_sha256 = depth_ckpt.sha256
-        self.model_id = (f"dgiqa@{dgiqa_ckpt.sha256}"
-                         f"+depth-anything-{config.depth_version}-{found}@{depth_ckpt.sha256}")
+        self.model_id = self.info.model_id
+        self.encoder = self.info.encoder
 
     @torch.inference_mode()
+    def depth_maps(self, prepared: Sequence[PreparedImage]) -> list[np.ndarray]:
+        """The uint8 ``(H, W, 3)`` depth map DGIQA sees for each image.
+
+        Images whose depth inputs have the same size share one forward pass (photos from one camera do).
+        """
+        maps: list[np.ndarray | None] = [None] * len(prepared)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(prepared):
+            by_shape.setdefault(tuple(item.depth_input.shape), []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.config.depth_batch):
+                chunk = indices[start:start + self.config.depth_batch]
+                x = torch.stack([prepared[i].depth_input for i in chunk]).to(self.device)
+                depth = self.depth_model(x)
+                for j, i in enumerate(chunk):
+                    maps[i] = depth_to_map(depth[j], prepared[i].height, prepared[i].width)
+        return maps
+
     def depth_map(self, rgb: np.ndarray) -> np.ndarray:
         """The uint8 ``(H, W, 3)`` depth map DGIQA sees for an ``(H, W, 3)`` uint8 RGB image."""
-        x = depth_model_input(rgb, self.config.preprocess)[None].to(self.device)
-        depth = self.depth_model(x)[0]
-        return depth_to_map(depth, rgb.shape[0], rgb.shape[1])
+        return self.depth_maps([prepare_image(rgb, self.config.preprocess)])[0]
 
     @torch.inference_mode()
-    def score_images(self, images: Sequence[np.ndarray]) -> list[ImageScore]:
-        """Score decoded ``(H, W, 3)`` uint8 RGB images; their crops share DGIQA forward passes."""
+    def score_prepared(self, prepared: Sequence[PreparedImage]) -> list[ImageScore]:
+        """Score prepared images; their crops share DGIQA forward passes."""
+        if not prepared:
+            return []
         cfg = self.config.preprocess
         rgb_crops, depth_crops = [], []
-        for rgb in images:
-            image_crops, map_crops = quality_inputs(rgb, self.depth_map(rgb), cfg)
+        for item, depth_map in zip(prepared, self.depth_maps(prepared), strict=True):
+            image_crops, map_crops = quality_inputs(item.rgb_small, depth_map, cfg)
             rgb_crops.append(image_crops)
             depth_crops.append(map_crops)
-        if not images:
-            return []
         all_rgb, all_depth = torch.cat(rgb_crops), torch.cat(depth_crops)
         step = self.config.crop_batch
         crop_scores = torch.cat([
@@ -147,11 +211,15 @@ class Scorer:
             for i in range(0, all_rgb.shape[0], step)
         ])
         results = []
-        for i, rgb in enumerate(images):
+        for i, item in enumerate(prepared):
             per_crop = crop_scores[i * cfg.num_crops:(i + 1) * cfg.num_crops]
             results.append(ImageScore(score=per_crop.mean().item(), score_std=per_crop.std(correction=0).item(),
-                                      num_crops=cfg.num_crops, width=rgb.shape[1], height=rgb.shape[0]))
+                                      num_crops=cfg.num_crops, width=item.width, height=item.height))
         return results
+
+    def score_images(self, images: Sequence[np.ndarray]) -> list[ImageScore]:
+        """Score decoded ``(H, W, 3)`` uint8 RGB images."""
+        return self.score_prepared([prepare_image(rgb, self.config.preprocess) for rgb in images])
 
     def score_bytes(self, data: bytes) -> ImageScore:
         """Decode and score one encoded image.

@@ -142,15 +142,21 @@ def _preview(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str,
-                filter_fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
-    """Remap a state dict with the model's filter function and load it strictly.
+def check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str,
+               filter_fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """Remap a state dict with the model's filter function and check keys and shapes against the model.
+
+    Works on a model built on the ``meta`` device, so a driver can validate weights without holding a model.
 
     Args:
-        model: The module to load into.
+        model: The module the weights are for.
         state_dict: Tensors by key, as read.
-        name: What the weights are for, used in the error message (e.g. ``"DGIQA (--weights)"``).
+        name: What the weights are for, used in the error message (e.g. ``"DGIQA (--weights x.pth)"``).
         filter_fn: The model's ``checkpoint_filter_fn``, renaming keys of other layouts.
+
+    Returns:
+        The remapped state dict.
 
     Raises:
         WeightsError: Keys are missing or unexpected, or shapes differ; the message names them.
@@ -170,4 +176,14 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: 
         problems.append(f"{len(mismatched)} shape mismatches (checkpoint vs model): {_preview(mismatched)}")
     if problems:
         raise WeightsError(f"{name} checkpoint does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(remapped, strict=True)
+    return remapped
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str,
+                filter_fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+    """``check_fits``, then ``load_state_dict(strict=True)``.
+
+    Raises:
+        WeightsError: The checkpoint does not fit (see ``check_fits``).
+    """
+    model.load_state_dict(check_fits(model, state_dict, name, filter_fn), strict=True)

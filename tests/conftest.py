@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,51 @@ def photo_paths() -> list[Path]:
     missing = [p for p in paths if not p.exists()]
     assert not missing, f"scikit-image photographs missing: {missing}"
     return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 server on 127.0.0.1 (moto's server mode, as s3fs's own tests use); yields its endpoint URL.
+
+    Credentials are fake and set in the environment, where fsspec (and Ray workers started later) read them.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture()
+def s3(s3_server):
+    """A fresh s3fs filesystem on the test server, and its storage options; buckets are emptied afterwards."""
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": s3_server}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**options)
+    yield fs, options
+    for bucket in fs.ls(""):
+        fs.rm(bucket, recursive=True)
+    fs.invalidate_cache()

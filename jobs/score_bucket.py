@@ -1,0 +1,143 @@
+"""Nightly scoring job: ``ray job submit --working-dir . -- python jobs/score_bucket.py --manifest ... ``.
+
+Parses arguments and calls ``pipeline.job.run_job``. Runs the same directly (``python jobs/score_bucket.py``),
+joining the running Ray cluster or starting a local one. ``--demo`` runs it on generated images and random
+weights in a local folder that plays the bucket.
+
+Exit codes: 0 every row written (some images may have failed: see the summary), 1 the run failed and
+nothing was committed, 2 unusable arguments, manifest or weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
+
+from pipeline.allowlist import redact_uri  # noqa: E402
+from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
+from pipeline.manifest import ManifestError  # noqa: E402
+from pipeline.preprocess import PreprocessConfig  # noqa: E402
+from pipeline.scorer import ENCODER_CHOICES  # noqa: E402
+from pipeline.weights import WeightsError  # noqa: E402
+
+logger = logging.getLogger("score_bucket")
+
+
+def _actors(text: str) -> tuple[int, int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not 1 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return values[0], values[1]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of the job."""
+    p = argparse.ArgumentParser(prog="score_bucket.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", help="manifest URI: CSV/Parquet/JSON Lines file or folder, S3 Inventory "
+                                      "manifest.json, or a prefix of images")
+    p.add_argument("--output", help="output root URI; results go to <output>/run_date=YYYY-MM-DD/")
+    p.add_argument("--weights", help="URI of the DGIQA checkpoint")
+    p.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint")
+    p.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
+                   help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
+    p.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
+    p.add_argument("--crops", type=_count, default=20, help="random 224x224 crops per image (20)")
+    p.add_argument("--depth-input-size", type=_count, default=518,
+                   help="lower bound of the depth-model input side (518 as published; other values change "
+                        "the scores)")
+    p.add_argument("--actors", type=_actors, help="scoring actors: N, or MIN,MAX to autoscale "
+                                                   "(default: 1 to the number of GPUs; 1 on CPU)")
+    p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the Ray cluster has GPUs, else 0")
+    p.add_argument("--cpus-per-actor", type=float, help="default: 1 with GPUs, else half the cluster's CPUs")
+    p.add_argument("--batch-size", type=_count, default=8, help="images per batch in every stage (8)")
+    p.add_argument("--run-date", help="partition value YYYY-MM-DD (default: today, UTC)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--incremental", dest="incremental", action="store_true", default=True,
+                      help="skip images already scored ok by the same weights (default)")
+    mode.add_argument("--full", dest="incremental", action="store_false", help="score every manifest row")
+    p.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
+                   help="prefix images may be read from (repeatable; default: the manifest's bucket or folder)")
+    p.add_argument("--storage-options", type=_json_object, default={},
+                   help="fsspec options as JSON (e.g. an S3 endpoint); credentials come from the environment")
+    p.add_argument("--limit", type=_count, help="score only the first N manifest rows (trial runs)")
+    p.add_argument("--max-pixels", type=_count, default=PreprocessConfig.max_pixels,
+                   help="refuse images with more pixels (%(default)s)")
+    p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
+    p.add_argument("--demo", nargs="?", const="sample-bucket", metavar="FOLDER",
+                   help="run on generated images and RANDOM weights written to FOLDER (default: sample-bucket)")
+    return p
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
+    fields = {"manifest": args.manifest, "output": args.output, "weights": args.weights,
+              "depth_weights": args.depth_weights}
+    if args.demo:
+        from pipeline.sample import write_demo_bucket
+
+        demo = write_demo_bucket(Path(args.demo).resolve())
+        logger.warning("demo run in %s with RANDOM weights: the scores mean nothing. Pass --weights and "
+                       "--depth-weights with the published checkpoints for real scores.", args.demo)
+        fields = {k: v or str(demo[k]) for k, v in fields.items()}
+    missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if not v]
+    if missing:
+        parser.error(f"missing {', '.join(missing)} (or use --demo)")
+    return JobConfig(
+        **fields, encoder=args.encoder, depth_version=args.depth_version, crops=args.crops,
+        depth_input_size=args.depth_input_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
+        incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
+        storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
+        max_pixels=args.max_pixels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = _config(args, parser)
+        logger.info("manifest %s -> output %s", redact_uri(config.manifest), redact_uri(config.output))
+        summary = run_job(config)
+    except (ManifestError, WeightsError, ValueError) as exc:
+        print(f"score_bucket.py: error: {exc}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"score_bucket.py: run failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

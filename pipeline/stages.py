@@ -1,0 +1,142 @@
+"""Ray Data stages of the scoring job: fetch bytes, decode and prepare, score on an actor pool.
+
+Every stage takes and returns ``pyarrow`` tables with the same rows it was given, in the same order: a row
+that fails gets ``status="error"`` and an ``error`` message and is passed on untouched by later stages. No
+per-image failure ever raises, because in Ray Data one exception fails the whole dataset.
+
+Columns travelling between stages: ``row_index`` and ``uri`` from the manifest, ``status``/``error``, then
+``data`` (encoded bytes) after fetching, then the prepared arrays after decoding, then the scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.output import STATUS_ERROR, STATUS_OK
+from pipeline.preprocess import ImageError, PreparedImage, PreprocessConfig, decode_image, prepare_image
+from pipeline.scorer import Scorer, ScorerConfig
+
+logger = logging.getLogger(__name__)
+
+PREPARED_COLUMNS = ("rgb_small", "rgb_h", "rgb_w", "depth_input", "depth_h", "depth_w", "height", "width")
+SCORE_COLUMNS = {
+    "row_index": pa.int64(), "status": pa.string(), "error": pa.string(), "score": pa.float32(),
+    "score_std": pa.float32(), "num_crops": pa.int32(), "width": pa.int32(), "height": pa.int32(),
+}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (ImageError, FileNotFoundError)):
+        return str(exc) if not isinstance(exc, FileNotFoundError) else f"object not found: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None) -> pa.Table:
+    """Read each row's object into a ``data`` column; a failed read is an error row.
+
+    Args:
+        batch: Rows with ``row_index``, ``uri``, ``status``, ``error``.
+        storage_options: fsspec options; credentials come from the worker's environment.
+    """
+    statuses, errors = batch.column("status").to_pylist(), batch.column("error").to_pylist()
+    data: list[bytes | None] = []
+    for i, uri in enumerate(batch.column("uri").to_pylist()):
+        payload = None
+        if statuses[i] == STATUS_OK:
+            try:
+                with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+                    payload = f.read()
+            except FileNotFoundError:
+                statuses[i], errors[i] = STATUS_ERROR, f"object not found: {uri}"
+            except Exception as exc:  # noqa: BLE001 - storage errors of any backend become this row's error
+                statuses[i], errors[i] = STATUS_ERROR, f"cannot read {uri}: {_describe(exc)}"
+        data.append(payload)
+    return (batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
+            .set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+            .append_column("data", pa.array(data, pa.large_binary())))
+
+
+def prepare_batch(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
+    """Decode each fetched image and do the model-independent preprocessing (CPU work, off the GPU actors)."""
+    statuses, errors = batch.column("status").to_pylist(), batch.column("error").to_pylist()
+    columns: dict[str, list] = {name: [] for name in PREPARED_COLUMNS}
+    for i, data in enumerate(batch.column("data").to_pylist()):
+        prepared = None
+        if statuses[i] == STATUS_OK:
+            try:
+                prepared = prepare_image(decode_image(data, config), config)
+            except ImageError as exc:
+                statuses[i], errors[i] = STATUS_ERROR, str(exc)
+            except Exception as exc:  # noqa: BLE001 - one image's failure stays with that image
+                statuses[i], errors[i] = STATUS_ERROR, _describe(exc)
+        rgb, depth = (prepared.rgb_small, prepared.depth_input.numpy()) if prepared else (None, None)
+        columns["rgb_small"].append(rgb.tobytes() if prepared else None)
+        columns["rgb_h"].append(rgb.shape[0] if prepared else None)
+        columns["rgb_w"].append(rgb.shape[1] if prepared else None)
+        columns["depth_input"].append(depth.tobytes() if prepared else None)
+        columns["depth_h"].append(depth.shape[1] if prepared else None)
+        columns["depth_w"].append(depth.shape[2] if prepared else None)
+        columns["height"].append(prepared.height if prepared else None)
+        columns["width"].append(prepared.width if prepared else None)
+    types = {"rgb_small": pa.large_binary(), "depth_input": pa.large_binary()}
+    out = {"row_index": batch.column("row_index"), "status": pa.array(statuses, pa.string()),
+           "error": pa.array(errors, pa.string())}
+    out.update({name: pa.array(values, types.get(name, pa.int32())) for name, values in columns.items()})
+    return pa.table(out)
+
+
+def _unpack(row: dict) -> PreparedImage:
+    rgb = np.frombuffer(row["rgb_small"], np.uint8).reshape(row["rgb_h"], row["rgb_w"], 3)
+    depth = np.frombuffer(row["depth_input"], np.float32).reshape(3, row["depth_h"], row["depth_w"])
+    return PreparedImage(rgb_small=rgb, depth_input=torch.from_numpy(depth.copy()),
+                         height=row["height"], width=row["width"])
+
+
+class ScoreActor:
+    """One actor of the scoring pool: both models loaded once in ``__init__``, batches of images scored.
+
+    Args:
+        config: What to load (a small picklable dataclass).
+        expected_model_id: The model id the driver computed; an actor that reads other weights (a file
+            replaced mid-run) refuses to start rather than mixing two models in one run.
+    """
+
+    def __init__(self, config: ScorerConfig, expected_model_id: str, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.scorer = Scorer(config)
+        if self.scorer.model_id != expected_model_id:
+            raise RuntimeError(f"weights changed since the job started: expected {expected_model_id}, "
+                               f"read {self.scorer.model_id}")
+        logger.info("scoring actor ready on %s with %s", self.scorer.device, self.scorer.model_id)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score the ``ok`` rows of a batch; returns ``SCORE_COLUMNS`` for every row."""
+        rows = batch.to_pylist()
+        out = {name: [row.get(name) if name in ("row_index", "status", "error", "width", "height") else None
+                      for row in rows] for name in SCORE_COLUMNS}
+        todo = [i for i, row in enumerate(rows) if row["status"] == STATUS_OK]
+        prepared = [_unpack(rows[i]) for i in todo]
+        try:
+            results = self.scorer.score_prepared(prepared)
+        except Exception:  # noqa: BLE001 - find the image that fails; the others keep their scores
+            logger.warning("a batch of %d images failed; scoring them one by one", len(todo), exc_info=True)
+            results = []
+            for item in prepared:
+                try:
+                    results.append(self.scorer.score_prepared([item])[0])
+                except Exception as exc:  # noqa: BLE001 - this image's error row
+                    results.append(exc)
+        for i, result in zip(todo, results, strict=True):
+            if isinstance(result, Exception):
+                out["status"][i], out["error"][i] = STATUS_ERROR, f"scoring failed: {_describe(result)}"
+                continue
+            out["score"][i], out["score_std"][i] = result.score, result.score_std
+            out["num_crops"][i] = result.num_crops
+        return pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})

@@ -1,0 +1,192 @@
+import pytest
+
+from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, normalize_uri, redact_uri
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("s3://bucket/photos/a.jpg", "s3://bucket/photos/a.jpg"),
+    ("S3://bucket/photos/a.jpg", "s3://bucket/photos/a.jpg"),
+    ("s3a://bucket/photos/a.jpg", "s3://bucket/photos/a.jpg"),
+    ("s3n://bucket/photos/a.jpg", "s3://bucket/photos/a.jpg"),
+    ("/data/lib/a.jpg", "file:///data/lib/a.jpg"),
+    ("file:///data/lib/a.jpg", "file:///data/lib/a.jpg"),
+    ("file://localhost/data/lib/a.jpg", "file:///data/lib/a.jpg"),
+    ("/data//lib///a.jpg", "file:///data/lib/a.jpg"),
+    ("file:////data//lib//a.jpg", "file:///data/lib/a.jpg"),
+    ("HTTPS://CDN.Example.com/x.jpg", "https://cdn.example.com/x.jpg"),
+])
+def test_normalize_uri(uri, expected):
+    assert normalize_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", [
+    "",
+    "   ",
+    "s3://bucket/../other/x.jpg",
+    "s3://bucket/photos/%2e%2e/x.jpg",
+    "s3://bucket/photos/%2E%2E/x.jpg",
+    "s3://bucket/photos/..%2fother/x.jpg",
+    "s3://bucket/photos/./x.jpg",
+    "/data/lib/../../etc/passwd",
+    "data/lib/a.jpg",
+    "a.jpg",
+    "file://otherhost/data/lib/a.jpg",
+    "s3://bucket/photos/a.jpg\n",
+    "s3://bucket/photos/a\x00.jpg",
+    "s3://bucket/photos/a\x7f.jpg",
+    "/data/lib/a\tb.jpg",
+    "s3://bucket\\photos\\a.jpg",
+    "c:/data/lib/a.jpg",
+    "s3://bucket/photos/a.jpg?versionId=1",
+    "s3://bucket/photos/a.jpg#x",
+    "s3:///photos/a.jpg",
+])
+def test_normalize_uri_rejects(uri):
+    with pytest.raises(RejectedURI):
+        normalize_uri(uri)
+
+
+def test_rejected_uri_is_a_value_error():
+    assert issubclass(RejectedURI, ValueError)
+
+
+@pytest.mark.parametrize(("prefix", "expected"), [
+    ("s3://bucket", "s3://bucket/"),
+    ("s3://bucket/", "s3://bucket/"),
+    ("s3a://bucket/photos", "s3://bucket/photos/"),
+    ("/data/lib", "file:///data/lib/"),
+    ("/data/lib/", "file:///data/lib/"),
+    ("/data//lib", "file:///data/lib/"),
+    ("file:///data//lib", "file:///data/lib/"),
+    ("/", "file:///"),
+])
+def test_normalize_prefix_always_ends_with_slash(prefix, expected):
+    assert normalize_prefix(prefix) == expected
+
+
+def test_relative_local_prefix_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert normalize_prefix("lib") == f"file://{tmp_path}/lib/"
+
+
+def test_bucket_prefix_does_not_admit_a_sibling_bucket():
+    allow = Allowlist(["s3://bucket"])
+    assert allow.check("s3://bucket/x.jpg") == "s3://bucket/x.jpg"
+    assert allow.check("s3://bucket/a/b/c.jpg") == "s3://bucket/a/b/c.jpg"
+    with pytest.raises(RejectedURI, match="outside the allowed prefixes"):
+        allow.check("s3://bucket2/x.jpg")
+    with pytest.raises(RejectedURI):
+        allow.check("s3://other/x.jpg")
+
+
+def test_sub_prefix():
+    allow = Allowlist(["s3://bucket/photos/"])
+    assert allow.check("s3://bucket/photos/a/b.jpg") == "s3://bucket/photos/a/b.jpg"
+    for uri in ("s3://bucket/other.jpg", "s3://bucket/photos2/a.jpg", "s3://bucket/photos"):
+        with pytest.raises(RejectedURI):
+            allow.check(uri)
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://bucket/../other/x.jpg",
+    "s3://bucket/photos/%2e%2e/x.jpg",
+    "s3://bucket/photos/%2e%2e/%2e%2e/other/x.jpg",
+    "s3://bucket/photos/..%2F..%2Fother/x.jpg",
+])
+def test_dot_segments_are_rejected_not_resolved(uri):
+    allow = Allowlist(["s3://bucket/", "s3://other/"])
+    with pytest.raises(RejectedURI, match=r"'\.' or '\.\.'"):
+        allow.check(uri)
+
+
+@pytest.mark.parametrize("uri", [
+    "file:///etc/passwd",
+    "/etc/passwd",
+    "http://169.254.169.254/latest/meta-data/",
+    "https://169.254.169.254/latest/meta-data/iam/",
+    "gs://bucket/photos/a.jpg",
+    "s3://user:pw@bucket/photos/a.jpg",
+    "s3://bucket@evil/photos/a.jpg",
+])
+def test_other_schemes_and_hosts_rejected_when_only_s3_allowed(uri):
+    allow = Allowlist(["s3://bucket/photos/"])
+    with pytest.raises(RejectedURI):
+        allow.check(uri)
+
+
+def test_local_folder_prefix_given_as_plain_path():
+    allow = Allowlist(["/data/lib"])
+    assert allow.check("file:///data/lib/a.jpg") == "file:///data/lib/a.jpg"
+    assert allow.check("/data/lib/sub/a.jpg") == "file:///data/lib/sub/a.jpg"
+    for uri in ("/data/library2/a.jpg", "file:///data/library2/a.jpg", "/data/lib", "/data/a.jpg",
+                "file:///etc/passwd", "s3://bucket/data/lib/a.jpg"):
+        with pytest.raises(RejectedURI):
+            allow.check(uri)
+
+
+def test_duplicate_slashes_in_local_paths():
+    allow = Allowlist(["/data//lib/"])
+    assert allow.prefixes == ("file:///data/lib/",)
+    assert allow.check("/data//lib//a.jpg") == "file:///data/lib/a.jpg"
+    assert allow.check("file:////data///lib/a.jpg") == "file:///data/lib/a.jpg"
+    with pytest.raises(RejectedURI):
+        allow.check("//data//library2/a.jpg")
+
+
+def test_relative_local_paths_rejected():
+    allow = Allowlist(["/"])
+    assert allow.check("/anything/a.jpg") == "file:///anything/a.jpg"
+    for uri in ("a.jpg", "lib/a.jpg", "file:a.jpg", "local:lib/a.jpg"):
+        with pytest.raises(RejectedURI, match="not absolute"):
+            allow.check(uri)
+
+
+@pytest.mark.parametrize("char", ["\x00", "\n", "\r", "\t", "\x1b", "\x7f"])
+def test_control_characters_rejected(char):
+    allow = Allowlist(["s3://bucket/", "/data/lib"])
+    with pytest.raises(RejectedURI, match="control characters"):
+        allow.check(f"s3://bucket/a{char}b.jpg")
+    with pytest.raises(RejectedURI, match="control characters"):
+        allow.check(f"/data/lib/a{char}b.jpg")
+
+
+def test_s3a_alias_is_treated_as_s3():
+    allow = Allowlist(["s3a://bucket/photos"])
+    assert allow.prefixes == ("s3://bucket/photos/",)
+    assert allow.check("s3://bucket/photos/a.jpg") == "s3://bucket/photos/a.jpg"
+    assert allow.check("s3a://bucket/photos/a.jpg") == "s3://bucket/photos/a.jpg"
+    with pytest.raises(RejectedURI):
+        allow.check("s3a://bucket2/photos/a.jpg")
+
+
+def test_several_prefixes_are_deduplicated_and_each_admits():
+    allow = Allowlist(["s3://a", "s3://a/", "/data/lib", "file:///data/lib/"])
+    assert allow.prefixes == ("file:///data/lib/", "s3://a/")
+    assert allow.check("s3://a/x.jpg") == "s3://a/x.jpg"
+    assert allow.check("/data/lib/x.jpg") == "file:///data/lib/x.jpg"
+    with pytest.raises(RejectedURI):
+        allow.check("s3://b/x.jpg")
+
+
+@pytest.mark.parametrize("prefixes", [[], (), iter([])])
+def test_empty_allowlist_raises(prefixes):
+    with pytest.raises(ValueError, match="at least one"):
+        Allowlist(prefixes)
+
+
+def test_bad_prefix_is_refused_at_construction():
+    with pytest.raises(RejectedURI):
+        Allowlist(["s3://bucket/../other"])
+
+
+def test_redact_uri_hides_credentials():
+    redacted = redact_uri("s3://user:secret@bucket/k")
+    assert "secret" not in redacted
+    assert "user" not in redacted
+    assert redacted == "s3://***@bucket/k"
+    assert redact_uri("https://u:p%40ss@host.example/a.jpg") == "https://***@host.example/a.jpg"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/k", "s3://bucket/a@b.jpg", "file:///data/lib/a.jpg", "/data/x.jpg"])
+def test_redact_uri_leaves_uris_without_credentials_alone(uri):
+    assert redact_uri(uri) == uri

@@ -1,0 +1,146 @@
+"""The scoring job end to end on a local Ray: local folders and an S3 server on 127.0.0.1 as the bucket."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pytest
+import ray
+
+from pipeline.job import JobConfig, run_job
+from pipeline.output import RESULT_SCHEMA
+from pipeline.sample import write_random_dgiqa
+
+FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def bucket(tmp_path, photo_paths):
+    """A local folder playing the bucket: three real photographs and a corrupt file."""
+    images = tmp_path / "bucket" / "images"
+    images.mkdir(parents=True)
+    for path in photo_paths[:3]:
+        shutil.copy(path, images / path.name)
+    (images / "corrupt.jpg").write_bytes(photo_paths[3].read_bytes()[:2000])
+    return tmp_path / "bucket"
+
+
+def _read(output) -> pa.Table:
+    return pads.dataset(str(output), format="parquet", partitioning="hive").to_table()
+
+
+def _job(checkpoints, manifest, output, **kw) -> JobConfig:
+    weights = {"weights": str(checkpoints["dgiqa"]), "depth_weights": str(checkpoints["depth"])}
+    return JobConfig(manifest=str(manifest), output=str(output), **{**weights, **FAST_JOB, **kw})
+
+
+def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, bucket, tmp_path):
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes((bucket / "images" / "coffee.png").read_bytes())
+    manifest = bucket / "manifest.csv"
+    manifest.write_text("\n".join([
+        "uri,label",
+        "images/astronaut.png,person",
+        "images/coffee.png,food",
+        "images/chelsea.png,cat",
+        "images/missing.jpg,none",
+        "images/corrupt.jpg,broken",
+        f"{outside},outside",
+        "file:///etc/passwd,hostile",
+        "http://169.254.169.254/latest/meta-data/,hostile",
+    ]) + "\n")
+    output = tmp_path / "out"
+    summary = run_job(_job(checkpoints, manifest, output, run_date="2026-11-20"))
+
+    table = _read(output)
+    assert table.num_rows == 8 == summary["rows_written"]
+    assert table.schema.names[:len(RESULT_SCHEMA)] == RESULT_SCHEMA.names
+    rows = {r["label"] if r["label"] != "hostile" else r["uri"]: r for r in table.to_pylist()}
+    for label in ("person", "food", "cat"):
+        assert rows[label]["status"] == "ok" and 0 < rows[label]["score"] < 1 and rows[label]["error"] is None
+        assert rows[label]["num_crops"] == 1 and rows[label]["width"] > 0
+        assert rows[label]["uri"].startswith(f"file://{bucket}/images/")
+        assert rows[label]["run_date"] == "2026-11-20" and rows[label]["model_id"].startswith("dgiqa@")
+    assert rows["none"]["status"] == "error" and "not found" in rows["none"]["error"]
+    assert rows["broken"]["status"] == "error" and "truncated or corrupt" in rows["broken"]["error"]
+    for key in ("outside", "file:///etc/passwd", "http://169.254.169.254/latest/meta-data/"):
+        assert rows[key]["status"] == "rejected" and "outside the allowed prefixes" in rows[key]["error"]
+        assert rows[key]["score"] is None
+    assert summary["status_counts"] == {"ok": 3, "error": 2, "rejected": 3}
+    # An ordinary reader: partition column, filter on score.
+    good = pads.dataset(str(output), format="parquet", partitioning="hive").to_table(
+        filter=(pc.field("score") > 0) & (pc.field("run_date") == "2026-11-20"))
+    assert good.num_rows == 3
+    summary_file = output / "run_date=2026-11-20" / f"_summary-{summary['run_id']}.json"
+    assert json.loads(summary_file.read_text())["status_counts"] == summary["status_counts"]
+    assert not list(output.glob("_staging/*"))
+
+
+def test_incremental_runs_score_only_what_is_new_or_changed(checkpoints, bucket, tmp_path):
+    manifest = bucket / "manifest.csv"
+    rows = ["uri,etag", "images/astronaut.png,v1", "images/coffee.png,v1"]
+    manifest.write_text("\n".join(rows) + "\n")
+    output = tmp_path / "out"
+    first = run_job(_job(checkpoints, manifest, output, run_date="2026-11-20"))
+    assert first["status_counts"]["ok"] == 2
+
+    again = run_job(_job(checkpoints, manifest, output, run_date="2026-11-21"))
+    assert again["skipped_already_scored"] == 2 and again["rows_written"] == 0
+
+    manifest.write_text("\n".join(["uri,etag", "images/astronaut.png,v1", "images/coffee.png,v2",
+                                   "images/chelsea.png,v1"]) + "\n")
+    changed = run_job(_job(checkpoints, manifest, output, run_date="2026-11-21"))
+    assert changed["skipped_already_scored"] == 1 and changed["rows_written"] == 2
+    table = _read(output).filter(pc.field("run_date") == "2026-11-21")
+    assert sorted(table.column("uri").to_pylist()) == [f"file://{bucket}/images/{n}" for n in
+                                                       ("chelsea.png", "coffee.png")]
+
+    # Same run date again: rows of today's earlier run count as scored too.
+    assert run_job(_job(checkpoints, manifest, output, run_date="2026-11-21"))["rows_written"] == 0
+
+    other_weights = write_random_dgiqa(tmp_path / "other.safetensors", seed=1)
+    rescored = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", weights=str(other_weights)))
+    assert rescored["skipped_already_scored"] == 0 and rescored["rows_written"] == 3
+
+    full = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", incremental=False))
+    assert full["rows_written"] == 3
+
+
+def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths):
+    fs, options = s3
+    fs.mkdir("photos")
+    fs.mkdir("other")
+    for path in photo_paths[:2]:
+        fs.pipe(f"photos/library/{path.name}", path.read_bytes())
+    fs.pipe("other/secret.jpg", photo_paths[2].read_bytes())
+    fs.pipe("photos/manifests/nightly.jsonl", "\n".join(json.dumps(r) for r in [
+        {"uri": f"library/{photo_paths[0].name}", "id": 1},
+        {"uri": f"s3://photos/library/{photo_paths[1].name}", "id": 2},
+        {"uri": "s3://other/secret.jpg", "id": 3},
+        {"uri": "s3://photos/../other/secret.jpg", "id": 4},
+    ]).encode())
+    summary = run_job(JobConfig(manifest="s3://photos/manifests/nightly.jsonl", output="s3://photos/scores",
+                                weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                storage_options=options, run_date="2026-11-22", **FAST_JOB))
+    assert summary["status_counts"] == {"ok": 2, "error": 0, "rejected": 2}
+    import pyarrow.fs as pafs
+
+    table = pads.dataset("photos/scores", filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+                         format="parquet", partitioning="hive").to_table()
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert sorted(by_id) == [1, 2, 3, 4]
+    assert by_id[1]["uri"] == f"s3://photos/library/{photo_paths[0].name}" and by_id[1]["status"] == "ok"
+    assert by_id[1]["size_bytes"] is None and 0 < by_id[2]["score"] < 1
+    assert by_id[3]["status"] == by_id[4]["status"] == "rejected"
+    assert not [p for p in fs.find("photos/scores") if "_staging" in p]
+    assert np.isclose(sum(r["score"] for r in table.to_pylist() if r["score"]), by_id[1]["score"] + by_id[2]["score"])
