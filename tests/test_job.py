@@ -144,3 +144,15 @@ def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths):
     assert by_id[3]["status"] == by_id[4]["status"] == "rejected"
     assert not [p for p in fs.find("photos/scores") if "_staging" in p]
     assert np.isclose(sum(r["score"] for r in table.to_pylist() if r["score"]), by_id[1]["score"] + by_id[2]["score"])
+
+
+def test_cluster_without_gpus_scores_on_cpu_with_a_warning(caplog):
+    from pipeline.job import _cluster_plan
+
+    config = JobConfig(manifest="m", output="o", weights="w", depth_weights="d")
+    with caplog.at_level("WARNING"):
+        gpus, cpus, actors = _cluster_plan(config)
+    assert gpus == 0 and actors == (1, 1) and cpus >= 1
+    assert "no GPUs" in caplog.text
+    forced = JobConfig(manifest="m", output="o", weights="w", depth_weights="d", gpus_per_actor=0.5, actors=(2, 4))
+    assert _cluster_plan(forced)[0] == 0.5 and _cluster_plan(forced)[2] == (2, 4)

@@ -1,23 +1,29 @@
 """The real submission path: a local Ray head, ``ray job submit --working-dir``, Parquet read back."""
 
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pytest
 
-from tests.conftest import _free_port
+from tests.conftest import S3_ENV, _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """``ray start --head`` on 127.0.0.1 with its job server (the dashboard) on a free port."""
+def ray_head(tmp_path_factory, s3_server):
+    """``ray start --head`` on 127.0.0.1 with its job server (the dashboard) on a free port.
+
+    Started after the S3 server, so the cluster's processes find the (fake) credentials in their environment,
+    as nodes of a real cluster find their instance role.
+    """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     gcs, dashboard = _free_port(), _free_port()
@@ -35,28 +41,36 @@ def ray_head(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_scores_full_size_images(ray_head, checkpoints, photo_paths, tmp_path):
+def test_ray_job_submit_scores_full_size_images_from_s3(ray_head, s3, checkpoints, photo_paths):
     """Full-size architecture (518 px depth input, DGIQA on 224 px crops) on two images, submitted for real."""
     address, env = ray_head
-    bucket = tmp_path / "bucket"
-    bucket.mkdir()
+    fs, options = s3
+    fs.mkdir("library")
     for path in photo_paths[:2]:
-        shutil.copy(path, bucket / path.name)
-    (bucket / "manifest.csv").write_text("uri\n" + "".join(f"{p.name}\n" for p in photo_paths[:2]))
-    output = tmp_path / "scores"
+        fs.pipe(f"library/photos/{path.name}", path.read_bytes())
+    fs.pipe("library/manifest.csv", ("uri,album\n" + "".join(f"photos/{p.name},demo\n" for p in photo_paths[:2])
+                                     + "s3://elsewhere/x.jpg,hostile\n").encode())
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "jobs/score_bucket.py", "--manifest", str(bucket / "manifest.csv"), "--output", str(output),
-         "--weights", str(checkpoints["dgiqa"]), "--depth-weights", str(checkpoints["depth"]),
-         "--crops", "2", "--run-date", "2026-11-22"],
+         "python", "jobs/score_bucket.py", "--manifest", "s3://library/manifest.csv", "--output",
+         "s3://library/scores", "--weights", str(checkpoints["dgiqa"]), "--depth-weights", str(checkpoints["depth"]),
+         "--crops", "2", "--run-date", "2026-11-22", "--storage-options", json.dumps(options)],
         env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     assert "succeeded" in log
-    assert '"ok": 2' in log  # the run summary, printed by the job
-    table = pads.dataset(str(output), format="parquet", partitioning="hive").to_table()
-    assert table.num_rows == 2
-    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert '"ok": 2' in log and '"rejected": 1' in log  # the run summary, printed by the job
+    assert "scored 2/2 images" in log  # the progress line
+    handler = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    table = pads.dataset("library/scores", filesystem=handler, format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 3
+    ok = table.filter(pc.field("status") == "ok")
+    assert ok.num_rows == 2 and set(ok.column("album").to_pylist()) == {"demo"}
     assert set(table.column("run_date").to_pylist()) == {"2026-11-22"}
-    assert all(0 < s < 1 for s in table.column("score").to_pylist())
-    assert set(table.column("num_crops").to_pylist()) == {2}
+    assert all(0 < s < 1 for s in ok.column("score").to_pylist())
+    assert set(ok.column("num_crops").to_pylist()) == {2}
+    # Credentials never reach logs or outputs.
+    secret = S3_ENV["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in log
+    for path in fs.find("library/scores"):
+        assert secret.encode() not in fs.cat(path)

@@ -1,0 +1,60 @@
+"""``jobs/score_bucket.py`` as a user runs it: flags, one-line errors, exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "score_bucket.py"
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_help_lists_the_options_users_expect():
+    proc = _run("--help")
+    assert proc.returncode == 0
+    for flag in ("--manifest", "--output", "--weights", "--depth-weights", "--encoder", "--crops", "--actors",
+                 "--gpus-per-actor", "--batch-size", "--run-date", "--incremental", "--full", "--allow-prefix",
+                 "--storage-options", "--limit", "--demo"):
+        assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "missing --manifest, --output, --weights, --depth-weights (or use --demo)"),
+    (["--actors", "3,1"], "expected N or MIN,MAX with 1 <= MIN <= MAX"),
+    (["--storage-options", "[1]"], "must be a JSON object"),
+    (["--limit", "0"], "expected a positive integer"),
+    (["--incremental", "--full"], "not allowed with argument"),
+])
+def test_bad_arguments_are_one_line(args, message):
+    proc = _run(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_unusable_inputs_fail_before_any_work(tmp_path, checkpoints):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\na.jpg\n")
+    base = ["--output", str(tmp_path / "out"), "--weights", str(checkpoints["dgiqa"]),
+            "--depth-weights", str(checkpoints["depth"])]
+    cases = [
+        (["--manifest", str(tmp_path / "nope.csv"), *base], "no manifest at"),
+        (["--manifest", str(manifest), *base, "--run-date", "22-11-2026"], "--run-date must be YYYY-MM-DD"),
+        (["--manifest", str(manifest), *base[:2], "--weights", str(tmp_path / "w.pth"),
+          "--depth-weights", str(checkpoints["depth"])], "no weights at"),
+        (["--manifest", str(manifest), *base[:2], "--weights", str(checkpoints["depth"]),
+          "--depth-weights", str(checkpoints["depth"])], "checkpoint does not fit the model"),
+    ]
+    (tmp_path / "bad.csv").write_text("path\na.jpg\n")
+    cases.append((["--manifest", str(tmp_path / "bad.csv"), *base], "has no 'uri' column (columns: path)"))
+    for args, message in cases:
+        proc = _run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("score_bucket.py: error:") and message in last, last
+    assert not (tmp_path / "out").exists()  # nothing was written
