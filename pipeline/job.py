@@ -10,9 +10,10 @@ one output row; failures are rows with ``status`` ``error`` or ``rejected``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,17 +22,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.allowlist import Allowlist, RejectedURI
+from pipeline.allowlist import Allowlist, RejectedURI, redact_uri
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.output import (
-    RESULT_SCHEMA,
+    PARTITION,
+    STATUS_ERROR,
     STATUS_OK,
     STATUS_REJECTED,
     STATUSES,
-    PartitionWriter,
+    RunOutput,
+    done_keys,
     extra_column_names,
     output_schema,
-    scored_keys,
 )
 from pipeline.preprocess import PreprocessConfig
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
@@ -66,6 +68,8 @@ class JobConfig:
     limit: int | None = None
     log_every_s: float = 30.0
     max_pixels: int = PreprocessConfig.max_pixels
+    shard_rows: int = 1000
+    actor_class: type | None = None  # the scoring actor; None -> pipeline.stages.ScoreActor (tests swap it)
 
     def __post_init__(self):
         if self.run_date is not None:
@@ -75,8 +79,8 @@ class JobConfig:
                 raise ValueError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
         if self.actors is not None and not 1 <= self.actors[0] <= self.actors[1]:
             raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")
-        if self.batch_size < 1 or self.crops < 1:
-            raise ValueError("--batch-size and --crops must be at least 1")
+        if self.batch_size < 1 or self.crops < 1 or self.shard_rows < 1:
+            raise ValueError("--batch-size, --crops and --shard-rows must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must not be negative")
 
@@ -124,23 +128,48 @@ def _rejections(manifest: Manifest, allowlist: Allowlist) -> tuple[list[str | No
     return uris, errors
 
 
-def _already_scored(manifest: Manifest, uris: list[str], config: JobConfig, model_id: str) -> np.ndarray:
-    """Boolean mask of manifest rows scored ``ok`` before, by the same weights, for the same object version.
+def _row_keys(uris: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.ChunkedArray:
+    """One string per row identifying the object version: normalised URI, ETag and size."""
+    etag = pc.fill_null(table.column("etag"), "")
+    size = pc.fill_null(table.column("size_bytes").cast(pa.string()), "")
+    return pc.binary_join_element_wise(uris, etag, size, "\x00")
 
-    Rows are matched on the normalised URI (as written to the output), the ETag and the size.
+
+def _done(manifest: Manifest, keys: pa.ChunkedArray, config: JobConfig, model_id: str, run_date: str) -> np.ndarray:
+    """Boolean mask of manifest rows already done by the same weights (see ``output.done_keys``).
+
+    ``--full`` still skips rows already in this run date's partition, so a rerun never duplicates them.
     """
-    done = scored_keys(config.output, model_id, config.storage_options)
+    done = done_keys(config.output, model_id, run_date, config.storage_options)
+    if not config.incremental:
+        done = done.filter(pc.equal(done.column(PARTITION), run_date))
     if not len(done):
-        return np.zeros(len(uris), bool)
+        return np.zeros(len(keys), bool)
+    theirs = _row_keys(done.column("uri"), done).combine_chunks()
+    return pc.is_in(keys, value_set=theirs).to_numpy(zero_copy_only=False)
 
-    def key(uri: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.ChunkedArray:
-        etag = pc.fill_null(table.column("etag"), "")
-        size = pc.fill_null(table.column("size_bytes").cast(pa.string()), "")
-        return pc.binary_join_element_wise(uri, etag, size, "\x00")
 
-    ours = key(pa.array(uris, pa.string()), manifest.table)
-    theirs = key(done.column("uri"), done).combine_chunks()
-    return pc.is_in(ours, value_set=theirs).to_numpy(zero_copy_only=False)
+def _duplicates(keys: pa.ChunkedArray) -> dict[int, int]:
+    """Later manifest rows naming the same object version as an earlier row: row -> first row."""
+    first: dict[str, int] = {}
+    dupes = {}
+    for i, key in enumerate(keys.to_pylist()):
+        if key in first:
+            dupes[i] = first[key]
+        else:
+            first[key] = i
+    return dupes
+
+
+def _run_key(config: JobConfig, manifest: Manifest, model_id: str, run_date: str, pending: np.ndarray) -> str:
+    """``<job>-<rows>``: the job part names manifest, model and options; the rows part the work left to do."""
+    job = {"manifest": manifest.source, "run_date": run_date, "model_id": model_id, "crops": config.crops,
+           "depth_input_size": config.depth_input_size, "max_pixels": config.max_pixels,
+           "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
+           "shard_rows": config.shard_rows}
+    job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    rows_key = hashlib.sha256(np.asarray(pending, np.int64).tobytes()).hexdigest()[:12]
+    return f"{job_key}-{rows_key}"
 
 
 class _Progress:
@@ -162,6 +191,7 @@ class _Progress:
 
 def _result_rows(manifest: Manifest, uris: list, scored: pa.Table, info: ModelInfo, run_id: str,
                  schema: pa.Schema) -> pa.Table:
+    """Output rows (plus ``row_index``) for scored rows: results joined with their manifest rows."""
     indices = scored.column("row_index")
     source = manifest.table.take(indices)
     now = dt.datetime.now(dt.timezone.utc)
@@ -183,14 +213,14 @@ def _result_rows(manifest: Manifest, uris: list, scored: pa.Table, info: ModelIn
     }
     extras = extra_column_names(source.select(manifest.extra_columns).schema)
     columns.update({out_name: source.column(name) for name, out_name in extras.items()})
-    return pa.table(columns).cast(schema)
+    return pa.table(columns).cast(schema).add_column(0, "row_index", indices)
 
 
 def _error_reason(message: str) -> str:
     return message.split(":", 1)[0][:80]
 
 
-def _scored_stream(config: JobConfig, manifest: Manifest, uris: list, pending: np.ndarray, info: ModelInfo):
+def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: ModelInfo):
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -214,15 +244,29 @@ def _scored_stream(config: JobConfig, manifest: Manifest, uris: list, pending: n
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=config.batch_size,
                         fn_kwargs={"config": config.scorer_config().preprocess})
     ds = ds.map_batches(
-        ScoreActor, batch_format="pyarrow", batch_size=config.batch_size,
+        config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=config.batch_size,
         fn_constructor_kwargs={"config": config.scorer_config(), "expected_model_id": info.model_id,
                                "num_threads": None if gpus else int(cpus)},
-        compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus)
+        compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus,
+        max_restarts=-1, max_task_retries=-1)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
+def _pre_pipeline_rows(indices: list[int], statuses: list[str], errors: list[str]) -> pa.Table:
+    """Result rows for rows decided on the driver (rejected, duplicate, unreadable manifest row)."""
+    n = len(indices)
+    return pa.table({"row_index": pa.array(indices, pa.int64()), "status": pa.array(statuses, pa.string()),
+                     "error": pa.array(errors, pa.string()),
+                     **{name: pa.nulls(n, kind) for name, kind in (
+                         ("score", pa.float32()), ("score_std", pa.float32()), ("num_crops", pa.int32()),
+                         ("width", pa.int32()), ("height", pa.int32()))}})
+
+
 def run_job(config: JobConfig) -> dict:
-    """Score a manifest into one ``run_date`` partition of the output; returns the run summary.
+    """Score a manifest into one ``run_date`` partition of the output, exactly once; returns the run summary.
+
+    Started again with the same arguments after being killed, it resumes from the shards the killed attempt
+    finished and still writes each row once (see ``pipeline.output``).
 
     Raises:
         ManifestError: The manifest cannot be used.
@@ -233,27 +277,48 @@ def run_job(config: JobConfig) -> dict:
 
     started = time.monotonic()
     run_date = config.run_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     manifest = read_manifest(config.manifest, config.storage_options, config.limit)
     allowlist = Allowlist(config.allow_prefixes or (manifest.home,))
     info = check_models(config.scorer_config())
-    logger.info("run %s: %d manifest rows (%s) from %s; model %s; allowed prefixes %s", run_id,
-                len(manifest.table), manifest.kind, manifest.source, info.model_id, ", ".join(allowlist.prefixes))
+    n = len(manifest.table)
 
     uris, rejections = _rejections(manifest, allowlist)
-    skipped = _already_scored(manifest, uris, config, info.model_id) if config.incremental else np.zeros(
-        len(manifest.table), bool)
-    rejected = np.array([e is not None for e in rejections], bool)
-    pending = np.flatnonzero(~skipped & ~rejected)
-    expected = np.flatnonzero(~skipped)
-    logger.info("%d to score, %d already scored by this model (skipped), %d rejected", len(pending),
-                int(skipped.sum()), int((rejected & ~skipped).sum()))
+    keys = _row_keys(pa.array(uris, pa.string()), manifest.table)
+    done = _done(manifest, keys, config, info.model_id, run_date)
+    duplicates = _duplicates(keys)
+    expected = np.flatnonzero(~done)  # rows this run must write
+    pre_errors: dict[int, tuple[str, str]] = {}
+    for i in expected:
+        if rejections[i] is not None:
+            pre_errors[int(i)] = (STATUS_REJECTED, rejections[i])
+        elif manifest.row_errors and manifest.row_errors[i]:
+            pre_errors[int(i)] = (STATUS_ERROR, manifest.row_errors[i])
+        elif i in duplicates:
+            pre_errors[int(i)] = (STATUS_ERROR, f"duplicate of manifest row {duplicates[i]} "
+                                                "(same URI, ETag and size): scored once, there")
+    run_key = _run_key(config, manifest, info.model_id, run_date, expected)
+    run_id = f"{run_date}-{run_key}"
+    logger.info("run %s: %d manifest rows (%s) from %s; model %s; allowed prefixes %s", run_id, n, manifest.kind,
+                redact_uri(manifest.source), info.model_id, ", ".join(allowlist.prefixes))
 
     schema = output_schema(manifest.table.select(manifest.extra_columns).schema)
-    writer = PartitionWriter(config.output, run_date, run_id, schema, config.storage_options)
-    seen = np.zeros(len(manifest.table), bool)
+    out = RunOutput(config.output, run_date, run_key, schema, config.storage_options)
+    # Shard 0 holds the rows decided on the driver; shards 1.. the rows to score, in manifest order.
+    to_score = np.array([i for i in expected if int(i) not in pre_errors], np.int64)
+    shards = {0: set(pre_errors)}
+    shard_of = dict.fromkeys(pre_errors, 0)
+    for k, start in enumerate(range(0, len(to_score), config.shard_rows), start=1):
+        shards[k] = {int(i) for i in to_score[start:start + config.shard_rows]}
+        shard_of.update(dict.fromkeys(shards[k], k))
+    finished = out.finished_shards(shards)
+    if finished:
+        logger.info("resuming: %d of %d shards (%d rows) were finished by an earlier attempt", len(finished),
+                    len(shards), sum(sum(c.values()) for c in finished.values()))
     statuses: Counter = Counter()
     reasons: Counter = Counter()
+    buffers: dict[int, list[pa.Table]] = {}
+    filled: Counter = Counter()
+    seen = np.zeros(n, bool)
 
     def emit(scored: pa.Table) -> None:
         indices = scored.column("row_index").to_numpy()
@@ -263,52 +328,56 @@ def run_job(config: JobConfig) -> dict:
             scored = scored.filter(pa.array(fresh))
         seen[scored.column("row_index").to_numpy()] = True
         table = _result_rows(manifest, uris, scored, info, run_id, schema)
-        writer.write(table)
         statuses.update(table.column("status").to_pylist())
         reasons.update(_error_reason(e) for e in table.column("error").to_pylist() if e)
+        shard_ids = np.array([shard_of[int(i)] for i in table.column("row_index").to_pylist()])
+        for k in np.unique(shard_ids):
+            part = table.filter(pa.array(shard_ids == k))
+            buffers.setdefault(int(k), []).append(part)
+            filled[int(k)] += part.num_rows
+            if filled[int(k)] == len(shards[int(k)]):
+                out.write_shard(int(k), pa.concat_tables(buffers.pop(int(k))))
 
-    rejected_rows = np.flatnonzero(rejected & ~skipped)
-    if len(rejected_rows):
-        emit(pa.table({"row_index": pa.array(rejected_rows, pa.int64()),
-                       "status": pa.array([STATUS_REJECTED] * len(rejected_rows), pa.string()),
-                       "error": pa.array([rejections[i] for i in rejected_rows], pa.string()),
-                       **{n: pa.nulls(len(rejected_rows), t) for n, t in
-                          (("score", pa.float32()), ("score_std", pa.float32()), ("num_crops", pa.int32()),
-                           ("width", pa.int32()), ("height", pa.int32()))}}))
+    for k, counts in finished.items():
+        seen[list(shards[k])] = True
+        statuses.update(counts)
+    if 0 not in finished and shards[0]:
+        rows = sorted(shards[0])
+        emit(_pre_pipeline_rows(rows, [pre_errors[i][0] for i in rows], [pre_errors[i][1] for i in rows]))
+    pending = np.array(sorted(i for k, rows in shards.items() if k and k not in finished for i in rows), np.int64)
+    logger.info("%d to score now, %d done before by this model (skipped), %d rejected or refused on the driver",
+                len(pending), int(done.sum()), len(pre_errors))
 
     if len(pending):
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
         progress = _Progress(len(pending), config.log_every_s)
-        for batch in _scored_stream(config, manifest, uris, pending, info):
-            before = sum(statuses.values())
-            errors_before = sum(statuses[s] for s in STATUSES if s != STATUS_OK)
+        for batch in _scored_stream(config, uris, pending, info):
+            before, errors_before = sum(statuses.values()), statuses[STATUS_ERROR]
             emit(batch)
-            progress.update(sum(statuses.values()) - before,
-                            sum(statuses[s] for s in STATUSES if s != STATUS_OK) - errors_before)
+            progress.update(sum(statuses.values()) - before, statuses[STATUS_ERROR] - errors_before)
 
     missing = np.flatnonzero(~seen[expected])
-    if len(missing):
+    if len(missing) or buffers:
         raise JobError(f"run {run_id} produced no row for {len(missing)} manifest rows (first: "
-                       f"{[uris[expected[i]] for i in missing[:5]]}); nothing was committed")
-    writer.flush()
+                       f"{[uris[expected[i]] for i in missing[:5]]}); nothing was committed, rerun to resume")
     wall = time.monotonic() - started
     summary = {
         "run_id": run_id,
         "run_date": run_date,
-        "manifest": manifest.source,
-        "manifest_rows": len(manifest.table),
-        "skipped_already_scored": int(skipped.sum()),
-        "rows_written": writer.rows_written,
+        "manifest": redact_uri(manifest.source),
+        "manifest_rows": n,
+        "skipped_done_before": int(done.sum()),
+        "rows_written": len(expected),
+        "resumed_rows": sum(sum(c.values()) for c in finished.values()),
         "status_counts": {s: statuses.get(s, 0) for s in STATUSES},
         "error_reasons": dict(reasons.most_common(20)),
         "model_id": info.model_id,
         "encoder": info.encoder,
         "wall_time_s": round(wall, 3),
         "images_per_s": round(len(pending) / wall, 4) if wall > 0 else None,
-        "output_columns": list(RESULT_SCHEMA.names) + [n for n in schema.names if n not in RESULT_SCHEMA.names],
     }
-    summary["summary_path"] = writer.commit(summary)
+    summary["summary_path"] = out.commit(summary)
     logger.info("run %s done: %s", run_id, {k: summary[k] for k in ("status_counts", "rows_written",
-                                                                        "skipped_already_scored", "wall_time_s")})
+                                                                        "skipped_done_before", "wall_time_s")})
     return summary

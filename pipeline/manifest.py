@@ -54,12 +54,14 @@ class Manifest:
         kind: ``csv``, ``parquet``, ``jsonl``, ``folder``, ``s3-inventory`` or ``listing``.
         home: The manifest's bucket (``s3://bucket/``) or local folder: relative keys resolve against it and it
             is the default allowed prefix.
+        row_errors: Per row, why the row itself is unusable (e.g. not valid UTF-8), or None.
     """
 
     table: pa.Table
     source: str
     kind: str
     home: str
+    row_errors: list[str | None] | None = None
 
     @property
     def extra_columns(self) -> list[str]:

@@ -1,22 +1,33 @@
-"""The job's output: Hive-partitioned Parquet with one explicit schema, and a run summary beside it.
+"""The job's output: Hive-partitioned Parquet with one explicit schema, written exactly once per run.
 
 Layout under the output URI::
 
-    run_date=2026-11-22/part-<run_id>-00000.parquet    one or more files per run
-    run_date=2026-11-22/_summary-<run_id>.json         counts by status, speed, model ids
-    _staging/<run_id>/...                              files of a run still in progress
+    run_date=2026-11-22/part-<run_key>.parquet        one file per run, rows sorted by score
+    run_date=2026-11-22/_summary-<run_key>.json       counts by status, speed, model ids
+    _staging/<run_date>_<run_key>/shard-000012.parquet   finished shards of a run in progress
 
-Part files are written under ``_staging/`` and moved into the partition only when the run has produced every
-row, so readers (pyarrow, DuckDB, Spark all skip names starting with ``_``) never see a half-written run.
-Rows in each file are sorted by score so row-group statistics let ``score`` filters skip most of a file.
+How a run stays exactly-once when it is killed at any point and started again with the same arguments:
+
+* The run key is a hash of everything that decides the run's rows (manifest, run date, model id, options,
+  and the set of rows still to score). The same arguments over the same output give the same key.
+* Pending rows are cut into fixed shards in manifest order. A shard is written to staging only when all its
+  rows are in, in one put (object stores) or write-then-rename (local disks), so a shard file is whole or
+  absent. A rerun reads the finished shards and scores only the others.
+* Commit: the shards become one part file, placed into the partition by one rename (local) or one copy
+  (object stores): readers see all of the run's rows or none. Then the summary, then staging is removed.
+* Rows already in this ``run_date`` for the same model (any status) are never written again, so a rerun after
+  the commit writes nothing twice.
+
+Readers (pyarrow, DuckDB globs on ``*.parquet``, Spark) skip names starting with ``_`` or ``.``.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import uuid
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -67,89 +78,143 @@ def extra_column_names(extras: pa.Schema) -> dict[str, str]:
     return dict(zip(extras.names, schema.names[len(RESULT_SCHEMA):], strict=True))
 
 
-@dataclass
-class PartitionWriter:
-    """Writes one run's rows to staging, then commits them into ``run_date=<date>/`` in one step.
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def write_parquet_atomically(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write a Parquet file that readers see whole or not at all.
+
+    On a local disk the file is written under a hidden temporary name and renamed; an object store makes the
+    object visible only when its upload completes.
+    """
+    target = path
+    if _is_local(fs):
+        target = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    try:
+        with fs.open(target, "wb") as f:
+            pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+    except BaseException:
+        if target != path and fs.exists(target):
+            fs.rm(target)
+        raise
+    if target != path:
+        fs.mv(target, path)
+
+
+class RunOutput:
+    """Where one run's rows go: shards in staging, then one committed part file and a summary.
 
     Args:
         output: Output root URI.
         run_date: Partition value (``YYYY-MM-DD``).
-        run_id: Unique id of this run; part and summary files carry it.
+        run_key: Deterministic key of the run (see the module docstring).
         schema: The full output schema (``output_schema``).
         storage_options: fsspec options.
-        rows_per_file: Rows buffered before a part file is written.
     """
 
-    output: str
-    run_date: str
-    run_id: str
-    schema: pa.Schema
-    storage_options: Mapping | None = None
-    rows_per_file: int = 200_000
-    _buffer: list[pa.Table] = field(default_factory=list)
-    _buffered: int = 0
-    _parts: list[str] = field(default_factory=list)
-    rows_written: int = 0
-
-    def __post_init__(self):
-        self.fs, self.root = fsspec.core.url_to_fs(self.output, **(self.storage_options or {}))
-        self.root = self.root.rstrip("/")
-        self.staging = posixpath.join(self.root, STAGING, self.run_id)
-        self.partition = posixpath.join(self.root, f"{PARTITION}={self.run_date}")
+    def __init__(self, output: str, run_date: str, run_key: str, schema: pa.Schema,
+                 storage_options: Mapping | None = None):
+        self.run_date, self.run_key, self.schema = run_date, run_key, schema
+        self.fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.staging = posixpath.join(self.root, STAGING, f"{run_date}_{run_key}")
+        self.partition = posixpath.join(self.root, f"{PARTITION}={run_date}")
+        self.part_path = posixpath.join(self.partition, f"part-{run_key}.parquet")
         self.fs.makedirs(self.staging, exist_ok=True)
 
-    def write(self, table: pa.Table) -> None:
-        """Buffer rows (already in ``schema``); a part file is written each ``rows_per_file`` rows."""
-        self._buffer.append(table.select(self.schema.names).cast(self.schema))
-        self._buffered += len(table)
-        if self._buffered >= self.rows_per_file:
-            self.flush()
+    def _shard_path(self, shard: int) -> str:
+        return posixpath.join(self.staging, f"shard-{shard:06d}.parquet")
 
-    def flush(self) -> None:
-        """Write the buffered rows as a part file in staging."""
-        if not self._buffered:
-            return
-        table = pa.concat_tables(self._buffer)
-        table = table.sort_by([("score", "ascending")])  # nulls (failed rows) last
-        name = f"part-{self.run_id}-{len(self._parts):05d}.parquet"
-        with self.fs.open(posixpath.join(self.staging, name), "wb") as f:
-            pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-        self._parts.append(name)
-        self.rows_written += len(table)
-        self._buffer, self._buffered = [], 0
+    def finished_shards(self, expected: Mapping[int, set[int]]) -> dict[int, Counter]:
+        """Shards a killed attempt of this run already finished: shard -> its rows counted by status.
+
+        A shard counts only if it is readable and holds exactly the rows it should; anything else is removed
+        and scored again.
+        """
+        found = {}
+        for shard, rows in expected.items():
+            path = self._shard_path(shard)
+            if not self.fs.exists(path):
+                continue
+            try:
+                with self.fs.open(path, "rb") as f:
+                    table = pq.read_table(f, columns=["row_index", "status"])
+                indices = table.column("row_index").to_pylist()
+            except Exception:  # noqa: BLE001 - an unreadable shard is redone
+                indices = None
+            if indices is not None and len(indices) == len(rows) and set(indices) == rows:
+                found[shard] = Counter(table.column("status").to_pylist())
+            else:
+                self.fs.rm(path)
+        return found
+
+    def write_shard(self, shard: int, table: pa.Table) -> None:
+        """Stage one finished shard: ``row_index`` plus the output schema's columns."""
+        columns = ["row_index", *self.schema.names]
+        write_parquet_atomically(self.fs, self._shard_path(shard), table.select(columns))
 
     def commit(self, summary: Mapping) -> str:
-        """Move the part files into the partition and write the summary; returns the summary's path."""
-        self.flush()
+        """Turn the staged shards into the run's part file, then write the summary; returns its path.
+
+        Idempotent: after a kill anywhere in here, running it again finishes the same commit.
+        """
+        staged = self.fs.ls(self.staging, detail=False) if self.fs.exists(self.staging) else []
+        shards = sorted(p for p in staged if posixpath.basename(p).startswith("shard-"))
+        if not self.fs.exists(self.part_path):
+            tables = []
+            for path in shards:
+                with self.fs.open(path, "rb") as f:
+                    tables.append(pq.read_table(f))
+            table = (pa.concat_tables(tables).select(self.schema.names).cast(self.schema) if tables
+                     else self.schema.empty_table())
+            if table.num_rows:
+                self.fs.makedirs(self.partition, exist_ok=True)
+                write_parquet_atomically(self.fs, self.part_path, table.sort_by([("score", "ascending")]))
+        summary_path = posixpath.join(self.partition, f"_summary-{self.run_key}.json")
         self.fs.makedirs(self.partition, exist_ok=True)
-        for name in self._parts:
-            self.fs.mv(posixpath.join(self.staging, name), posixpath.join(self.partition, name))
-        summary_path = posixpath.join(self.partition, f"_summary-{self.run_id}.json")
         with self.fs.open(summary_path, "w") as f:
             f.write(json.dumps(summary, indent=2, sort_keys=True))
-        if self.fs.exists(self.staging):  # object stores have no empty folders
-            self.fs.rm(self.staging, recursive=True)
-        try:
-            self.fs.rmdir(posixpath.dirname(self.staging))  # only when empty: other runs may be staging
-        except OSError:
-            pass
+        self.remove_staging()
         return summary_path
 
+    def remove_staging(self) -> None:
+        """Remove this run's staging folder, and leftovers of killed attempts of the same job on the same date.
 
-def scored_keys(output: str, model_id: str, storage_options: Mapping | None = None) -> pa.Table:
-    """``(uri, etag, size_bytes)`` of every image already scored ``ok`` by ``model_id``, in any partition.
+        The same job is the part of the run key before ``-`` (manifest, model, options); other jobs writing to
+        the same output keep their staging.
+        """
+        base = posixpath.join(self.root, STAGING)
+        if not self.fs.exists(base):
+            return
+        same_job = f"{self.run_date}_{self.run_key.split('-')[0]}-"
+        for path in self.fs.ls(base, detail=False):
+            if posixpath.basename(path.rstrip("/")).startswith(same_job):
+                self.fs.rm(path, recursive=True)
+        try:
+            self.fs.rmdir(base)  # only when empty: runs of other dates may be staging
+        except OSError:
+            pass
 
-    Error rows are not counted as scored, so a failed image is tried again on the next run.
+
+def done_keys(output: str, model_id: str, run_date: str, storage_options: Mapping | None = None) -> pa.Table:
+    """``(uri, etag, size_bytes, status, run_date)`` of rows ``model_id`` wrote that count as done.
+
+    Done means scored ``ok`` in any partition, or any row in ``run_date``'s own partition: error rows of
+    earlier nights are tried again, while a rerun of the same night never writes a row twice.
     """
     fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
-    empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
-                      "size_bytes": pa.array([], pa.int64())})
-    if not fs.exists(root):
-        return empty
-    files = [p for p in fs.find(root) if p.endswith(".parquet")
-             and not any(part.startswith(("_", ".")) for part in p[len(root.rstrip("/")):].split("/"))]
-    if not files:
-        return empty
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    flt = (pc.field("model_id") == model_id) & (pc.field("status") == STATUS_OK)
-    return dataset.to_table(columns=["uri", "etag", "size_bytes"], filter=flt)
+    columns = ["uri", "etag", "size_bytes", "status", PARTITION]
+    if not fs.exists(root) or not any(p.endswith(".parquet") for p in _visible_files(fs, root.rstrip("/"))):
+        return pa.table({c: pa.array([], pa.int64() if c == "size_bytes" else pa.string()) for c in columns})
+    dataset = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive",
+                           exclude_invalid_files=True)
+    flt = (pc.field("model_id") == model_id) & ((pc.field("status") == STATUS_OK) |
+                                                (pc.field(PARTITION) == run_date))
+    return dataset.to_table(columns=columns, filter=flt)
+
+
+def _visible_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    return [p for p in fs.find(root)
+            if not any(part.startswith(("_", ".")) for part in p[len(root):].split("/"))]

@@ -18,7 +18,9 @@ FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
+def local_ray(s3_server):
+    # After the S3 server: Ray's workers find the (fake) credentials in their environment, as a real
+    # cluster's nodes find their instance role.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -81,9 +83,12 @@ def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, buc
     good = pads.dataset(str(output), format="parquet", partitioning="hive").to_table(
         filter=(pc.field("score") > 0) & (pc.field("run_date") == "2026-11-20"))
     assert good.num_rows == 3
-    summary_file = output / "run_date=2026-11-20" / f"_summary-{summary['run_id']}.json"
+    summary_file = output / "run_date=2026-11-20" / f"_summary-{summary['run_id'].removeprefix('2026-11-20-')}.json"
+    assert summary["summary_path"] == str(summary_file)
     assert json.loads(summary_file.read_text())["status_counts"] == summary["status_counts"]
-    assert not list(output.glob("_staging/*"))
+    assert not (output / "_staging").exists()
+    assert [p.name for p in (output / "run_date=2026-11-20").iterdir() if not p.name.startswith("_")] == [
+        f"part-{summary['run_id'].removeprefix('2026-11-20-')}.parquet"]
 
 
 def test_incremental_runs_score_only_what_is_new_or_changed(checkpoints, bucket, tmp_path):
@@ -95,12 +100,12 @@ def test_incremental_runs_score_only_what_is_new_or_changed(checkpoints, bucket,
     assert first["status_counts"]["ok"] == 2
 
     again = run_job(_job(checkpoints, manifest, output, run_date="2026-11-21"))
-    assert again["skipped_already_scored"] == 2 and again["rows_written"] == 0
+    assert again["skipped_done_before"] == 2 and again["rows_written"] == 0
 
     manifest.write_text("\n".join(["uri,etag", "images/astronaut.png,v1", "images/coffee.png,v2",
                                    "images/chelsea.png,v1"]) + "\n")
     changed = run_job(_job(checkpoints, manifest, output, run_date="2026-11-21"))
-    assert changed["skipped_already_scored"] == 1 and changed["rows_written"] == 2
+    assert changed["skipped_done_before"] == 1 and changed["rows_written"] == 2
     table = _read(output).filter(pc.field("run_date") == "2026-11-21")
     assert sorted(table.column("uri").to_pylist()) == [f"file://{bucket}/images/{n}" for n in
                                                        ("chelsea.png", "coffee.png")]
@@ -110,10 +115,15 @@ def test_incremental_runs_score_only_what_is_new_or_changed(checkpoints, bucket,
 
     other_weights = write_random_dgiqa(tmp_path / "other.safetensors", seed=1)
     rescored = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", weights=str(other_weights)))
-    assert rescored["skipped_already_scored"] == 0 and rescored["rows_written"] == 3
+    assert rescored["skipped_done_before"] == 0 and rescored["rows_written"] == 3
 
     full = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", incremental=False))
     assert full["rows_written"] == 3
+    # --full scores everything again, but a rerun of the same night never writes a row twice.
+    assert run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", incremental=False))["rows_written"] == 0
+    table = _read(output)
+    per_night = table.group_by(["run_date", "model_id", "uri"]).aggregate([("uri", "count")])
+    assert set(per_night.column("uri_count").to_pylist()) == {1}
 
 
 def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths):

@@ -6,12 +6,20 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import RESULT_SCHEMA, PartitionWriter, extra_column_names, output_schema, scored_keys
+from pipeline.output import (
+    RESULT_SCHEMA,
+    RunOutput,
+    done_keys,
+    extra_column_names,
+    output_schema,
+    write_parquet_atomically,
+)
 
 
 def _rows(n: int, start: int = 0, model_id: str = "m1", status: str = "ok", extras: dict | None = None) -> pa.Table:
     now = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
     data = {
+        "row_index": list(range(start, start + n)),
         "uri": [f"s3://b/{i}.jpg" for i in range(start, start + n)], "etag": [f"e{i}" for i in range(n)],
         "size_bytes": list(range(n)), "width": [10] * n, "height": [20] * n,
         "score": [((i * 37) % 100) / 100 if status == "ok" else None for i in range(n)],
@@ -34,42 +42,73 @@ def test_schema_is_explicit_and_extras_never_clash():
     assert schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
 
 
-def test_nothing_is_visible_before_commit_and_everything_after(tmp_path):
+def test_shards_are_invisible_until_one_commit(tmp_path):
     schema = output_schema(pa.schema([("label", pa.string())]))
-    writer = PartitionWriter(str(tmp_path), "2026-11-22", "r1", schema, rows_per_file=50)
-    for start in (0, 40, 80):
-        writer.write(_rows(40, start, extras={"label": ["x"] * 40}))
-    writer.flush()
-    assert writer.rows_written == 120
+    out = RunOutput(str(tmp_path), "2026-11-22", "job1-rows1", schema)
+    for shard, start in enumerate((0, 40, 80)):
+        out.write_shard(shard, _rows(40, start, extras={"label": ["x"] * 40}))
     assert pads.dataset(str(tmp_path), format="parquet").count_rows() == 0  # staging is invisible to readers
-    summary_path = writer.commit({"rows": 120})
+    summary_path = out.commit({"rows": 120})
     table = pads.dataset(str(tmp_path), format="parquet", partitioning="hive").to_table()
     assert table.num_rows == 120 and set(table.column("run_date").to_pylist()) == {"2026-11-22"}
-    parts = sorted((tmp_path / "run_date=2026-11-22").glob("part-r1-*.parquet"))
-    assert len(parts) == 2
-    for part in parts:
-        scores = pq.read_table(part).column("score").to_pylist()
-        assert scores == sorted(scores)  # sorted: row-group statistics on score are tight
-        assert pq.ParquetFile(part).metadata.row_group(0).column(5).statistics.has_min_max
+    assert "row_index" not in table.column_names
+    parts = list((tmp_path / "run_date=2026-11-22").glob("*.parquet"))
+    assert [p.name for p in parts] == ["part-job1-rows1.parquet"]
+    scores = pq.read_table(parts[0]).column("score").to_pylist()
+    assert scores == sorted(scores)  # sorted: row-group statistics on score are tight
     assert json.loads(open(summary_path).read()) == {"rows": 120}
-    assert not (tmp_path / "_staging" / "r1").exists()
+    assert not (tmp_path / "_staging").exists()
+    # Committing again (a rerun killed after the part was placed) changes nothing.
+    out2 = RunOutput(str(tmp_path), "2026-11-22", "job1-rows1", schema)
+    out2.commit({"rows": 120})
+    assert pads.dataset(str(tmp_path), format="parquet").count_rows() == 120
 
 
-def test_scored_keys_only_counts_ok_rows_of_the_same_model(tmp_path):
+def test_finished_shards_are_checked_before_reuse(tmp_path):
     schema = output_schema(pa.schema([]))
-    for run, (model, status, start) in enumerate([("m1", "ok", 0), ("m1", "error", 100), ("m2", "ok", 200)]):
-        writer = PartitionWriter(str(tmp_path), f"2026-11-2{run}", f"r{run}", schema)
-        writer.write(_rows(3, start, model_id=model, status=status))
-        writer.commit({})
-    staged = PartitionWriter(str(tmp_path), "2026-11-23", "unfinished", schema)
-    staged.write(_rows(3, 300))
-    staged.flush()  # a run still in progress (or killed): not counted
-    keys = scored_keys(str(tmp_path), "m1")
-    assert sorted(keys.column("uri").to_pylist()) == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/2.jpg"]
-    assert scored_keys(str(tmp_path / "nothing-yet"), "m1").num_rows == 0
+    out = RunOutput(str(tmp_path), "2026-11-22", "job1-rows1", schema)
+    out.write_shard(1, _rows(3, 0))
+    out.write_shard(2, _rows(3, 3))
+    (tmp_path / "_staging" / "2026-11-22_job1-rows1" / "shard-000003.parquet").write_bytes(b"PAR1 torn write")
+    expected = {1: {0, 1, 2}, 2: {3, 4, 5, 6}, 3: {7}, 4: {8}}
+    finished = out.finished_shards(expected)
+    assert list(finished) == [1] and finished[1] == {"ok": 3}
+    staged = sorted(p.name for p in (tmp_path / "_staging" / "2026-11-22_job1-rows1").iterdir())
+    assert staged == ["shard-000001.parquet"]  # the wrong and the torn shard are removed, to be redone
 
 
-def test_writer_rejects_rows_of_another_schema(tmp_path):
-    writer = PartitionWriter(str(tmp_path), "2026-11-22", "r1", output_schema(pa.schema([])))
-    with pytest.raises(KeyError):
-        writer.write(_rows(2).drop_columns(["score"]))
+def test_leftovers_of_killed_attempts_of_the_same_job_are_removed(tmp_path):
+    schema = output_schema(pa.schema([]))
+    RunOutput(str(tmp_path), "2026-11-22", "job1-old", schema).write_shard(1, _rows(2))
+    RunOutput(str(tmp_path), "2026-11-22", "job2-other", schema).write_shard(1, _rows(2))
+    out = RunOutput(str(tmp_path), "2026-11-22", "job1-new", schema)
+    out.write_shard(1, _rows(2))
+    out.commit({})
+    assert sorted(p.name for p in (tmp_path / "_staging").iterdir()) == ["2026-11-22_job2-other"]
+
+
+def test_done_keys(tmp_path):
+    schema = output_schema(pa.schema([]))
+    for day, model, status, start in [("2026-11-20", "m1", "ok", 0), ("2026-11-20", "m1", "error", 100),
+                                      ("2026-11-21", "m2", "ok", 200), ("2026-11-22", "m1", "error", 300)]:
+        out = RunOutput(str(tmp_path), day, f"{model}{status}-x", schema)
+        out.write_shard(1, _rows(2, start, model_id=model, status=status))
+        out.commit({})
+    unfinished = RunOutput(str(tmp_path), "2026-11-22", "other-x", schema)
+    unfinished.write_shard(1, _rows(2, 400))  # a run still in progress (or killed): not counted
+    keys = done_keys(str(tmp_path), "m1", "2026-11-22")
+    # ok rows of any night, and every row of tonight's partition; error rows of other nights are retried.
+    assert sorted(keys.column("uri").to_pylist()) == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/300.jpg",
+                                                       "s3://b/301.jpg"]
+    assert done_keys(str(tmp_path / "nothing-yet"), "m1", "2026-11-22").num_rows == 0
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    write_parquet_atomically(fs, str(tmp_path / "a.parquet"), _rows(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.parquet"]
+    with pytest.raises(AttributeError):
+        write_parquet_atomically(fs, str(tmp_path / "b.parquet"), "not a table")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.parquet"]
