@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_count, default=PreprocessConfig.max_pixels,
                    help="refuse images with more pixels (%(default)s)")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
+    p.add_argument("--shard-rows", type=_count, default=1000,
+                   help="rows per staged shard: the unit a killed run resumes from (1000)")
     p.add_argument("--demo", nargs="?", const="sample-bucket", metavar="FOLDER",
                    help="run on generated images and RANDOM weights written to FOLDER (default: sample-bucket)")
     return p
@@ -117,7 +119,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
-        max_pixels=args.max_pixels)
+        max_pixels=args.max_pixels, shard_rows=args.shard_rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -123,7 +124,7 @@ def _rejections(manifest: Manifest, allowlist: Allowlist) -> tuple[list[str | No
             uris.append(allowlist.check(uri))
             errors.append(None)
         except RejectedURI as exc:
-            uris.append(uri)
+            uris.append(uri or "")
             errors.append(str(exc))
     return uris, errors
 
@@ -216,8 +217,12 @@ def _result_rows(manifest: Manifest, uris: list, scored: pa.Table, info: ModelIn
     return pa.table(columns).cast(schema).add_column(0, "row_index", indices)
 
 
+_URI = re.compile(r"\S+://\S*")
+
+
 def _error_reason(message: str) -> str:
-    return message.split(":", 1)[0][:80]
+    """A message's kind, for counting: URIs masked, the part before the first ': '."""
+    return _URI.sub("<uri>", message).split(": ", 1)[0][:80]
 
 
 def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: ModelInfo):

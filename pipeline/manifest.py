@@ -96,7 +96,8 @@ def _read_table_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
         if name.endswith((".jsonl", ".ndjson", ".json")):
             return pajson.read_json(io.BytesIO(data))
         text_types = {name: pa.string() for name in TEXT_COLUMNS}
-        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types=text_types))
+        options = pacsv.ConvertOptions(column_types=text_types, check_utf8=False)
+        return pacsv.read_csv(io.BytesIO(data), convert_options=options)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
 
@@ -109,11 +110,44 @@ def _resolve(uri: str, home: str) -> str:
     return home + uri
 
 
+ROW_ERROR = "__row_error__"
+
+
+def _mark_invalid_utf8(table: pa.Table) -> pa.Table:
+    """Find text that is not valid UTF-8 (CSV is read unchecked so one bad row cannot sink the manifest).
+
+    Bad values are replaced with their lossy decoding and the row gets a ``ROW_ERROR`` message.
+    """
+    errors: list[str | None] = [None] * len(table)
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if not pa.types.is_string(column.type):
+            columns[name] = column
+            continue
+        values = []
+        for i, raw in enumerate(column.cast(pa.binary()).to_pylist()):
+            if raw is None:
+                values.append(None)
+                continue
+            try:
+                values.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                values.append(raw.decode("utf-8", errors="replace"))
+                errors[i] = errors[i] or f"manifest row is not valid UTF-8 (column {name!r}: {exc.reason})"
+        columns[name] = pa.array(values, pa.string())
+    if any(errors):
+        columns[ROW_ERROR] = pa.array(errors, pa.string())
+    return pa.table(columns)
+
+
 def _normalize_columns(table: pa.Table, source: str, home: str) -> pa.Table:
+    table = _mark_invalid_utf8(table)
     names = table.column_names
     if "uri" not in names:
         raise ManifestError(f"manifest {source} has no 'uri' column (columns: {', '.join(names) or 'none'})")
-    uris = [None if u is None else _resolve(str(u).strip(), home) for u in table.column("uri").to_pylist()]
+    uris = [None if u is None or not str(u).strip() else _resolve(str(u).strip(), home)
+            for u in table.column("uri").to_pylist()]
     out = {"uri": pa.array(uris, pa.string())}
     etag = table.column("etag").cast(pa.string()) if "etag" in names else pa.nulls(len(table), pa.string())
     out["etag"] = pc.utf8_trim(etag, '"')
@@ -249,5 +283,9 @@ def read_manifest(uri: str, storage_options: Mapping | None = None, limit: int |
         raise ManifestError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from None
     if limit is not None:
         table = table.slice(0, limit)
+    row_errors = None
+    if ROW_ERROR in table.column_names:
+        row_errors = table.column(ROW_ERROR).to_pylist()
+        table = table.drop_columns([ROW_ERROR])
     table = table.add_column(0, "row_index", pa.array(range(len(table)), pa.int64()))
-    return Manifest(table=table, source=uri, kind=kind, home=home)
+    return Manifest(table=table, source=uri, kind=kind, home=home, row_errors=row_errors)

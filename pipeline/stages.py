@@ -10,7 +10,10 @@ Columns travelling between stages: ``row_index`` and ``uri`` from the manifest, 
 
 from __future__ import annotations
 
+import errno
 import logging
+import random
+import time
 from collections.abc import Mapping
 
 import fsspec
@@ -37,12 +40,57 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None) -> pa.Table:
+_TRANSIENT_WORDS = ("slowdown", "slow down", "throttl", "unavailable", "internalerror", "internal error",
+                    "timeout", "timed out", "connection", "disconnect", "reset by peer", "broken pipe",
+                    "remote end closed", "(503)", "(500)", "(502)", "(504)", " 503", " 500", " 502", " 504")
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# s3fs reports 503 / SlowDown as EBUSY; the others are the network's own transient errors.
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                     errno.EAGAIN, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth retrying: throttling, 5xx, timeouts, dropped connections."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _TRANSIENT_WORDS)
+
+
+def read_object(uri: str, storage_options: Mapping | None = None, attempts: int = 4,
+                backoff_s: float = 0.5) -> bytes:
+    """Read one object, retrying transient errors with exponential backoff and jitter.
+
+    Raises:
+        The last error, once ``attempts`` are used up or at once for a permanent error (missing, forbidden).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+                return f.read()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                if attempt > 1:
+                    exc.add_note(f"after {attempt} attempts")
+                raise
+            delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+            logger.warning("transient error reading %s (attempt %d/%d), retrying in %.1fs: %s", uri, attempt,
+                           attempts, delay, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempts: int = 4) -> pa.Table:
     """Read each row's object into a ``data`` column; a failed read is an error row.
 
     Args:
         batch: Rows with ``row_index``, ``uri``, ``status``, ``error``.
         storage_options: fsspec options; credentials come from the worker's environment.
+        attempts: Tries per object for transient errors (throttling, 5xx, timeouts, resets).
     """
     statuses, errors = batch.column("status").to_pylist(), batch.column("error").to_pylist()
     data: list[bytes | None] = []
@@ -50,12 +98,12 @@ def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None) -> pa.T
         payload = None
         if statuses[i] == STATUS_OK:
             try:
-                with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-                    payload = f.read()
+                payload = read_object(uri, storage_options, attempts)
             except FileNotFoundError:
                 statuses[i], errors[i] = STATUS_ERROR, f"object not found: {uri}"
             except Exception as exc:  # noqa: BLE001 - storage errors of any backend become this row's error
-                statuses[i], errors[i] = STATUS_ERROR, f"cannot read {uri}: {_describe(exc)}"
+                notes = " ".join(getattr(exc, "__notes__", []))
+                statuses[i], errors[i] = STATUS_ERROR, f"cannot read {uri}: {_describe(exc)} {notes}".strip()
         data.append(payload)
     return (batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
             .set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
