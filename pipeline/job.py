@@ -294,10 +294,10 @@ def run_job(config: JobConfig) -> dict:
     expected = np.flatnonzero(~done)  # rows this run must write
     pre_errors: dict[int, tuple[str, str]] = {}
     for i in expected:
-        if rejections[i] is not None:
-            pre_errors[int(i)] = (STATUS_REJECTED, rejections[i])
-        elif manifest.row_errors and manifest.row_errors[i]:
+        if manifest.row_errors and manifest.row_errors[i]:
             pre_errors[int(i)] = (STATUS_ERROR, manifest.row_errors[i])
+        elif rejections[i] is not None:
+            pre_errors[int(i)] = (STATUS_REJECTED, rejections[i])
         elif i in duplicates:
             pre_errors[int(i)] = (STATUS_ERROR, f"duplicate of manifest row {duplicates[i]} "
                                                 "(same URI, ETag and size): scored once, there")

@@ -35,6 +35,7 @@ TABLE_EXTENSIONS = (".csv", ".csv.gz", ".parquet", ".jsonl", ".ndjson", ".json",
 FOLDER_TABLE_EXTENSIONS = tuple(e for e in TABLE_EXTENSIONS if e != ".json")
 # Identifiers that must stay text even when every value looks like a number (an ETag of digits keeps its zeros).
 TEXT_COLUMNS = ("uri", "etag", "id")
+ROW_ERROR = "__row_error__"  # internal column: why a row itself is unusable
 MANIFEST_COLUMNS = ("uri", "etag", "size_bytes")
 INVENTORY_CSV_COLUMNS = ("bucket", "key", "size", "etag")
 
@@ -95,11 +96,35 @@ def _read_table_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
             return pq.read_table(io.BytesIO(data))
         if name.endswith((".jsonl", ".ndjson", ".json")):
             return pajson.read_json(io.BytesIO(data))
-        text_types = {name: pa.string() for name in TEXT_COLUMNS}
-        options = pacsv.ConvertOptions(column_types=text_types, check_utf8=False)
-        return pacsv.read_csv(io.BytesIO(data), convert_options=options)
+        return _read_csv(data)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
+
+
+def _read_csv(data: bytes) -> pa.Table:
+    """Read a CSV manifest without letting one bad line sink it.
+
+    Text is read unchecked (bad UTF-8 is found per row later); lines with the wrong number of fields become
+    rows of their own with an error, appended after the others; lines of only whitespace are blank lines.
+    """
+    malformed: list[str] = []
+
+    def on_invalid(row) -> str:
+        if row.text.strip():
+            malformed.append(f"malformed manifest line (expected {row.expected_columns} fields, got "
+                             f"{row.actual_columns}): {row.text[:200]!r}")
+        return "skip"
+
+    text_types = {name: pa.string() for name in TEXT_COLUMNS}
+    table = pacsv.read_csv(io.BytesIO(data), parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+                           convert_options=pacsv.ConvertOptions(column_types=text_types, check_utf8=False))
+    if not malformed:
+        return table
+    bad = pa.table({name: pa.nulls(len(malformed), table.schema.field(name).type) for name in table.column_names})
+    bad = bad.append_column(ROW_ERROR, pa.array(malformed, pa.string()))
+    if ROW_ERROR not in table.column_names:
+        table = table.append_column(ROW_ERROR, pa.nulls(len(table), pa.string()))
+    return pa.concat_tables([table, bad])
 
 
 def _resolve(uri: str, home: str) -> str:
@@ -110,17 +135,17 @@ def _resolve(uri: str, home: str) -> str:
     return home + uri
 
 
-ROW_ERROR = "__row_error__"
-
-
 def _mark_invalid_utf8(table: pa.Table) -> pa.Table:
     """Find text that is not valid UTF-8 (CSV is read unchecked so one bad row cannot sink the manifest).
 
     Bad values are replaced with their lossy decoding and the row gets a ``ROW_ERROR`` message.
     """
-    errors: list[str | None] = [None] * len(table)
+    errors: list[str | None] = (table.column(ROW_ERROR).to_pylist() if ROW_ERROR in table.column_names
+                                else [None] * len(table))
     columns = {}
     for name in table.column_names:
+        if name == ROW_ERROR:
+            continue
         column = table.column(name)
         if not pa.types.is_string(column.type):
             columns[name] = column

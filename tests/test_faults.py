@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
@@ -29,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -151,3 +153,107 @@ def test_driver_killed_mid_run_then_rerun_is_exactly_once(checkpoints, tmp_path)
     assert stray == [] and not (output / "_staging").exists()
     print(f"\ndriver SIGKILL: rows in 10, rows out {table.num_rows}, resumed {summary['resumed_rows']}, "
           f"duplicates 0, lost 0")
+
+
+def _hostile_corpus(folder: Path) -> dict[str, tuple[str, str | None]]:
+    """Write every hostile or unusual input; returns file name -> (expected status, error fragment)."""
+    photo = Image.fromarray(synthetic_photo(90, 120, seed=3))
+
+    def save(name, image, fmt, **kw):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        (folder / name).write_bytes(buf.getvalue())
+
+    expected = {}
+    (folder / "zero.jpg").write_bytes(b"")
+    expected["zero.jpg"] = ("error", "empty file")
+    save("whole.jpg", photo, "JPEG")
+    (folder / "truncated.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:600])
+    expected["truncated.jpg"] = ("error", "truncated or corrupt")
+    save("whole.png", photo, "PNG")
+    (folder / "truncated.png").write_bytes((folder / "whole.png").read_bytes()[:900])
+    expected["truncated.png"] = ("error", "truncated or corrupt")
+    (folder / "page.jpg").write_text("<!doctype html><html><body>Not Found</body></html>")
+    expected["page.jpg"] = ("error", "not a recognised image format")
+    (folder / "notes.jpg").write_text("just some text\n")
+    expected["notes.jpg"] = ("error", "not a recognised image format")
+    from tests.test_preprocess import _png_with_declared_size
+
+    (folder / "bomb.png").write_bytes(_png_with_declared_size(60_000, 60_000))
+    expected["bomb.png"] = ("error", "decompression bomb")
+    (folder / "big-header.png").write_bytes(_png_with_declared_size(12_000, 10_000))
+    expected["big-header.png"] = ("error", "over the limit")
+    save("panorama.png", Image.new("RGB", (1000, 40), (20, 90, 200)), "PNG")
+    expected["panorama.png"] = ("error", "aspect ratio")
+    save("pixel.png", Image.new("RGB", (1, 1), (255, 0, 0)), "PNG")
+    expected["pixel.png"] = ("error", "shorter side must be at least")
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    for fmt, name in (("GIF", "animated.gif"), ("WEBP", "animated.webp")):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        (folder / name).write_bytes(buf.getvalue())
+        expected[name] = ("ok", None)
+    gray16 = Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 257)
+    save("gray16.tiff", gray16, "TIFF")
+    save("float.tiff", Image.fromarray(np.asarray(photo.convert("L"), np.float32) / 255.0, mode="F"), "TIFF")
+    save("cmyk.jpg", photo.convert("CMYK"), "JPEG")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    save("palette-transparent.png", palette, "PNG", transparency=0)
+    save("photo.heic", photo, "HEIF")
+    save("photo.avif", photo, "AVIF")
+    for name in ("gray16.tiff", "float.tiff", "cmyk.jpg", "palette-transparent.png", "photo.heic", "photo.avif",
+                 "whole.jpg", "whole.png"):
+        expected[name] = ("ok", None)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save(f"exif-{orientation}.jpg", photo, "JPEG", exif=exif.tobytes())
+        expected[f"exif-{orientation}.jpg"] = ("ok", None)
+    return expected
+
+
+def test_hostile_inputs_each_give_a_clear_row_and_spare_the_others(local_ray, checkpoints, tmp_path):
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    expected = _hostile_corpus(bucket)
+    other = tmp_path / "other-bucket"
+    other.mkdir()
+    (other / "x.jpg").write_bytes((bucket / "whole.jpg").read_bytes())
+    lines = ["uri,note"] + [f"{name},corpus" for name in expected]
+    lines += ["whole.jpg,duplicate", "", "   ", f"{other}/x.jpg,other bucket", "file:///etc/passwd,hostile",
+              "http://169.254.169.254/latest/meta-data/,hostile", "../other-bucket/x.jpg,hostile",
+              "a.jpg,too,many,fields", ",no uri"]
+    body = ("\n".join(lines) + "\n").encode() + b"caf\xe9.jpg,bad utf-8\n"
+    (bucket / "manifest.csv").write_bytes(body)
+    summary = run_job(JobConfig(manifest=str(bucket / "manifest.csv"), output=str(tmp_path / "out"),
+                                weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                run_date="2026-11-22", **FAST_JOB))
+    table = pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table()
+    rows = table.to_pylist()
+    manifest_rows = len(expected) + 8  # the blank lines are not rows
+    assert table.num_rows == manifest_rows == summary["manifest_rows"]
+    by_name = {}
+    for row in rows:
+        if row["note"] == "corpus":
+            by_name[row["uri"].rsplit("/", 1)[1]] = row
+    for name, (status, fragment) in expected.items():
+        row = by_name[name]
+        assert row["status"] == status, (name, row["error"])
+        if fragment:
+            assert fragment in row["error"], (name, row["error"])
+        else:
+            assert 0 < row["score"] < 1 and row["width"] > 0, name
+    for orientation in range(5, 9):  # rotated by 90 degrees: width and height swap
+        assert (by_name[f"exif-{orientation}.jpg"]["width"], by_name[f"exif-{orientation}.jpg"]["height"]) == (90, 120)
+    extra = {row["note"]: row for row in rows if row["note"] != "corpus"}
+    assert extra["duplicate"]["status"] == "error" and "duplicate of manifest row" in extra["duplicate"]["error"]
+    assert extra["other bucket"]["status"] == "rejected"
+    assert extra["bad utf-8"]["status"] == "error" and "not valid UTF-8" in extra["bad utf-8"]["error"]
+    hostile = [row for row in rows if row["note"] == "hostile"]
+    assert len(hostile) == 3 and {row["status"] for row in hostile} == {"rejected"}
+    assert extra["no uri"]["status"] == "rejected" and "empty URI" in extra["no uri"]["error"]
+    malformed = [row for row in rows if row["note"] is None]
+    assert len(malformed) == 1 and malformed[0]["status"] == "error"
+    assert "malformed manifest line (expected 2 fields, got 4): 'a.jpg,too,many,fields'" in malformed[0]["error"]
+    print(f"\nhostile corpus: {manifest_rows} rows in, {table.num_rows} rows out, "
+          f"by status {summary['status_counts']}")

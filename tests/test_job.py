@@ -21,7 +21,8 @@ FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 
 def local_ray(s3_server):
     # After the S3 server: Ray's workers find the (fake) credentials in their environment, as a real
     # cluster's nodes find their instance role.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
