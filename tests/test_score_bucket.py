@@ -1,5 +1,7 @@
 """``jobs/score_bucket.py`` as a user runs it: flags, one-line errors, exit codes."""
 
+import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,24 @@ def test_unusable_inputs_fail_before_any_work(tmp_path, checkpoints):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("score_bucket.py: error:") and message in last, last
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, checkpoints):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "DGIQA_koniq.pth"
+    evil.write_bytes(pickle.dumps({"state_dict": {"fc.weight": _Payload(str(marker))}}))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\na.jpg\n")
+    proc = _run("--manifest", str(manifest), "--output", str(tmp_path / "out"), "--weights", str(evil),
+                "--depth-weights", str(checkpoints["depth"]))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not a readable PyTorch weights file (loaded with weights_only=True" in proc.stderr
+    assert not marker.exists()
