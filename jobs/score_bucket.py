@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
 from pipeline.allowlist import redact_uri  # noqa: E402
+from pipeline.argtypes import int_range, json_object, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
@@ -26,38 +27,6 @@ from pipeline.scorer import ENCODER_CHOICES  # noqa: E402
 from pipeline.weights import WeightsError  # noqa: E402
 
 logger = logging.getLogger("score_bucket")
-
-
-def _actors(text: str) -> tuple[int, int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or not 1 <= values[0] <= values[1]:
-        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
-    return values[0], values[1]
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,15 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
                    help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
     p.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
-    p.add_argument("--crops", type=_count, default=20, help="random 224x224 crops per image (20)")
-    p.add_argument("--depth-input-size", type=_count, default=518,
+    p.add_argument("--crops", type=positive_int, default=20, help="random 224x224 crops per image (20)")
+    p.add_argument("--depth-input-size", type=positive_int, default=518,
                    help="lower bound of the depth-model input side (518 as published; other values change "
                         "the scores)")
-    p.add_argument("--actors", type=_actors, help="scoring actors: N, or MIN,MAX to autoscale "
+    p.add_argument("--actors", type=int_range, help="scoring actors: N, or MIN,MAX to autoscale "
                                                    "(default: 1 to the number of GPUs; 1 on CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the Ray cluster has GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, help="default: 1 with GPUs, else half the cluster's CPUs")
-    p.add_argument("--batch-size", type=_count, default=8, help="images per batch in every stage (8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch in every stage (8)")
     p.add_argument("--run-date", help="partition value YYYY-MM-DD (default: today, UTC)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--incremental", dest="incremental", action="store_true", default=True,
@@ -87,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="incremental", action="store_false", help="score every manifest row")
     p.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
                    help="prefix images may be read from (repeatable; default: the manifest's bucket or folder)")
-    p.add_argument("--storage-options", type=_json_object, default={},
+    p.add_argument("--storage-options", type=json_object, default={},
                    help="fsspec options as JSON (e.g. an S3 endpoint); credentials come from the environment")
-    p.add_argument("--limit", type=_count, help="score only the first N manifest rows (trial runs)")
-    p.add_argument("--max-pixels", type=_count, default=PreprocessConfig.max_pixels,
+    p.add_argument("--limit", type=positive_int, help="score only the first N manifest rows (trial runs)")
+    p.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                    help="refuse images with more pixels (%(default)s)")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
-    p.add_argument("--shard-rows", type=_count, default=1000,
+    p.add_argument("--shard-rows", type=positive_int, default=1000,
                    help="rows per staged shard: the unit a killed run resumes from (1000)")
     p.add_argument("--demo", nargs="?", const="sample-bucket", metavar="FOLDER",
                    help="run on generated images and RANDOM weights written to FOLDER (default: sample-bucket)")

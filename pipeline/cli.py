@@ -15,33 +15,12 @@ from pathlib import Path
 
 import fsspec
 
+from pipeline.argtypes import json_object, positive_int
 from pipeline.preprocess import ImageError, PreprocessConfig
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, Scorer, ScorerConfig
 
 EXIT_IMAGE_FAILED = 1
 EXIT_USAGE = 2
-
-
-def _storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--storage-options is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _read(uri: str, storage_options: dict) -> bytes:
@@ -109,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
                        help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
     score.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
-    score.add_argument("--crops", type=_positive_int, default=20, help="random 224x224 crops per image (20)")
+    score.add_argument("--crops", type=positive_int, default=20, help="random 224x224 crops per image (20)")
     score.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto, cpu or cuda (auto)")
-    score.add_argument("--max-pixels", type=_positive_int, default=PreprocessConfig.max_pixels,
+    score.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                        help="refuse images with more pixels than this (%(default)s)")
-    score.add_argument("--storage-options", type=_storage_options, default={},
+    score.add_argument("--storage-options", type=json_object, default={},
                        help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
     score.add_argument("--json", action="store_true", help="one JSON object per line instead of uri<TAB>score")
     score.set_defaults(run=_score_command)

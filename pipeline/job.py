@@ -235,7 +235,9 @@ def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: Mod
     logger.info("actor pool: %d-%d actors, %g GPU and %g CPU each", actors[0], actors[1], gpus, cpus)
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 1800 if gpus else 600
-    block = max(config.batch_size, 1)
+    # Small manifests: blocks of one batch, so every CPU gets work. Large ones: at most 256 rows a block, so a
+    # million rows are a few thousand blocks rather than a hundred thousand.
+    block = min(max(256, config.batch_size), max(config.batch_size, -(-len(pending) // 64)))
     rows = pa.table({
         "row_index": pa.array(pending, pa.int64()),
         "uri": pa.array([uris[i] for i in pending], pa.string()),

@@ -1,0 +1,41 @@
+"""Argument types shared by the ``dgiqa`` command and the job scripts: a bad value is one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    """A JSON object, such as fsspec storage options."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def int_range(text: str) -> tuple[int, int]:
+    """``N`` (a fixed number) or ``MIN,MAX`` with ``1 <= MIN <= MAX``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not 1 <= values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+    return values[0], values[1]
