@@ -37,6 +37,7 @@ from pipeline.output import (
     output_schema,
 )
 from pipeline.preprocess import PreprocessConfig
+from pipeline.resources import peak_rss_bytes
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
 
 logger = logging.getLogger(__name__)
@@ -383,6 +384,7 @@ def run_job(config: JobConfig) -> dict:
         "encoder": info.encoder,
         "wall_time_s": round(wall, 3),
         "images_per_s": round(len(pending) / wall, 4) if wall > 0 else None,
+        "driver_peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
     }
     summary["summary_path"] = out.commit(summary)
     logger.info("run %s done: %s", run_id, {k: summary[k] for k in ("status_counts", "rows_written",

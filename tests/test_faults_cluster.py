@@ -15,7 +15,9 @@ from tests.test_faults import FAST_JOB, _counts_close, _jpeg
 @pytest.fixture()
 def cluster(s3_server):
     # Nodes listen on this machine's own address (cluster_utils' nodes must share one); nothing leaves it.
-    node = {"object_store_memory": 150 * 2**20, "num_cpus": 1}
+    # Two logical CPUs a worker: after one worker is lost, the other still fits the restarted scoring actor
+    # beside the fetch and decode tasks.
+    node = {"object_store_memory": 150 * 2**20, "num_cpus": 2}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": 0})  # all work on the workers
     workers = [cluster.add_node(**node) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
@@ -56,7 +58,7 @@ def test_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, check
     killer.start()
     summary = run_job(JobConfig(manifest=str(images), output=str(output), weights=str(checkpoints["dgiqa"]),
                                 depth_weights=str(checkpoints["depth"]), run_date="2026-11-22",
-                                shard_rows=2, **FAST_JOB))
+                                shard_rows=2, cpus_per_actor=1, **FAST_JOB))
     killer.join(timeout=5)
     assert removed, "no node was removed during the run"
     assert removed[0][1], "the removed node was not running the scoring actor"

@@ -6,10 +6,7 @@ make 10,000 images take hours on this machine. Everything else (manifest listing
 shards, commit) is the real job.
 """
 
-import os
 import sys
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +17,7 @@ from PIL import Image
 
 from pipeline.job import JobConfig, run_job
 from pipeline.output import STATUS_OK
+from pipeline.resources import PeakRss
 from pipeline.stages import SCORE_COLUMNS
 
 N_IMAGES = 10_000
@@ -43,30 +41,6 @@ class BrightnessActor:
             out["score_std"].append(0.0 if ok else None)
             out["num_crops"].append(self.config.preprocess.num_crops if ok else None)
         return pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """The driver's largest resident size while the block runs, sampled every 50 ms."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.05)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.fixture(scope="module")

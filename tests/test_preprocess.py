@@ -86,27 +86,27 @@ def test_short_side_rule(hw, expected):
 def test_depth_model_input_matches_published_arithmetic():
     rgb = synthetic_photo(100, 150, seed=3)
     cfg = PreprocessConfig(depth_lower_bound=70)
-    x = depth_model_input(rgb, cfg)
+    x = depth_model_input(rgb, PreprocessConfig(depth_lower_bound=70, reference=True))
     h, w = depth_input_size(100, 150, cfg)
     assert x.shape == (3, h, w) and x.dtype == torch.float32
     # Bicubic on float RGB in [0, 1] (not on uint8), then ImageNet mean/std.
     ref = cv2.resize(rgb.astype(np.float64) / 255.0, (w, h), interpolation=cv2.INTER_CUBIC)
     ref = ((ref - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)
     np.testing.assert_allclose(x.numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(depth_model_input(rgb, cfg).numpy(), ref, atol=5e-5)  # the float32 default
     assert x.min() < (0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0] + 0.5  # unclipped float input
 
 
 def test_depth_to_map_min_max_truncation():
     ramp = torch.linspace(0, 3, 50).repeat(40, 1)
     out = depth_to_map(ramp, 40, 50)
-    assert out.shape == (40, 50, 3) and out.dtype == np.uint8
-    assert (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all()
+    assert out.shape == (40, 50) and out.dtype == np.uint8
     assert out.min() == 0 and out.max() == 255
     # Truncation, not rounding: a value 0.9 of the way to the next level stays on the lower level.
     exact = (ramp.numpy() / 3 * 255)
-    assert np.array_equal(out[..., 0], exact.astype(np.uint8))
+    assert np.array_equal(out, exact.astype(np.uint8))
     resized = depth_to_map(ramp, 80, 100)
-    assert resized.shape == (80, 100, 3)
+    assert resized.shape == (80, 100)
     assert (depth_to_map(torch.ones(10, 10), 10, 10) == 0).all()  # flat depth: no division by zero
 
 
@@ -222,3 +222,19 @@ def test_animated_gif_scores_first_frame():
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     assert decode_image(buf.getvalue()).mean() < 50
+
+
+def test_one_channel_depth_map_gives_the_published_three_channel_numbers():
+    gray = np.random.default_rng(1).integers(0, 256, (300, 451), dtype=np.uint8)
+    three = np.repeat(gray[..., None], 3, axis=2)  # what the published code carries (cv2.COLOR_GRAY2RGB)
+    assert np.array_equal(resize_short_side(three), np.repeat(resize_short_side(gray)[..., None], 3, axis=2))
+    assert torch.equal(normalize_to_tensor(resize_short_side(three)), normalize_to_tensor(resize_short_side(gray)))
+
+
+@pytest.mark.parametrize("hw", [(333, 500), (3000, 4000)])
+def test_float32_depth_input_is_within_1e_4_of_the_float64_reference(hw):
+    rgb = synthetic_photo(*hw, seed=5)
+    fast = depth_model_input(rgb, PreprocessConfig())
+    reference = depth_model_input(rgb, PreprocessConfig(reference=True))
+    assert fast.shape == reference.shape
+    assert (fast - reference).abs().max() < 1e-4  # normalised units: one 8-bit level is about 0.017

@@ -28,8 +28,10 @@ def test_score_is_mean_of_crop_scores_and_independent_of_batch(fast_scorer, phot
     alone = [fast_scorer.score_images([img])[0] for img in images]
     reversed_order = fast_scorer.score_images(images[::-1])[::-1]
     for a, b, c in zip(together, alone, reversed_order, strict=True):
-        assert a.score == pytest.approx(b.score, abs=1e-6) == pytest.approx(c.score, abs=1e-6)
-        assert a.score_std == pytest.approx(b.score_std, abs=1e-6)
+        # Same-size depth inputs share a forward pass; its float rounding may move a depth-map pixel by one
+        # level, so scores agree to 1e-5 rather than bit for bit.
+        assert a.score == pytest.approx(b.score, abs=1e-5) == pytest.approx(c.score, abs=1e-5)
+        assert a.score_std == pytest.approx(b.score_std, abs=1e-5)
     assert len({round(r.score, 7) for r in together}) == 3  # different photos, different scores
 
 
@@ -116,3 +118,39 @@ def test_full_size_path_on_a_photo(checkpoints, photo_paths):
                                device="cpu", preprocess=PreprocessConfig(num_crops=2, depth_lower_bound=70)))
     # The depth resolution reaches the score: the published 518 px depth input is not a detail.
     assert abs(fast.score_bytes(data).score - result.score) > 1e-7
+
+
+def _jpeg_bytes(h: int, w: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(synthetic_photo(h, w, seed=seed)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_fast_path_equals_the_reference_path_within_2e_3(checkpoints):
+    """Default (float32, one-channel depth map) vs reference (published float64 intermediates), full sizes."""
+    def scorer(reference: bool) -> Scorer:
+        return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                   device="cpu", preprocess=PreprocessConfig(num_crops=2, reference=reference)))
+
+    fast, reference = scorer(False), scorer(True)
+    worst = 0.0
+    for i, (h, w) in enumerate([(768, 1024), (1080, 1920), (3000, 4000)]):  # the last is 12 MP
+        data = _jpeg_bytes(h, w, seed=i)
+        a, b = fast.score_bytes(data), reference.score_bytes(data)
+        assert (a.width, a.height) == (b.width, b.height) == (w, h)
+        worst = max(worst, abs(a.score - b.score))
+    assert worst <= 2e-3
+    print(f"\nfast vs reference path: max |delta score| = {worst:.2e}")
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(checkpoints, photo_paths):
+    def scorer(precision: str) -> Scorer:
+        return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                   device="cpu", precision=precision, preprocess=FAST))
+
+    fp32, bf16 = scorer("fp32"), scorer("bf16")
+    deltas = [abs(fp32.score_bytes(p.read_bytes()).score - bf16.score_bytes(p.read_bytes()).score)
+              for p in photo_paths[:2]]
+    assert max(deltas) <= 1e-2
+    print(f"\nbf16 vs fp32 on CPU: max |delta score| = {max(deltas):.2e}")
