@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: 1 to the number of GPUs; 1 on CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the Ray cluster has GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float, help="default: 1 with GPUs, else half the cluster's CPUs")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch in every stage (8)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images per batch in every stage (16 with GPU actors, 8 on CPU)")
     p.add_argument("--run-date", help="partition value YYYY-MM-DD (default: today, UTC)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--incremental", dest="incremental", action="store_true", default=True,

@@ -62,7 +62,7 @@ class JobConfig:
     actors: tuple[int, int] | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # images per batch; None -> 16 on GPU actors, 8 on CPU
     run_date: str | None = None
     incremental: bool = True
     allow_prefixes: tuple[str, ...] = ()
@@ -81,7 +81,7 @@ class JobConfig:
                 raise ValueError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
         if self.actors is not None and not 1 <= self.actors[0] <= self.actors[1]:
             raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")
-        if self.batch_size < 1 or self.crops < 1 or self.shard_rows < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.crops < 1 or self.shard_rows < 1:
             raise ValueError("--batch-size, --crops and --shard-rows must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must not be negative")
@@ -233,12 +233,14 @@ def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: Mod
     from pipeline.stages import ScoreActor, fetch_batch, prepare_batch
 
     gpus, cpus, actors = _cluster_plan(config)
-    logger.info("actor pool: %d-%d actors, %g GPU and %g CPU each", actors[0], actors[1], gpus, cpus)
+    logger.info("actor pool: %d-%d actors, %g GPU and %g CPU each; %d images a batch", actors[0], actors[1], gpus,
+                cpus, config.batch_size or (16 if gpus else 8))
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 1800 if gpus else 600
     # Small manifests: blocks of one batch, so every CPU gets work. Large ones: at most 256 rows a block, so a
     # million rows are a few thousand blocks rather than a hundred thousand.
-    block = min(max(256, config.batch_size), max(config.batch_size, -(-len(pending) // 64)))
+    batch = config.batch_size or (16 if gpus else 8)  # 16 x 20 crops = 320 crops a GPU pass
+    block = min(max(256, batch), max(batch, -(-len(pending) // 64)))
     rows = pa.table({
         "row_index": pa.array(pending, pa.int64()),
         "uri": pa.array([uris[i] for i in pending], pa.string()),
@@ -247,12 +249,12 @@ def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: Mod
     })
     blocks = [rows.slice(i, block) for i in range(0, len(rows), block)]
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=config.batch_size,
+    ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=batch,
                         fn_kwargs={"storage_options": dict(config.storage_options)})
-    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=config.batch_size,
+    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=batch,
                         fn_kwargs={"config": config.scorer_config().preprocess})
     ds = ds.map_batches(
-        config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=config.batch_size,
+        config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=batch,
         fn_constructor_kwargs={"config": config.scorer_config(), "expected_model_id": info.model_id,
                                "num_threads": None if gpus else int(cpus)},
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus,

@@ -1,0 +1,198 @@
+"""Benchmark: the published algorithm (a), this project's scorer (b) and the full Ray job (c), side by side.
+
+    python bench/bench_scoring.py [--count 2] [--sizes 4000x3000,1024x768] [--encoder vits] [--crops 20]
+                                  [--weights URI --depth-weights URI] [--precisions fp32,bf16] [--skip-job]
+
+All three run in this one process on the same generated JPEG photos, with the same weights (random ones are
+generated when none are given: speed does not depend on the values). Prints images/s, the ratios (b)/(a) and
+(c)/(a), peak memory per phase, achieved TFLOP/s (and the fraction of the device peak on a GPU), and each
+variant's score deviation from the baseline; writes everything to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.baseline import baseline_score  # noqa: E402
+from pipeline.preprocess import PreprocessConfig, decode_image, depth_input_size, prepare_image  # noqa: E402
+from pipeline.resources import PeakRss  # noqa: E402
+from pipeline.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
+from pipeline.scorer import Scorer, ScorerConfig  # noqa: E402
+
+# Dense bf16 tensor peak by device name, for the fraction-of-peak figure (override with --peak-tflops).
+DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def _images(folder: Path, sizes: list[tuple[int, int]], count: int) -> list[Path]:
+    paths = []
+    for w, h in sizes:
+        for i in range(count):
+            buf = io.BytesIO()
+            Image.fromarray(synthetic_photo(h, w, seed=i)).save(buf, "JPEG", quality=90)
+            path = folder / f"photo_{w}x{h}_{i}.jpg"
+            path.write_bytes(buf.getvalue())
+            paths.append(path)
+    return paths
+
+
+def _flops(scorer: Scorer, paths: list[Path], crops: int) -> float:
+    """FLOPs of scoring these images: DGIQA per crop, Depth Anything per distinct input size."""
+    device = scorer.device
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        x = torch.zeros(1, 3, 224, 224, device=device)
+        scorer.dgiqa(x, x)
+    per_crop = counter.get_total_flops()
+    total = per_crop * crops * len(paths)
+    for path in paths:
+        with Image.open(path) as im:
+            w, h = im.size
+        dh, dw = depth_input_size(h, w)
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            scorer.depth_model(torch.zeros(1, 3, dh, dw, device=device))
+        total += counter.get_total_flops()
+    return float(total)
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _phase(name: str, run, n_images: int, flops: float, peak_tflops: float | None) -> tuple[dict, list[float]]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        scores = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    tflops = flops / wall / 1e12
+    row = {"phase": name, "images": n_images, "wall_s": round(wall, 3), "images_per_s": round(n_images / wall, 4),
+           "peak_rss_mib": round(rss.peak / 2**20), "achieved_tflops": round(tflops, 4)}
+    if peak_tflops:
+        row["fraction_of_peak"] = round(tflops / peak_tflops, 4)
+    print(f"{name}: {row['images_per_s']:.3f} images/s, {wall:.1f} s, peak RSS {row['peak_rss_mib']} MiB, "
+          f"{tflops:.3f} TFLOP/s", flush=True)
+    return row, scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=2, help="images per size")
+    p.add_argument("--sizes", default="4000x3000,1024x768", help="WxH list")
+    p.add_argument("--encoder", default="vits", choices=("vits", "vitb", "vitl"))
+    p.add_argument("--crops", type=int, default=20)
+    p.add_argument("--weights")
+    p.add_argument("--depth-weights")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precisions", default="fp32", help="scorer variants to run, e.g. fp32,bf16")
+    p.add_argument("--batch", type=int, default=4, help="images per scorer call")
+    p.add_argument("--skip-job", action="store_true", help="skip (c), the Ray job")
+    p.add_argument("--peak-tflops", type=float, help="device peak for the fraction-of-peak figure")
+    p.add_argument("--out", default="bench/results.json")
+    args = p.parse_args(argv)
+
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="dgiqa-bench-"))
+    paths = _images(work, sizes, args.count)
+    weights = args.weights or str(write_random_dgiqa(work / "dgiqa_random.safetensors"))
+    depth_weights = args.depth_weights or str(write_random_depth_anything(work / "depth_random.safetensors",
+                                                                          args.encoder))
+    preprocess = PreprocessConfig(num_crops=args.crops)
+    reference = Scorer(ScorerConfig(weights=weights, depth_weights=depth_weights, device=args.device,
+                                    preprocess=preprocess))
+    device = reference.device
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = args.peak_tflops or next((v for k, v in DEVICE_PEAK_TFLOPS.items() if gpu_name and k in gpu_name), None)
+    flops = _flops(reference, paths, args.crops)
+    print(f"{len(paths)} images {args.sizes}, {args.encoder}, {args.crops} crops, {flops / 1e12:.2f} TFLOP, "
+          f"device {gpu_name or platform.processor() or 'cpu'}", flush=True)
+
+    results, all_scores = [], {}
+    row, base = _phase("a_baseline", lambda: [baseline_score(str(q), reference.dgiqa, reference.depth_model,
+                                                             args.crops, device) for q in paths],
+                       len(paths), flops, peak)
+    results.append(row)
+    for precision in args.precisions.split(","):
+        scorer = reference if precision == "fp32" else Scorer(ScorerConfig(
+            weights=weights, depth_weights=depth_weights, device=args.device, precision=precision,
+            preprocess=preprocess))
+
+        def run_scorer(scorer=scorer):
+            out = []
+            for i in range(0, len(paths), args.batch):
+                prepared = [prepare_image(decode_image(q.read_bytes(), preprocess), preprocess)
+                            for q in paths[i:i + args.batch]]
+                out += [r.score for r in scorer.score_prepared(prepared)]
+            return out
+
+        row, scores = _phase(f"b_scorer_{precision}", run_scorer, len(paths), flops, peak)
+        all_scores[precision] = scores
+        results.append(row)
+    if not args.skip_job:
+        import ray
+
+        from pipeline.job import JobConfig, run_job
+
+        manifest = work / "manifest.csv"
+        manifest.write_text("uri\n" + "".join(f"{q.name}\n" for q in paths))
+        ray.init(num_gpus=torch.cuda.device_count() or None, log_to_driver=False)
+
+        def run_ray_job():
+            summary = run_job(JobConfig(manifest=str(manifest), output=str(work / "scores"), weights=weights,
+                                        depth_weights=depth_weights, crops=args.crops, log_every_s=60))
+            assert summary["status_counts"]["ok"] == len(paths), summary
+            import pyarrow.dataset as pads
+
+            table = pads.dataset(str(work / "scores"), format="parquet", partitioning="hive").to_table()
+            by_uri = dict(zip(table.column("uri").to_pylist(), table.column("score").to_pylist(), strict=True))
+            return [by_uri[f"file://{q}"] for q in paths]
+
+        row, scores = _phase("c_ray_job", run_ray_job, len(paths), flops, peak)
+        all_scores["ray_job"] = scores
+        results.append(row)
+        ray.shutdown()
+
+    base_rate = results[0]["images_per_s"]
+    for row in results[1:]:
+        row["speedup_vs_baseline"] = round(row["images_per_s"] / base_rate, 3)
+    deviations = {name: {"max_abs_delta": float(np.max(np.abs(np.array(s) - np.array(base)))),
+                         "spearman": _spearman(s, base)} for name, s in all_scores.items()}
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "gpu": gpu_name,
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "config": {"sizes": args.sizes, "count": args.count, "encoder": args.encoder, "crops": args.crops,
+                   "weights": "given" if args.weights else "random", "tflop_total": round(flops / 1e12, 4)},
+        "phases": results,
+        "score_deviation_from_baseline": deviations,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print("\n| phase | images/s | vs baseline | peak RSS MiB | TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for row in results:
+        print(f"| {row['phase']} | {row['images_per_s']:.3f} | {row.get('speedup_vs_baseline', 1.0):.2f}x | "
+              f"{row['peak_rss_mib']} | {row['achieved_tflops']:.3f} |")
+    print(f"\nscore deviation from the baseline: {json.dumps(deviations)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
