@@ -137,7 +137,7 @@ def _row_keys(uris: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.ChunkedAr
     return pc.binary_join_element_wise(uris, etag, size, "\x00")
 
 
-def _done(manifest: Manifest, keys: pa.ChunkedArray, config: JobConfig, model_id: str, run_date: str) -> np.ndarray:
+def _done(keys: pa.ChunkedArray, config: JobConfig, model_id: str, run_date: str) -> np.ndarray:
     """Boolean mask of manifest rows already done by the same weights (see ``output.done_keys``).
 
     ``--full`` still skips rows already in this run date's partition, so a rerun never duplicates them.
@@ -294,7 +294,7 @@ def run_job(config: JobConfig) -> dict:
 
     uris, rejections = _rejections(manifest, allowlist)
     keys = _row_keys(pa.array(uris, pa.string()), manifest.table)
-    done = _done(manifest, keys, config, info.model_id, run_date)
+    done = _done(keys, config, info.model_id, run_date)
     duplicates = _duplicates(keys)
     expected = np.flatnonzero(~done)  # rows this run must write
     pre_errors: dict[int, tuple[str, str]] = {}

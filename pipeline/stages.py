@@ -35,9 +35,7 @@ SCORE_COLUMNS = {
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, (ImageError, FileNotFoundError)):
-        return str(exc) if not isinstance(exc, FileNotFoundError) else f"object not found: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
 
 
 _TRANSIENT_WORDS = ("slowdown", "slow down", "throttl", "unavailable", "internalerror", "internal error",
