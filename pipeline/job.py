@@ -196,7 +196,7 @@ def _result_rows(manifest: Manifest, uris: list, scored: pa.Table, info: ModelIn
     """Output rows (plus ``row_index``) for scored rows: results joined with their manifest rows."""
     indices = scored.column("row_index")
     source = manifest.table.take(indices)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     columns = {
         "uri": pa.array([uris[i] for i in indices.to_pylist()], pa.string()),
         "etag": source.column("etag"),
@@ -286,7 +286,7 @@ def run_job(config: JobConfig) -> dict:
     import ray
 
     started = time.monotonic()
-    run_date = config.run_date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    run_date = config.run_date or dt.datetime.now(dt.UTC).date().isoformat()
     manifest = read_manifest(config.manifest, config.storage_options, config.limit)
     allowlist = Allowlist(config.allow_prefixes or (manifest.home,))
     info = check_models(config.scorer_config())

@@ -128,10 +128,11 @@ def test_launcher_documented_submit_command_uses_existing_flags(job_help):
 def test_container_installs_the_package_as_a_non_root_user():
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
-    assert re.search(r"^RUN .*pip install \.$", text, re.M)  # the dependency set of pyproject.toml, nothing else
+    # The dependency set of pyproject.toml, nothing else, at the locked versions.
+    assert re.search(r"^RUN .*pip install -c requirements\.lock \.$", text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
-    assert "requirements" not in text  # no second, drifting dependency list
+    assert not re.search(r"pip install[^\n]*\s-r\s", text)  # no second, drifting dependency list
     for needed in ("pyproject.toml", "pipeline", "jobs"):
         assert re.search(rf"^COPY .*\b{needed}\b", text, re.M), needed
 
@@ -141,3 +142,21 @@ def test_no_secrets_in_deployment_files(path):
     text = path.read_text()
     assert not re.search(r"AKIA[0-9A-Z]{16}", text)
     assert not re.search(r"(?i)(secret_access_key|password|token)\s*[:=]", text)
+
+
+def test_lock_pins_every_dependency_of_pyproject_within_its_range():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = {}
+    for line in (REPO / "infra" / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[canonicalize_name(name)] = version
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        version = lock.get(canonicalize_name(dep.name))
+        assert version is not None, f"{dep.name} is not in requirements.lock"
+        assert dep.specifier.contains(version), f"{dep.name}=={version} is outside {dep.specifier}"

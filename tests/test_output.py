@@ -17,7 +17,7 @@ from pipeline.output import (
 
 
 def _rows(n: int, start: int = 0, model_id: str = "m1", status: str = "ok", extras: dict | None = None) -> pa.Table:
-    now = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
     data = {
         "row_index": list(range(start, start + n)),
         "uri": [f"s3://b/{i}.jpg" for i in range(start, start + n)], "etag": [f"e{i}" for i in range(n)],
