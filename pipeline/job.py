@@ -327,7 +327,6 @@ def run_job(config: JobConfig) -> dict:
     statuses: Counter = Counter()
     reasons: Counter = Counter()
     buffers: dict[int, list[pa.Table]] = {}
-    filled: Counter = Counter()
     seen = np.zeros(n, bool)
 
     def emit(scored: pa.Table) -> None:
@@ -343,9 +342,9 @@ def run_job(config: JobConfig) -> dict:
         shard_ids = np.array([shard_of[int(i)] for i in table.column("row_index").to_pylist()])
         for k in np.unique(shard_ids):
             part = table.filter(pa.array(shard_ids == k))
-            buffers.setdefault(int(k), []).append(part)
-            filled[int(k)] += part.num_rows
-            if filled[int(k)] == len(shards[int(k)]):
+            buffered = buffers.setdefault(int(k), [])
+            buffered.append(part)
+            if sum(t.num_rows for t in buffered) == len(shards[int(k)]):
                 out.write_shard(int(k), pa.concat_tables(buffers.pop(int(k))))
 
     for k, counts in finished.items():

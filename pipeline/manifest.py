@@ -37,7 +37,6 @@ FOLDER_TABLE_EXTENSIONS = tuple(e for e in TABLE_EXTENSIONS if e != ".json")
 TEXT_COLUMNS = ("uri", "etag", "id")
 ROW_ERROR = "__row_error__"  # internal column: why a row itself is unusable
 MANIFEST_COLUMNS = ("uri", "etag", "size_bytes")
-INVENTORY_CSV_COLUMNS = ("bucket", "key", "size", "etag")
 
 
 class ManifestError(ValueError):
