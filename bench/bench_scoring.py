@@ -1,12 +1,18 @@
 """Benchmark: the published algorithm (a), this project's scorer (b) and the full Ray job (c), side by side.
 
     python bench/bench_scoring.py [--count 2] [--sizes 4000x3000,1024x768] [--encoder vits] [--crops 20]
-                                  [--weights URI --depth-weights URI] [--precisions fp32,bf16] [--skip-job]
+                                  [--weights URI --depth-weights URI] [--variants fp32,bf16,fp32+draft]
+                                  [--skip-job]
 
 All three run in this one process on the same generated JPEG photos, with the same weights (random ones are
 generated when none are given: speed does not depend on the values). Prints images/s, the ratios (b)/(a) and
 (c)/(a), peak memory per phase, achieved TFLOP/s (and the fraction of the device peak on a GPU), and each
 variant's score deviation from the baseline; writes everything to a JSON file.
+
+A scorer variant is a precision (fp32, bf16, fp16) with optional ``+draft`` (JPEG draft-mode decode) and
+``+compile`` (torch.compile; its first call compiles, so it is warmed up on one image outside the timing).
+On a CPU the fraction-of-peak figure uses a measured peak: the rate of a large matrix product in the variant's
+precision on this machine, the best the model's dense layers could reach.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baseline import baseline_score  # noqa: E402
-from pipeline.preprocess import PreprocessConfig, decode_image, depth_input_size, prepare_image  # noqa: E402
+from pipeline.preprocess import PreprocessConfig, depth_input_size, prepare_bytes  # noqa: E402
 from pipeline.resources import PeakRss  # noqa: E402
 from pipeline.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
 from pipeline.scorer import Scorer, ScorerConfig  # noqa: E402
@@ -67,6 +73,26 @@ def _flops(scorer: Scorer, paths: list[Path], crops: int) -> float:
     return float(total)
 
 
+def _measured_peak_tflops(dtype: torch.dtype, n: int = 4096) -> float:
+    """TFLOP/s of an ``n x n`` matrix product on the CPU: a practical ceiling for dense layers."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 2 * n**3 * 3 / (time.perf_counter() - start) / 1e12
+
+
+def _decode_rate(paths: list[Path], preprocess: PreprocessConfig, repeats: int = 2) -> float:
+    """Images/s of decode + preprocessing alone, one CPU core's work per image."""
+    blobs = [q.read_bytes() for q in paths]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for data in blobs:
+            prepare_bytes(data, preprocess)
+    return len(blobs) * repeats / (time.perf_counter() - start)
+
+
 def _spearman(a: list[float], b: list[float]) -> float | None:
     if len(a) < 3:
         return None
@@ -102,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights")
     p.add_argument("--depth-weights")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precisions", default="fp32", help="scorer variants to run, e.g. fp32,bf16")
+    p.add_argument("--variants", default="fp32", help="scorer variants, e.g. fp32,bf16,fp32+draft,fp32+compile")
     p.add_argument("--batch", type=int, default=4, help="images per scorer call")
     p.add_argument("--skip-job", action="store_true", help="skip (c), the Ray job")
     p.add_argument("--peak-tflops", type=float, help="device peak for the fraction-of-peak figure")
@@ -121,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     device = reference.device
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = args.peak_tflops or next((v for k, v in DEVICE_PEAK_TFLOPS.items() if gpu_name and k in gpu_name), None)
+    cpu_peaks: dict[str, float] = {}
+    if device.type == "cpu" and not args.peak_tflops:
+        peak = cpu_peaks["fp32"] = _measured_peak_tflops(torch.float32)
     flops = _flops(reference, paths, args.crops)
     print(f"{len(paths)} images {args.sizes}, {args.encoder}, {args.crops} crops, {flops / 1e12:.2f} TFLOP, "
           f"device {gpu_name or platform.processor() or 'cpu'}", flush=True)
@@ -130,21 +159,31 @@ def main(argv: list[str] | None = None) -> int:
                                                              args.crops, device) for q in paths],
                        len(paths), flops, peak)
     results.append(row)
-    for precision in args.precisions.split(","):
-        scorer = reference if precision == "fp32" else Scorer(ScorerConfig(
+    for variant in args.variants.split(","):
+        precision, *flags = variant.split("+")
+        unknown = set(flags) - {"draft", "compile"}
+        if unknown:
+            p.error(f"unknown variant flag(s) {sorted(unknown)} in {variant!r}")
+        variant_pre = PreprocessConfig(num_crops=args.crops, draft="draft" in flags)
+        scorer = reference if variant == "fp32" else Scorer(ScorerConfig(
             weights=weights, depth_weights=depth_weights, device=args.device, precision=precision,
-            preprocess=preprocess))
+            compile="compile" in flags, preprocess=variant_pre))
+        if "compile" in flags:  # compiling happens on the first call: not part of the steady-state rate
+            scorer.score_prepared([prepare_bytes(paths[0].read_bytes(), variant_pre)])
+        variant_peak = peak
+        if device.type == "cpu" and not args.peak_tflops:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            variant_peak = cpu_peaks.setdefault(precision, _measured_peak_tflops(dtype))
 
-        def run_scorer(scorer=scorer):
+        def run_scorer(scorer=scorer, variant_pre=variant_pre):
             out = []
             for i in range(0, len(paths), args.batch):
-                prepared = [prepare_image(decode_image(q.read_bytes(), preprocess), preprocess)
-                            for q in paths[i:i + args.batch]]
+                prepared = [prepare_bytes(q.read_bytes(), variant_pre) for q in paths[i:i + args.batch]]
                 out += [r.score for r in scorer.score_prepared(prepared)]
             return out
 
-        row, scores = _phase(f"b_scorer_{precision}", run_scorer, len(paths), flops, peak)
-        all_scores[precision] = scores
+        row, scores = _phase(f"b_scorer_{variant}", run_scorer, len(paths), flops, variant_peak)
+        all_scores[variant] = scores
         results.append(row)
     if not args.skip_job:
         import ray
@@ -175,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_baseline"] = round(row["images_per_s"] / base_rate, 3)
     deviations = {name: {"max_abs_delta": float(np.max(np.abs(np.array(s) - np.array(base)))),
                          "spearman": _spearman(s, base)} for name, s in all_scores.items()}
+    decode = {"full": round(_decode_rate(paths, preprocess), 3),
+              "draft": round(_decode_rate(paths, PreprocessConfig(num_crops=args.crops, draft=True)), 3)}
+    print(f"decode + preprocessing alone, one core: {decode['full']:.2f} images/s full, "
+          f"{decode['draft']:.2f} images/s draft")
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "gpu": gpu_name,
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "measured_cpu_peak_tflops": {k: round(v, 4) for k, v in cpu_peaks.items()} or None},
+        "decode_prepare_images_per_s": decode,
         "config": {"sizes": args.sizes, "count": args.count, "encoder": args.encoder, "crops": args.crops,
                    "weights": "given" if args.weights else "random", "tflop_total": round(flops / 1e12, 4)},
         "phases": results,
@@ -185,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print("\n| phase | images/s | vs baseline | peak RSS MiB | TFLOP/s |")
-    print("|---|---|---|---|---|")
+    print("\n| phase | images/s | vs baseline | peak RSS MiB | TFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|")
     for row in results:
         print(f"| {row['phase']} | {row['images_per_s']:.3f} | {row.get('speedup_vs_baseline', 1.0):.2f}x | "
-              f"{row['peak_rss_mib']} | {row['achieved_tflops']:.3f} |")
+              f"{row['peak_rss_mib']} | {row['achieved_tflops']:.3f} | {row.get('fraction_of_peak', '-')} |")
     print(f"\nscore deviation from the baseline: {json.dumps(deviations)}")
     return 0
 

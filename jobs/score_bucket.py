@@ -23,7 +23,7 @@ from pipeline.argtypes import int_range, json_object, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
-from pipeline.scorer import ENCODER_CHOICES  # noqa: E402
+from pipeline.scorer import ENCODER_CHOICES, PRECISIONS  # noqa: E402
 from pipeline.weights import WeightsError  # noqa: E402
 
 logger = logging.getLogger("score_bucket")
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="score only the first N manifest rows (trial runs)")
     p.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                    help="refuse images with more pixels (%(default)s)")
+    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                   help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, see README)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models in each actor")
+    p.add_argument("--draft-decode", action="store_true",
+                   help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see README)")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
     p.add_argument("--shard-rows", type=positive_int, default=1000,
                    help="rows per staged shard: the unit a killed run resumes from (1000)")
@@ -89,7 +94,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
-        max_pixels=args.max_pixels, shard_rows=args.shard_rows)
+        max_pixels=args.max_pixels, shard_rows=args.shard_rows, precision=args.precision, compile=args.compile,
+        draft_decode=args.draft_decode)
 
 
 def main(argv: list[str] | None = None) -> int:

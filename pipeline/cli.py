@@ -17,7 +17,7 @@ import fsspec
 
 from pipeline.argtypes import json_object, positive_int
 from pipeline.preprocess import ImageError, PreprocessConfig
-from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, Scorer, ScorerConfig
+from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, Scorer, ScorerConfig
 
 EXIT_IMAGE_FAILED = 1
 EXIT_USAGE = 2
@@ -40,8 +40,9 @@ def _score_command(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         depth_version=args.depth_version,
         device=args.device,
-        preprocess=PreprocessConfig(num_crops=args.crops, max_pixels=args.max_pixels),
+        preprocess=PreprocessConfig(num_crops=args.crops, max_pixels=args.max_pixels, draft=args.draft_decode),
         storage_options=args.storage_options,
+        precision=args.precision,
     )
     scorer = Scorer(config)
     failed = 0
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto, cpu or cuda (auto)")
     score.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                        help="refuse images with more pixels than this (%(default)s)")
+    score.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                       help="fp32 (the published numbers) or bf16/fp16 autocast (faster, scores move slightly)")
+    score.add_argument("--draft-decode", action="store_true",
+                       help="decode large JPEGs at reduced scale (faster; scores move slightly)")
     score.add_argument("--storage-options", type=json_object, default={},
                        help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
     score.add_argument("--json", action="store_true", help="one JSON object per line instead of uri<TAB>score")

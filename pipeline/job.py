@@ -71,6 +71,9 @@ class JobConfig:
     log_every_s: float = 30.0
     max_pixels: int = PreprocessConfig.max_pixels
     shard_rows: int = 1000
+    precision: str = "fp32"
+    compile: bool = False
+    draft_decode: bool = False
     actor_class: type | None = None  # the scoring actor; None -> pipeline.stages.ScoreActor (tests swap it)
 
     def __post_init__(self):
@@ -91,8 +94,9 @@ class JobConfig:
         return ScorerConfig(
             weights=self.weights, depth_weights=self.depth_weights, encoder=self.encoder,
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
+            precision=self.precision, compile=self.compile,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_lower_bound=self.depth_input_size,
-                                        max_pixels=self.max_pixels))
+                                        max_pixels=self.max_pixels, draft=self.draft_decode))
 
 
 def _cluster_plan(config: JobConfig) -> tuple[float, float, tuple[int, int]]:
@@ -168,7 +172,7 @@ def _run_key(config: JobConfig, manifest: Manifest, model_id: str, run_date: str
     job = {"manifest": manifest.source, "run_date": run_date, "model_id": model_id, "crops": config.crops,
            "depth_input_size": config.depth_input_size, "max_pixels": config.max_pixels,
            "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
-           "shard_rows": config.shard_rows}
+           "shard_rows": config.shard_rows, "precision": config.precision, "draft_decode": config.draft_decode}
     job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     rows_key = hashlib.sha256(np.asarray(pending, np.int64).tobytes()).hexdigest()[:12]
     return f"{job_key}-{rows_key}"

@@ -61,6 +61,11 @@ class PreprocessConfig:
             grows with the long side once the short side is scaled to 518.
         reference: Compute every intermediate in the published precision (float64 depth input), for parity
             checks; the default path is faster and within the pinned tolerance of it.
+        draft: Let the JPEG decoder scale large photos down by 2, 4 or 8 while decoding (Pillow's draft
+            mode), keeping at least twice the pixels the model inputs need in each direction. A 12 MP JPEG then
+            decodes and resizes several times faster, which matters where decoding, not the GPU, limits a
+            node. Off by default: the pixels are averaged rather than sampled from the full image, so scores
+            move slightly (the benchmark records by how much; a test pins the bound).
     """
 
     num_crops: int = 20
@@ -73,6 +78,7 @@ class PreprocessConfig:
     min_side: int = 16
     max_aspect: float = 10.0
     reference: bool = False
+    draft: bool = False
 
     def __post_init__(self):
         if self.num_crops < 1:
@@ -102,14 +108,49 @@ def _to_uint8_rgb(im: Image.Image) -> np.ndarray:
 
 
 def decode_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
-    """Decode image bytes to an ``(H, W, 3)`` uint8 RGB array, EXIF orientation applied.
+    """Decode image bytes to an ``(H, W, 3)`` uint8 RGB array at full size, EXIF orientation applied.
 
     Animated images give their first frame. The pixel count is checked from the header before any pixel is
-    decoded.
+    decoded. ``config.draft`` is ignored here: this is the full-size decode (see ``decode_for_scoring``).
 
     Raises:
         ImageError: Empty, unrecognised, truncated or corrupt data, or an image outside the configured limits.
     """
+    return _decode(data, config, draft=False)[0]
+
+
+def decode_for_scoring(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, int, int]:
+    """Decode image bytes for scoring: the RGB array and the image's full ``height`` and ``width``.
+
+    With ``config.draft`` the array of a large JPEG is smaller than the image; the sizes returned are always
+    the full (oriented) ones, which decide every model-input size, so a drafted image gives inputs of the same
+    shapes.
+
+    Raises:
+        ImageError: As ``decode_image``.
+    """
+    return _decode(data, config, draft=config.draft)
+
+
+def _draft_request(im: Image.Image, config: PreprocessConfig) -> tuple[int, int]:
+    """Smallest ``(width, height)`` in stored orientation that keeps 2x the pixels every model input needs."""
+    width, height = im.size
+    transposed = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS
+    if transposed:
+        width, height = height, width
+    dh, dw = depth_input_size(height, width, config)
+    sh, sw = short_side_size(height, width, config)
+    need_w, need_h = 2 * max(dw, sw), 2 * max(dh, sh)
+    if transposed:
+        need_w, need_h = need_h, need_w
+    return need_w, need_h
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndarray, int, int]:
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -130,13 +171,21 @@ def decode_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.seek(0)
+            transposed = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS
+            drafted = draft and im.format == "JPEG" and min(width, height) >= config.min_side
+            if drafted:
+                im.draft(im.mode, _draft_request(im, config))
             im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_uint8_rgb(im)
+            oriented = ImageOps.exif_transpose(im)
+            rgb = _to_uint8_rgb(oriented)
     except Exception as exc:  # noqa: BLE001 - truncated data, bad EXIF, decoder errors
         raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
-    check_size(rgb.shape[0], rgb.shape[1], config)
-    return np.ascontiguousarray(rgb)
+    if not drafted:
+        height, width = rgb.shape[:2]
+    elif transposed:
+        height, width = width, height
+    check_size(height, width, config)
+    return np.ascontiguousarray(rgb), height, width
 
 
 def check_size(height: int, width: int, config: PreprocessConfig) -> None:
@@ -164,14 +213,16 @@ def depth_input_size(height: int, width: int, config: PreprocessConfig = Preproc
             _constrain_to_multiple(scale * width, config.depth_multiple, bound))
 
 
-def depth_model_input(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
+def depth_model_input(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig(),
+                      size: tuple[int, int] | None = None) -> torch.Tensor:
     """The ``(3, h, w)`` float32 input of Depth Anything for an ``(H, W, 3)`` uint8 RGB image.
 
     The published code scales and resizes in float64; ``config.reference`` does the same. The default does it
     in float32, which halves the memory and time of this step on large photos and moves the input by about
-    1e-7 (well inside the score tolerance the tests pin).
+    1e-7 (well inside the score tolerance the tests pin). ``size`` is the full image's ``(height, width)``
+    when ``rgb`` was decoded smaller.
     """
-    new_h, new_w = depth_input_size(rgb.shape[0], rgb.shape[1], config)
+    new_h, new_w = depth_input_size(*(size or rgb.shape[:2]), config)
     if config.reference:
         resized = cv2.resize(rgb / 255.0, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
         normalized = (resized - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
@@ -206,9 +257,14 @@ def short_side_size(height: int, width: int, config: PreprocessConfig = Preproce
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def resize_short_side(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
-    """Bilinear OpenCV resize of a uint8 ``(H, W, 3)`` array so its shorter side is ``short_side``."""
-    new_h, new_w = short_side_size(image.shape[0], image.shape[1], config)
+def resize_short_side(image: np.ndarray, config: PreprocessConfig = PreprocessConfig(),
+                      size: tuple[int, int] | None = None) -> np.ndarray:
+    """Bilinear OpenCV resize of a uint8 ``(H, W, 3)`` array so its shorter side is ``short_side``.
+
+    ``size`` is the full image's ``(height, width)`` when ``image`` was decoded smaller: the output then has
+    the size the full image would give.
+    """
+    new_h, new_w = short_side_size(*(size or image.shape[:2]), config)
     if (new_h, new_w) == image.shape[:2]:
         return image
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
@@ -274,10 +330,29 @@ class PreparedImage:
     width: int
 
 
-def prepare_image(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> PreparedImage:
-    """Do the model-independent work for one decoded image: both resizes, depth normalisation."""
-    return PreparedImage(rgb_small=resize_short_side(rgb, config), depth_input=depth_model_input(rgb, config),
-                         height=rgb.shape[0], width=rgb.shape[1])
+def prepare_image(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig(),
+                  size: tuple[int, int] | None = None) -> PreparedImage:
+    """Do the model-independent work for one decoded image: both resizes, depth normalisation.
+
+    Args:
+        rgb: The decoded image.
+        config: Preprocessing settings.
+        size: ``(height, width)`` of the full image when ``rgb`` was decoded smaller (draft mode); every
+            model-input size follows the full size. Defaults to the array's own.
+    """
+    height, width = size or rgb.shape[:2]
+    return PreparedImage(rgb_small=resize_short_side(rgb, config, (height, width)),
+                         depth_input=depth_model_input(rgb, config, (height, width)), height=height, width=width)
+
+
+def prepare_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> PreparedImage:
+    """Decode (in draft mode if configured) and prepare one encoded image.
+
+    Raises:
+        ImageError: The bytes are not a scorable image.
+    """
+    rgb, height, width = decode_for_scoring(data, config)
+    return prepare_image(rgb, config, (height, width))
 
 
 def quality_inputs(rgb_small: np.ndarray, depth_map: np.ndarray,

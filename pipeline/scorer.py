@@ -21,8 +21,8 @@ from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
 from pipeline.preprocess import (
     PreparedImage,
     PreprocessConfig,
-    decode_image,
     depth_to_map,
+    prepare_bytes,
     prepare_image,
     quality_inputs,
 )
@@ -252,4 +252,4 @@ class Scorer:
         Raises:
             ImageError: The bytes are not a scorable image.
         """
-        return self.score_images([decode_image(data, self.config.preprocess)])[0]
+        return self.score_prepared([prepare_bytes(data, self.config.preprocess)])[0]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.output import STATUS_ERROR, STATUS_OK
-from pipeline.preprocess import ImageError, PreparedImage, PreprocessConfig, decode_image, prepare_image
+from pipeline.preprocess import ImageError, PreparedImage, PreprocessConfig, prepare_bytes
 from pipeline.scorer import Scorer, ScorerConfig
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def prepare_batch(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
         prepared = None
         if statuses[i] == STATUS_OK:
             try:
-                prepared = prepare_image(decode_image(data, config), config)
+                prepared = prepare_bytes(data, config)
             except ImageError as exc:
                 statuses[i], errors[i] = STATUS_ERROR, str(exc)
             except Exception as exc:  # noqa: BLE001 - one image's failure stays with that image

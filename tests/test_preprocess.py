@@ -16,11 +16,13 @@ from pipeline.preprocess import (
     PreprocessConfig,
     crop_positions,
     crops,
+    decode_for_scoring,
     decode_image,
     depth_input_size,
     depth_model_input,
     depth_to_map,
     normalize_to_tensor,
+    prepare_bytes,
     resize_short_side,
     short_side_size,
 )
@@ -238,3 +240,31 @@ def test_float32_depth_input_is_within_1e_4_of_the_float64_reference(hw):
     reference = depth_model_input(rgb, PreprocessConfig(reference=True))
     assert fast.shape == reference.shape
     assert (fast - reference).abs().max() < 1e-4  # normalised units: one 8-bit level is about 0.017
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_draft_decode_shrinks_large_jpegs_but_keeps_every_model_input_shape(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(synthetic_photo(2400, 3600, seed=3), "JPEG", quality=90, exif=exif.tobytes())
+    full_h, full_w = (3600, 2400) if orientation == 6 else (2400, 3600)
+    draft = PreprocessConfig(draft=True)
+    rgb, height, width = decode_for_scoring(data, draft)
+    assert (height, width) == (full_h, full_w)
+    assert rgb.shape == (full_h // 2, full_w // 2, 3)  # 1/2 keeps >= 2x the 518 px depth input's short side
+    full, fast = prepare_bytes(data), prepare_bytes(data, draft)
+    assert (fast.height, fast.width) == (full.height, full.width) == (full_h, full_w)
+    assert fast.rgb_small.shape == full.rgb_small.shape
+    assert fast.depth_input.shape == full.depth_input.shape
+    # Averaged rather than sampled pixels: close, not equal.
+    diff = np.abs(fast.rgb_small.astype(int) - full.rgb_small.astype(int))
+    assert 0 < diff.mean() < 3
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_draft_decode_leaves_small_jpegs_and_other_formats_alone(fmt):
+    rgb = synthetic_photo(900, 1200, seed=4) if fmt == "JPEG" else synthetic_photo(1600, 2400, seed=4)
+    data = _encode(rgb, fmt)
+    drafted, height, width = decode_for_scoring(data, PreprocessConfig(draft=True))
+    assert (height, width) == rgb.shape[:2]
+    assert np.array_equal(drafted, decode_image(data))

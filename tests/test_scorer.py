@@ -144,6 +144,21 @@ def test_fast_path_equals_the_reference_path_within_2e_3(checkpoints):
     print(f"\nfast vs reference path: max |delta score| = {worst:.2e}")
 
 
+@pytest.mark.slow
+def test_draft_decode_of_a_12_mp_jpeg_stays_within_2e_3(checkpoints):
+    """Draft mode is an option because it moves scores; this pins by how much, with the full-size models."""
+    def scorer(draft: bool) -> Scorer:
+        return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                   device="cpu", preprocess=PreprocessConfig(num_crops=2, draft=draft)))
+
+    data = _jpeg_bytes(3000, 4000, seed=5)
+    full, drafted = scorer(False).score_bytes(data), scorer(True).score_bytes(data)
+    assert (drafted.width, drafted.height) == (full.width, full.height) == (4000, 3000)
+    delta = abs(full.score - drafted.score)
+    assert 0 < delta <= 2e-3
+    print(f"\ndraft vs full decode, 12 MP: |delta score| = {delta:.2e}")
+
+
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(checkpoints, photo_paths):
     def scorer(precision: str) -> Scorer:
         return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
