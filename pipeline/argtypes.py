@@ -39,3 +39,20 @@ def int_range(text: str) -> tuple[int, int]:
     if len(values) != 2 or not 1 <= values[0] <= values[1]:
         raise argparse.ArgumentTypeError(f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
     return values[0], values[1]
+
+
+def float_pair(text: str) -> tuple[float, float]:
+    """``A,B``: two numbers, such as a quantile range."""
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers A,B, got {text!r}") from None
+    return a, b
+
+
+def comma_list(text: str) -> list[str]:
+    """``a,b,c``: a non-empty list of names."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return names

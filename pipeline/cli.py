@@ -15,7 +15,8 @@ from pathlib import Path
 
 import fsspec
 
-from pipeline.argtypes import json_object, positive_int
+from pipeline.allowlist import redact_uri
+from pipeline.argtypes import comma_list, float_pair, json_object, positive_int
 from pipeline.preprocess import ImageError, PreprocessConfig
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, Scorer, ScorerConfig
 
@@ -77,6 +78,61 @@ def _make_sample_command(args: argparse.Namespace) -> int:
     return 0
 
 
+FILTER_FORMATS = ("parquet", "csv", "jsonl")
+
+
+def _filter_command(args: argparse.Namespace) -> int:
+    from pipeline import query
+
+    flt = query.ScoreFilter(
+        min_score=args.min_score, max_score=args.max_score, top=args.top, bottom=args.bottom,
+        quantiles=args.quantiles, date_from=args.date_from, date_to=args.date_to, model_id=args.model_id,
+        statuses=tuple(args.status) if args.status else None, latest=args.latest)
+    dataset = query.open_scores(args.output, args.storage_options)
+    columns = query.selection_columns(dataset, args.columns)
+    table, stats = query.select(dataset, flt, columns=columns)
+    if args.out:
+        fmt = query.write_selection(table, args.out, args.format, args.storage_options)
+        print(f"{stats.describe()}; wrote {fmt} to {redact_uri(args.out)}", file=sys.stderr)
+    else:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+        sys.stdout.flush()
+        print(stats.describe(), file=sys.stderr)
+    return 0
+
+
+def _add_filter_parser(commands) -> None:
+    flt = commands.add_parser(
+        "filter", help="select images from the scores (latest per image) and write them as a manifest",
+        description="Select rows of a scores output by score, date, model and status; by default the latest "
+                    "row per image and model. Writes uri, score and the manifest's columns as a manifest.")
+    flt.add_argument("output", metavar="OUTPUT_URI", help="the job's --output (folder or s3:// prefix)")
+    flt.add_argument("--out", metavar="URI", help="write the selection here (.parquet/.csv/.jsonl); default: "
+                     "CSV on stdout")
+    flt.add_argument("--format", choices=FILTER_FORMATS, help="output format when the extension does not say")
+    flt.add_argument("--min-score", type=float, help="keep scores >= this")
+    flt.add_argument("--max-score", type=float, help="keep scores <= this")
+    ranked = flt.add_mutually_exclusive_group()
+    ranked.add_argument("--top", type=float, metavar="FRACTION", help="keep the highest-scoring fraction")
+    ranked.add_argument("--bottom", type=float, metavar="FRACTION", help="keep the lowest-scoring fraction")
+    ranked.add_argument("--quantiles", type=float_pair, metavar="LO,HI",
+                        help="keep scores between these quantiles, e.g. 0.1,0.2")
+    flt.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first run date (inclusive)")
+    flt.add_argument("--until", dest="date_to", metavar="YYYY-MM-DD", help="last run date (inclusive)")
+    flt.add_argument("--model-id", help="only this model's rows (the model_id column)")
+    flt.add_argument("--status", action="append", choices=("ok", "error", "rejected"),
+                     help="only rows with this status (repeatable; default all, or ok with a score condition)")
+    flt.add_argument("--all-runs", dest="latest", action="store_false",
+                     help="consider every night's row, not only the latest per image and model")
+    flt.add_argument("--columns", type=comma_list, help="columns to write (default: uri, score, score_std, "
+                     "model_id, run_date, etag, size_bytes, width, height and the manifest's own columns)")
+    flt.add_argument("--storage-options", type=json_object, default={},
+                     help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
+    flt.set_defaults(run=_filter_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dgiqa`` argument parser."""
     parser = argparse.ArgumentParser(prog="dgiqa", description="DGIQA image-quality scores for photo libraries.")
@@ -101,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
     score.add_argument("--json", action="store_true", help="one JSON object per line instead of uri<TAB>score")
     score.set_defaults(run=_score_command)
+
+    _add_filter_parser(commands)
 
     sample = commands.add_parser("make-sample", help="write generated photos and random weights to try dgiqa with")
     sample.add_argument("folder")
