@@ -240,15 +240,14 @@ def depth_to_map(depth: torch.Tensor, height: int, width: int) -> np.ndarray:
 
     Bilinear resize to the image size, min-max scaling to 0..255 and truncation. The published code then
     replicates it to three channels; every later step treats the channels alike, so it is kept as one channel
-    here (a third of the work, the same numbers) and expanded only when normalised.
+    here (a third of the work, the same numbers) and expanded only when normalised. The arithmetic runs on the
+    depth output's device in the published float32 order and only the uint8 map is copied back: a quarter of
+    the bytes of the float map, which for 12 MP photos on a GPU is the difference that matters.
     """
     full = F.interpolate(depth[None, None].float(), (height, width), mode="bilinear", align_corners=False)[0, 0]
-    d = full.cpu().numpy()
-    lo, hi = d.min(), d.max()
-    d -= lo
-    d /= hi - lo + 1e-8
-    d *= 255
-    return d.astype(np.uint8)
+    lo, hi = full.min(), full.max()
+    scaled = (full - lo) / (hi - lo + 1e-8) * 255
+    return scaled.to(torch.uint8).cpu().numpy()
 
 
 def short_side_size(height: int, width: int, config: PreprocessConfig = PreprocessConfig()) -> tuple[int, int]:

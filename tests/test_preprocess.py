@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.preprocess import (
@@ -110,6 +111,13 @@ def test_depth_to_map_min_max_truncation():
     resized = depth_to_map(ramp, 80, 100)
     assert resized.shape == (80, 100)
     assert (depth_to_map(torch.ones(10, 10), 10, 10) == 0).all()  # flat depth: no division by zero
+
+
+def test_depth_to_map_equals_the_published_numpy_arithmetic():
+    depth = torch.rand(37, 49, generator=torch.Generator().manual_seed(0)) * 7 + 1
+    full = F.interpolate(depth[None, None], (301, 402), mode="bilinear", align_corners=False)[0, 0].numpy()
+    reference = ((full - full.min()) / (full.max() - full.min() + np.float32(1e-8)) * 255).astype(np.uint8)
+    assert np.array_equal(depth_to_map(depth, 301, 402), reference)
 
 
 def test_normalization_equals_imagenet_formula():
