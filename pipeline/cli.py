@@ -15,6 +15,7 @@ from pathlib import Path
 
 import fsspec
 
+from pipeline import evaluate, report
 from pipeline.allowlist import redact_uri
 from pipeline.argtypes import comma_list, float_pair, json_object, positive_int
 from pipeline.preprocess import ImageError, PreprocessConfig
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(run=_score_command)
 
     _add_filter_parser(commands)
+    report.register(commands)
+    evaluate.register(commands)
 
     sample = commands.add_parser("make-sample", help="write generated photos and random weights to try dgiqa with")
     sample.add_argument("folder")

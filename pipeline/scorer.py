@@ -124,26 +124,66 @@ class ModelInfo:
     depth_sha256: str
 
 
+@dataclass(frozen=True)
+class DepthWeights:
+    """A Depth Anything checkpoint read, remapped and identified; the model is built from it on demand.
+
+    Attributes:
+        encoder: The encoder found in the checkpoint's shapes.
+        version: Depth Anything version (``v1`` or ``v2``).
+        sha256: SHA-256 of the weights file.
+        path: Where the weights came from (for messages).
+        state_dict: The remapped state dict.
+    """
+
+    encoder: str
+    version: str
+    sha256: str
+    path: str
+    state_dict: Mapping[str, torch.Tensor]
+
+    @property
+    def label(self) -> str:
+        """``depth-anything-<version>-<encoder>@<sha256>``: the depth half of a ``model_id``."""
+        return f"depth-anything-{self.version}-{self.encoder}@{self.sha256}"
+
+    def build(self, materialize: bool = True) -> nn.Module:
+        """The architecture with these weights loaded strictly (``materialize``), or only checked on meta."""
+        with contextlib.nullcontext() if materialize else torch.device("meta"):
+            model = da.build_depth_anything(self.encoder, self.version)
+        check = load_strict if materialize else check_fits
+        check(model, self.state_dict, f"Depth Anything {self.encoder} (--depth-weights {self.path})")
+        return model
+
+
+def read_depth_weights(uri: str, encoder: str = "auto", version: str = "v1",
+                       storage_options: Mapping | None = None) -> DepthWeights:
+    """Read a Depth Anything checkpoint and find its encoder; an explicit ``encoder`` must agree with it.
+
+    Raises:
+        WeightsError: The checkpoint cannot be read, is no Depth Anything, or holds another encoder.
+    """
+    ckpt = read_checkpoint(uri, storage_options)
+    state = da.checkpoint_filter_fn(ckpt.state_dict)
+    try:
+        found = da.encoder_of(state)
+    except KeyError as exc:
+        raise WeightsError(f"--depth-weights {ckpt.path}: {exc.args[0]}") from None
+    if encoder not in ("auto", found):
+        raise WeightsError(f"--encoder {encoder} was given, but --depth-weights {ckpt.path} holds a {found} model")
+    return DepthWeights(encoder=found, version=version, sha256=ckpt.sha256, path=ckpt.path, state_dict=state)
+
+
 def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn.Module, nn.Module]:
     dgiqa_ckpt = read_checkpoint(config.weights, config.storage_options)
-    depth_ckpt = read_checkpoint(config.depth_weights, config.storage_options)
-    depth_state = da.checkpoint_filter_fn(depth_ckpt.state_dict)
-    try:
-        found = da.encoder_of(depth_state)
-    except KeyError as exc:
-        raise WeightsError(f"--depth-weights {depth_ckpt.path}: {exc.args[0]}") from None
-    if config.encoder not in ("auto", found):
-        raise WeightsError(f"--encoder {config.encoder} was given, but --depth-weights {depth_ckpt.path} "
-                           f"holds a {found} model")
+    depth = read_depth_weights(config.depth_weights, config.encoder, config.depth_version, config.storage_options)
     with contextlib.nullcontext() if materialize else torch.device("meta"):
         dgiqa = build_dgiqa()
-        depth_model = da.build_depth_anything(found, config.depth_version)
     check = load_strict if materialize else check_fits
     check(dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
-    check(depth_model, depth_state, f"Depth Anything {found} (--depth-weights {depth_ckpt.path})")
-    info = ModelInfo(
-        model_id=f"dgiqa@{dgiqa_ckpt.sha256}+depth-anything-{config.depth_version}-{found}@{depth_ckpt.sha256}",
-        encoder=found, dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth_ckpt.sha256)
+    depth_model = depth.build(materialize)
+    info = ModelInfo(model_id=f"dgiqa@{dgiqa_ckpt.sha256}+{depth.label}", encoder=depth.encoder,
+                     dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256)
     return info, dgiqa, depth_model
 
 

@@ -1,0 +1,488 @@
+"""Evaluation against human opinion scores: ``dgiqa evaluate`` and ``dgiqa separation``.
+
+``evaluate`` joins a dataset's labels (``pipeline.labels``) with scores on ``uri`` and reports SROCC, PLCC,
+KROCC and RMSE with bootstrap intervals (``pipeline.metrics``). The scores come from a job output (the latest
+``ok`` row per image, through ``pipeline.query``), or from scoring the labelled images now: their URIs become
+a manifest for ``pipeline.job.run_job``, so evaluation scores exactly as the nightly job does.
+
+``separation`` asks how well the scores tell a high-quality image set from a low-quality one, for collections
+without opinion scores: Gaussian fits, their overlap coefficient and d', and an SVG of both distributions.
+
+URIs are compared in the job's normalised form (``pipeline.allowlist.normalize_uri``; local paths become
+``file:///...``), so labels written with plain local paths match the scores the job wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from pipeline.allowlist import RejectedURI, normalize_uri
+from pipeline.argtypes import json_object, positive_int
+from pipeline.labels import LAYOUTS, Labels, read_labels
+from pipeline.metrics import (
+    METRIC_LABELS,
+    METRICS,
+    MIN_PAIRS,
+    MetricsResult,
+    Separation,
+    compute_metrics,
+    density_separation,
+    separation_svg,
+)
+
+EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1
+EXAMPLES = 5  # unmatched URIs shown to help find a wrong --images-prefix
+
+
+class EvaluationError(ValueError):
+    """Labels and scores cannot be evaluated together (too few pairs, several models); the message says why."""
+
+
+@dataclass(frozen=True)
+class ScoreSet:
+    """One model's scores of images.
+
+    Attributes:
+        table: ``uri`` (string) and ``score`` (float64), one row per image.
+        model_id: The model that gave them.
+        source: Where they were read from (a job output URI).
+    """
+
+    table: pa.Table
+    model_id: str | None
+    source: str | None = None
+
+
+def join_key(uri: str) -> str:
+    """The form a URI is matched in: the job's normalised one; relative local paths made absolute first."""
+    text = uri.strip()
+    if "://" not in text and not text.startswith("/"):
+        text = os.path.abspath(text)
+    try:
+        return normalize_uri(text)
+    except RejectedURI:
+        return text
+
+
+def read_scores(output: str, model_id: str | None = None, storage_options: Mapping | None = None) -> ScoreSet:
+    """The latest ``ok`` score of every image in a job output, for one model.
+
+    Args:
+        output: The job's output root URI.
+        model_id: The model whose scores to use; may be left out when the output holds only one model's.
+        storage_options: fsspec options.
+
+    Raises:
+        EvaluationError: Several models' scores and no ``model_id``, or none of the given model.
+        QueryError: No scores there.
+    """
+    from pipeline import query
+
+    dataset = query.open_scores(output, storage_options)
+    table, _ = query.select(dataset, query.ScoreFilter(statuses=("ok",), model_id=model_id),
+                            columns=["uri", "score", "model_id"])
+    models = sorted(set(table.column("model_id").to_pylist()))
+    if model_id is None and len(models) > 1:
+        raise EvaluationError(f"the scores at {output} come from {len(models)} models; choose one with --model-id: "
+                              f"{', '.join(models)}")
+    if not models:
+        which = f" of model {model_id}" if model_id else ""
+        raise EvaluationError(f"no ok scores{which} at {output}")
+    scores = table.column("score").cast(pa.float64())
+    return ScoreSet(pa.table({"uri": table.column("uri"), "score": scores}), model_id or models[0], output)
+
+
+def _allowed_prefixes(uris: Sequence[str]) -> tuple[str, ...]:
+    """The deepest common folder of the URIs in each bucket (or of all local ones): what the run may read."""
+    groups: dict[str, list[str]] = {}
+    for uri in uris:
+        try:
+            uri = normalize_uri(uri)
+        except RejectedURI:
+            continue  # the job refuses it and reports it as a rejected row
+        scheme, _, rest = uri.partition("://")
+        root, _, path = rest.partition("/")
+        groups.setdefault(f"{scheme}://{root}/", []).append("/" + posixpath.dirname(path))
+    return tuple(home + posixpath.commonpath(paths).lstrip("/") for home, paths in groups.items())
+
+
+def score_labels(labels: Labels, weights: str, depth_weights: str, *, output: str | None = None, crops: int = 20,
+                 depth_input_size: int = 518, storage_options: Mapping | None = None, **job_options) -> ScoreSet:
+    """Score the labelled images with a model, through the same job as the nightly runs, and read them back.
+
+    The labelled URIs are written to a CSV manifest in a temporary folder; the run may read only below their
+    common folder in each bucket. Without ``output`` the scores go to a temporary folder removed afterwards;
+    with one they are kept, and a rerun with the same weights scores only images not scored ``ok`` before.
+
+    Args:
+        labels: The labelled images.
+        weights: URI of the DGIQA checkpoint.
+        depth_weights: URI of the Depth Anything checkpoint.
+        output: Job output root to keep the scores in.
+        crops: Random 224x224 crops per image.
+        depth_input_size: Lower bound of the depth model's input side (518 as published).
+        storage_options: fsspec options for images, weights and output.
+        **job_options: Further ``pipeline.job.JobConfig`` fields (``actors``, ``batch_size``, ``run_date``...).
+
+    Raises:
+        JobError: The run did not complete.
+    """
+    from pipeline.job import JobConfig, run_job
+
+    uris = [join_key(u) for u in labels.table.column("uri").to_pylist()]
+    prefixes = _allowed_prefixes(uris)
+    if not prefixes:
+        raise EvaluationError(f"none of the {len(uris)} labelled URIs is a usable object address (e.g. {uris[0]!r})")
+    with tempfile.TemporaryDirectory(prefix="dgiqa-evaluate-") as folder:
+        manifest = os.path.join(folder, "manifest.csv")
+        pacsv.write_csv(pa.table({"uri": pa.array(uris, pa.string())}), manifest)
+        target = output or os.path.join(folder, "scores")
+        summary = run_job(JobConfig(manifest=manifest, output=target, weights=weights, depth_weights=depth_weights,
+                                    crops=crops, depth_input_size=depth_input_size,
+                                    allow_prefixes=prefixes, storage_options=dict(storage_options or {}),
+                                    **job_options))
+        return replace(read_scores(target, summary["model_id"], storage_options), source=output)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Metrics of one model on one labelled dataset, and how the two were matched.
+
+    Attributes:
+        metrics: SROCC, PLCC, KROCC, RMSE and their intervals.
+        labels_source: The label file.
+        layout: The label layout.
+        label_column: The label column used.
+        scores_source: The job output the scores came from (None when scored into a temporary folder).
+        model_id: The model evaluated.
+        labelled: Images with a label.
+        scored: Images with an ok score.
+        labels_without_score: Labelled images with no ok score (left out).
+        scores_without_label: Scored images with no label (left out).
+        examples_without_score: A few labelled URIs that had no score.
+    """
+
+    metrics: MetricsResult
+    labels_source: str
+    layout: str
+    label_column: str
+    scores_source: str | None
+    model_id: str | None
+    labelled: int
+    scored: int
+    labels_without_score: int
+    scores_without_label: int
+    examples_without_score: list[str] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        """Pairs the metrics were computed on."""
+        return self.metrics.n
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values."""
+        out = {k: v for k, v in asdict(self).items() if k != "metrics"}
+        out["matched"] = self.matched
+        out["metrics"] = self.metrics.to_dict()
+        return out
+
+
+def _keyed(uris: Sequence[str], what: str) -> dict[str, int]:
+    keyed: dict[str, int] = {}
+    for i, uri in enumerate(uris):
+        key = join_key(uri)
+        if key in keyed:
+            raise EvaluationError(f"{what}: {uri!r} appears twice (as {uris[keyed[key]]!r} too)")
+        keyed[key] = i
+    return keyed
+
+
+def evaluate(labels: Labels, scores: ScoreSet | pa.Table, *, bootstrap: int = 1000, confidence: float = 0.95,
+             seed: int | None = 0) -> EvaluationResult:
+    """Join labels and scores on URI and compute the metrics on the pairs.
+
+    Args:
+        labels: From ``pipeline.labels.read_labels``.
+        scores: From ``read_scores``/``score_labels``, or a table with ``uri`` and ``score`` (and, if it holds
+            several models' scores, ``model_id``: then it is refused, since one model is evaluated at a time).
+        bootstrap: Resamples for the confidence intervals (0: none).
+        confidence: Interval coverage.
+        seed: Resampling seed.
+
+    Raises:
+        EvaluationError: Fewer than 3 labelled images with a score, or scores of several models.
+        MetricsError: The pairs cannot be evaluated (all scores equal, ...).
+    """
+    if isinstance(scores, pa.Table):
+        model_id = None
+        if "model_id" in scores.column_names:
+            models = sorted(set(scores.column("model_id").to_pylist()))
+            if len(models) > 1:
+                raise EvaluationError(f"the scores come from {len(models)} models; evaluate one at a time: "
+                                      f"{', '.join(map(str, models))}")
+            model_id = models[0] if models else None
+        scores = ScoreSet(scores.select(["uri", "score"]), model_id)
+    score_values = scores.table.column("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    score_uris = scores.table.column("uri").to_pylist()
+    usable = [i for i, v in enumerate(score_values) if v is not None and np.isfinite(v)]
+    score_at = _keyed([score_uris[i] for i in usable], "scores")
+    label_uris = labels.table.column("uri").to_pylist()
+    label_values = labels.table.column("label").to_numpy()
+    label_at = _keyed(label_uris, "labels")
+
+    pairs = [(label_at[k], usable[i]) for k, i in score_at.items() if k in label_at]
+    pairs.sort()
+    missing = [label_uris[i] for k, i in label_at.items() if k not in score_at]
+    if len(pairs) < MIN_PAIRS:
+        hint = ""
+        if missing and score_at:
+            hint = (f"; labelled images look like {join_key(missing[0])!r}, scored ones like "
+                    f"{next(iter(score_at))!r}: check --images-prefix")
+        raise EvaluationError(f"only {len(pairs)} of {len(label_at)} labelled images have an ok score (at least "
+                              f"{MIN_PAIRS} are needed){hint}")
+    label_idx = np.array([p[0] for p in pairs])
+    score_idx = np.array([p[1] for p in pairs])
+    metrics = compute_metrics(score_values[score_idx], label_values[label_idx],
+                              higher_is_better=labels.higher_is_better, bootstrap=bootstrap, confidence=confidence,
+                              seed=seed)
+    return EvaluationResult(metrics=metrics, labels_source=labels.source, layout=labels.layout,
+                            label_column=labels.label_column, scores_source=scores.source, model_id=scores.model_id,
+                            labelled=len(label_at), scored=len(score_at), labels_without_score=len(missing),
+                            scores_without_label=len(score_at) - len(pairs), examples_without_score=missing[:EXAMPLES])
+
+
+@dataclass(frozen=True)
+class SeparationResult:
+    """Separation of two image sets by one model's scores.
+
+    Attributes:
+        separation: Gaussian fits, overlap coefficient and d'.
+        high_scores: Scores of the high-quality set's images that had one.
+        low_scores: The same for the low-quality set.
+        high_without_score: Images of the high set with no ok score (left out).
+        low_without_score: The same for the low set.
+        model_id: The model.
+        scores_source: The job output.
+    """
+
+    separation: Separation
+    high_scores: np.ndarray
+    low_scores: np.ndarray
+    high_without_score: int
+    low_without_score: int
+    model_id: str | None
+    scores_source: str | None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values (the scores themselves left out)."""
+        return {"separation": self.separation.to_dict(), "high_without_score": self.high_without_score,
+                "low_without_score": self.low_without_score, "model_id": self.model_id,
+                "scores_source": self.scores_source}
+
+
+def separate(scores: ScoreSet, high_uris: Sequence[str], low_uris: Sequence[str]) -> SeparationResult:
+    """Look up both sets' scores and measure their separation (``pipeline.metrics.density_separation``).
+
+    Raises:
+        MetricsError: A set has fewer than two scored images, or all its scores are equal.
+    """
+    values = scores.table.column("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    by_key = {join_key(u): v for u, v in zip(scores.table.column("uri").to_pylist(), values, strict=True)
+              if v is not None and np.isfinite(v)}
+    found = {}
+    for name, uris in (("high", high_uris), ("low", low_uris)):
+        keys = dict.fromkeys(join_key(u) for u in uris if u)
+        found[name] = (np.array([by_key[k] for k in keys if k in by_key], dtype=float),
+                       sum(k not in by_key for k in keys))
+    separation = density_separation(found["high"][0], found["low"][0])
+    return SeparationResult(separation, found["high"][0], found["low"][0], found["high"][1], found["low"][1],
+                            scores.model_id, scores.source)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _write_text(uri: str, text: str, storage_options: Mapping) -> None:
+    with fsspec.open(uri, "w", **storage_options) as f:
+        f.write(text)
+
+
+def format_result(result: EvaluationResult) -> str:
+    """The human-readable report: where labels and scores came from, how they matched, and a metrics table."""
+    m = result.metrics
+    direction = "higher is better" if m.higher_is_better else "lower is better; correlations use negated labels"
+    lines = [
+        f"labels   {result.layout}: {result.labels_source} ({result.label_column}, {direction})",
+        f"scores   {result.scores_source or 'scored now (temporary output)'}; model {result.model_id}",
+        f"pairs    {m.n} matched; {result.labels_without_score} labelled images without an ok score, "
+        f"{result.scores_without_label} scores without a label",
+    ]
+    if result.examples_without_score:
+        lines.append(f"         e.g. no score for {', '.join(result.examples_without_score[:3])}")
+    if not m.mapping.converged:
+        lines.append(f"note     {m.mapping.message}: PLCC (logistic) and RMSE use a straight line instead")
+    ci = f"{m.confidence:.0%} CI" if m.bootstrap else "CI"
+    lines += ["", f"{'metric':<16} {'value':>9}  {ci}"]
+    for name in METRICS:
+        est = getattr(m, name)
+        interval = f"[{est.low:.4f}, {est.high:.4f}]" if est.low is not None else "-"
+        lines.append(f"{METRIC_LABELS[name]:<16} {est.value:>9.4f}  {interval}")
+    if m.bootstrap:
+        lines.append(f"({m.bootstrap} bootstrap resamples, seed {m.seed})")
+    return "\n".join(lines)
+
+
+def format_separation(result: SeparationResult) -> str:
+    """The human-readable separation report."""
+    s = result.separation
+    lines = [f"scores   {result.scores_source}; model {result.model_id}", "",
+             f"{'set':<6} {'n':>7} {'mean':>8} {'std':>8}  without score"]
+    for name, fit, missing in (("high", s.high, result.high_without_score), ("low", s.low, result.low_without_score)):
+        lines.append(f"{name:<6} {fit.n:>7} {fit.mean:>8.4f} {fit.std:>8.4f}  {missing}")
+    lines += ["", f"overlap coefficient  {s.overlap:.4f}", f"d'                   {s.d_prime:.4f}"]
+    return "\n".join(lines)
+
+
+def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
+    print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+    return code
+
+
+def _evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.weights and not args.depth_weights:
+        parser.error("--weights needs --depth-weights")
+    if args.scores:
+        given = [f"--{name.replace('_', '-')}" for name in ("depth_weights", "output") if getattr(args, name)]
+        if given:
+            parser.error(f"{' and '.join(given)} apply only when scoring with --weights")
+    elif args.model_id:
+        parser.error("--model-id applies to --scores; with --weights the model is the one given")
+    try:
+        labels = read_labels(args.labels, args.layout, args.images_prefix, label_column=args.label_column,
+                             uri_column=args.uri_column, lower_is_better=args.lower_is_better,
+                             keep_training_images=args.keep_training_images, storage_options=args.storage_options)
+        if args.scores:
+            scores = read_scores(args.scores, args.model_id, args.storage_options)
+        else:
+            from pipeline.job import JobError
+
+            try:
+                scores = score_labels(labels, args.weights, args.depth_weights, output=args.output, crops=args.crops,
+                                      depth_input_size=args.depth_input_size, storage_options=args.storage_options)
+            except JobError as exc:
+                return _fail(parser.prog, exc, EXIT_RUN_FAILED)
+        result = evaluate(labels, scores, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed)
+        document = json.dumps(result.to_dict(), indent=2, sort_keys=True)
+        if args.out:
+            _write_text(args.out, document + "\n", args.storage_options)
+    except (ValueError, OSError) as exc:
+        return _fail(parser.prog, exc)
+    print(document if args.json else format_result(result))
+    return 0
+
+
+def _separation_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pipeline.manifest import read_manifest
+
+    try:
+        scores = read_scores(args.scores, args.model_id, args.storage_options)
+        sets = [read_manifest(m, args.storage_options).table.column("uri").to_pylist() for m in (args.high, args.low)]
+        result = separate(scores, *sets)
+        if args.plot:
+            svg = separation_svg(result.high_scores, result.low_scores, result.separation, bins=args.bins)
+            _write_text(args.plot, svg, args.storage_options)
+    except (ValueError, OSError) as exc:
+        return _fail(parser.prog, exc)
+    print(json.dumps(result.to_dict(), indent=2, sort_keys=True) if args.json else format_separation(result))
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` and ``separation`` subcommands to the ``dgiqa`` parser's subcommands."""
+    ev = commands.add_parser(
+        "evaluate", help="compare scores with human opinion scores (SROCC, PLCC, KROCC, RMSE)",
+        description="Join a dataset's opinion scores with a model's scores on URI and report SROCC, PLCC (raw and "
+                    "after the VQEG logistic mapping), KROCC and RMSE with bootstrap confidence intervals.")
+    ev.add_argument("labels", metavar="LABELS", help="label file (live-challenge: the dataset folder), path or URI")
+    ev.add_argument("--layout", choices=LAYOUTS, default="generic",
+                    help="koniq (koniq10k_scores_and_distributions.csv), kadid (dmos.csv), live-challenge "
+                         "(Data/*.mat), spaq (xlsx or csv), generic (uri + label columns; default)")
+    ev.add_argument("--images-prefix", metavar="URI",
+                    help="folder or URI prefix the dataset's image names are joined onto (needed for koniq, kadid, "
+                         "spaq; live-challenge defaults to the dataset's Images/)")
+    ev.add_argument("--label-column", help="label column (koniq: MOS_zscore or MOS; generic: default mos)")
+    ev.add_argument("--uri-column", default="uri", help="generic layout: the column of image URIs (uri)")
+    ev.add_argument("--lower-is-better", action="store_true",
+                    help="generic layout: labels are DMOS-like (correlations then use the negated labels)")
+    ev.add_argument("--keep-training-images", action="store_true",
+                    help="live-challenge: keep the 7 training images t1..t7 (left out by custom)")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scores", metavar="OUTPUT_URI", help="a scoring job's output root to read scores from")
+    source.add_argument("--weights", help="score the labelled images now with this DGIQA checkpoint")
+    ev.add_argument("--depth-weights", help="with --weights: the Depth Anything checkpoint")
+    ev.add_argument("--output", metavar="URI",
+                    help="with --weights: keep the scores in this job output (default: a temporary folder)")
+    ev.add_argument("--crops", type=positive_int, default=20, help="with --weights: crops per image (20)")
+    ev.add_argument("--depth-input-size", type=positive_int, default=518,
+                    help="with --weights: depth-model input side (518 as published)")
+    ev.add_argument("--model-id", help="with --scores: the model whose scores to use, when the output holds several")
+    ev.add_argument("--bootstrap", type=_count, default=1000, metavar="N",
+                    help="bootstrap resamples for the confidence intervals; 0 for none (1000)")
+    ev.add_argument("--confidence", type=_fraction, default=0.95, help="confidence interval coverage (0.95)")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed, for repeatable intervals (0)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--out", metavar="FILE", help="also write the JSON result here (any fsspec URI)")
+    ev.add_argument("--storage-options", type=json_object, default={},
+                    help="fsspec options as JSON for labels, images, scores and --out; credentials come from the "
+                         "environment")
+    ev.set_defaults(run=partial(_evaluate_command, parser=ev))
+
+    sep = commands.add_parser(
+        "separation", help="how well scores separate a high-quality image set from a low-quality one",
+        description="Fit a Gaussian to each set's scores; report means, standard deviations, the overlap "
+                    "coefficient of the two densities and d'; optionally draw both distributions as SVG.")
+    sep.add_argument("--scores", required=True, metavar="OUTPUT_URI", help="a scoring job's output root")
+    sep.add_argument("--high", required=True, metavar="MANIFEST", help="manifest of the high-quality images")
+    sep.add_argument("--low", required=True, metavar="MANIFEST", help="manifest of the low-quality images")
+    sep.add_argument("--model-id", help="the model whose scores to use, when the output holds several")
+    sep.add_argument("--plot", metavar="SVG", help="write the histograms and fitted densities here as SVG")
+    sep.add_argument("--bins", type=positive_int, default=20, help="histogram bins over [0, 1] (20)")
+    sep.add_argument("--json", action="store_true", help="print the result as JSON")
+    sep.add_argument("--storage-options", type=json_object, default={},
+                     help="fsspec options as JSON for scores, manifests and --plot")
+    sep.set_defaults(run=partial(_separation_command, parser=sep))
