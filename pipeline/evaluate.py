@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.allowlist import RejectedURI, normalize_uri
-from pipeline.argtypes import json_object, positive_int
+from pipeline.argtypes import json_object, non_negative_int, positive_int
 from pipeline.labels import LAYOUTS, Labels, read_labels
 from pipeline.metrics import (
     METRIC_LABELS,
@@ -313,16 +313,6 @@ def separate(scores: ScoreSet, high_uris: Sequence[str], low_uris: Sequence[str]
                             scores.model_id, scores.source)
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {value}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -461,7 +451,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--depth-input-size", type=positive_int, default=518,
                     help="with --weights: depth-model input side (518 as published)")
     ev.add_argument("--model-id", help="with --scores: the model whose scores to use, when the output holds several")
-    ev.add_argument("--bootstrap", type=_count, default=1000, metavar="N",
+    ev.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
                     help="bootstrap resamples for the confidence intervals; 0 for none (1000)")
     ev.add_argument("--confidence", type=_fraction, default=0.95, help="confidence interval coverage (0.95)")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed, for repeatable intervals (0)")
