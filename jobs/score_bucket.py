@@ -22,6 +22,7 @@ from pipeline.allowlist import redact_uri  # noqa: E402
 from pipeline.argtypes import int_range, json_object, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
+from pipeline.models.registry import get_scorer, scorer_names  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
 from pipeline.scorer import ENCODER_CHOICES, PRECISIONS  # noqa: E402
 from pipeline.weights import WeightsError  # noqa: E402
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest URI: CSV/Parquet/JSON Lines file or folder, S3 Inventory "
                                       "manifest.json, or a prefix of images")
     p.add_argument("--output", help="output root URI; results go to <output>/run_date=YYYY-MM-DD/")
-    p.add_argument("--weights", help="URI of the DGIQA checkpoint")
+    p.add_argument("--model", default="dgiqa", choices=scorer_names(),
+                   help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
+    p.add_argument("--weights", help="URI of the scorer's checkpoint (DGIQA by default)")
     p.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint")
     p.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
                    help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
@@ -85,6 +88,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         logger.warning("demo run in %s with RANDOM weights: the scores mean nothing. Pass --weights and "
                        "--depth-weights with the published checkpoints for real scores.", args.demo)
         fields = {k: v or str(demo[k]) for k, v in fields.items()}
+    if not get_scorer(args.model).needs_depth and not fields["depth_weights"]:
+        fields.pop("depth_weights")
     missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if not v]
     if missing:
         parser.error(f"missing {', '.join(missing)} (or use --demo)")
@@ -95,7 +100,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
         max_pixels=args.max_pixels, shard_rows=args.shard_rows, precision=args.precision, compile=args.compile,
-        draft_decode=args.draft_decode)
+        draft_decode=args.draft_decode, model=args.model)
 
 
 def main(argv: list[str] | None = None) -> int:

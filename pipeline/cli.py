@@ -18,8 +18,9 @@ import fsspec
 from pipeline import evaluate, report
 from pipeline.allowlist import redact_uri
 from pipeline.argtypes import comma_list, float_pair, json_object, positive_int
+from pipeline.models.registry import scorer_names
 from pipeline.preprocess import ImageError, PreprocessConfig
-from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, Scorer, ScorerConfig
+from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, ScorerConfig, make_scorer
 
 EXIT_IMAGE_FAILED = 1
 EXIT_USAGE = 2
@@ -45,8 +46,9 @@ def _score_command(args: argparse.Namespace) -> int:
         preprocess=PreprocessConfig(num_crops=args.crops, max_pixels=args.max_pixels, draft=args.draft_decode),
         storage_options=args.storage_options,
         precision=args.precision,
+        model=args.model,
     )
-    scorer = Scorer(config)
+    scorer = make_scorer(config)
     failed = 0
     for uri in args.images:
         row = {"uri": uri, "score": None, "score_std": None, "num_crops": None, "width": None, "height": None,
@@ -141,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score images named by local path or fsspec URI")
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_URI")
-    score.add_argument("--weights", required=True, help="URI of the DGIQA checkpoint (.pth/.pt/.safetensors/folder)")
-    score.add_argument("--depth-weights", required=True, help="URI of the Depth Anything checkpoint")
+    score.add_argument("--model", default="dgiqa", choices=scorer_names(),
+                       help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
+    score.add_argument("--weights", required=True,
+                       help="URI of the scorer's checkpoint (.pth/.pt/.safetensors/folder; DGIQA by default)")
+    score.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint (required for dgiqa)")
     score.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
                        help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
     score.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")

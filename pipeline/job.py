@@ -54,7 +54,7 @@ class JobConfig:
     manifest: str
     output: str
     weights: str
-    depth_weights: str
+    depth_weights: str | None = None
     encoder: str = "auto"
     depth_version: str = "v1"
     crops: int = 20
@@ -74,6 +74,7 @@ class JobConfig:
     precision: str = "fp32"
     compile: bool = False
     draft_decode: bool = False
+    model: str = "dgiqa"
     actor_class: type | None = None  # the scoring actor; None -> pipeline.stages.ScoreActor (tests swap it)
 
     def __post_init__(self):
@@ -94,7 +95,7 @@ class JobConfig:
         return ScorerConfig(
             weights=self.weights, depth_weights=self.depth_weights, encoder=self.encoder,
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
-            precision=self.precision, compile=self.compile,
+            precision=self.precision, compile=self.compile, model=self.model,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_lower_bound=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 
@@ -256,13 +257,14 @@ def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: Mod
     ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=batch,
                         fn_kwargs={"storage_options": dict(config.storage_options)})
     ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=batch,
-                        fn_kwargs={"config": config.scorer_config().preprocess})
+                        fn_kwargs={"config": config.scorer_config()})
     ds = ds.map_batches(
         config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=batch,
         fn_constructor_kwargs={"config": config.scorer_config(), "expected_model_id": info.model_id,
                                "num_threads": None if gpus else int(cpus)},
-        compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus,
-        max_restarts=-1, max_task_retries=-1)
+        # Ray Data restarts a dead actor and retries its batch by default (max_restarts / max_task_retries -1);
+        # tests/test_faults.py kills one to keep that true.
+        compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
@@ -385,8 +387,10 @@ def run_job(config: JobConfig) -> dict:
         "resumed_rows": sum(sum(c.values()) for c in finished.values()),
         "status_counts": {s: statuses.get(s, 0) for s in STATUSES},
         "error_reasons": dict(reasons.most_common(20)),
+        "model": config.model,
         "model_id": info.model_id,
         "encoder": info.encoder,
+        "score_scale": info.output_scale,
         "wall_time_s": round(wall, 3),
         "images_per_s": round(len(pending) / wall, 4) if wall > 0 else None,
         "driver_peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),

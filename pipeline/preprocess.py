@@ -328,6 +328,16 @@ class PreparedImage:
     height: int
     width: int
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays to ship between Ray stages."""
+        return {"rgb_small": self.rgb_small, "depth_input": self.depth_input.numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], height: int, width: int) -> PreparedImage:
+        """Rebuild from ``to_arrays`` output."""
+        return cls(rgb_small=arrays["rgb_small"], depth_input=torch.from_numpy(arrays["depth_input"]),
+                   height=height, width=width)
+
 
 def prepare_image(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig(),
                   size: tuple[int, int] | None = None) -> PreparedImage:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torchvision.ops import StochasticDepth
 
 from pipeline.models.depth_anything import build_depth_anything
 from pipeline.models.dgiqa import build_dgiqa
@@ -45,6 +46,33 @@ def write_random_depth_anything(path: Path, encoder: str = "vits", seed: int = 0
     state = build_depth_anything(encoder).state_dict()
     state["depth_head.scratch.output_conv2.2.bias"].fill_(0.5)
     return _save(state, path)
+
+
+def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
+    """Save a DP-IQA student checkpoint (a bare state dict, the authors' layout) with random weights.
+
+    With default initialisation and fresh BatchNorm statistics EfficientNet-B7's features all but vanish and
+    every image gets the same score; the running statistics are therefore set from two generated photos and
+    two noise images (one forward pass in training mode, stochastic depth off), which keeps the scores
+    different per image, as tests need.
+    """
+    from pipeline.models.dpiqa import INPUT_SIZE, build_dpiqa_student
+
+    torch.manual_seed(seed)
+    model = build_dpiqa_student()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average of the batches seen
+    rng = np.random.default_rng(seed)
+    photos = np.stack([synthetic_photo(INPUT_SIZE, INPUT_SIZE, seed=seed + i) for i in range(2)]
+                      + [rng.integers(0, 256, (INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8) for _ in range(2)])
+    model.train()
+    for module in model.modules():
+        if isinstance(module, StochasticDepth):
+            module.eval()  # every block on, as in inference, or the statistics would not fit the eval network
+    with torch.no_grad():
+        model(torch.from_numpy(photos).permute(0, 3, 1, 2).float().div(255))
+    return _save(model.eval().state_dict(), path)
 
 
 def synthetic_photo(height: int, width: int, seed: int = 0) -> np.ndarray:

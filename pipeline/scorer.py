@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.models import depth_anything as da
 from pipeline.models.dgiqa import build_dgiqa
 from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
+from pipeline.models.registry import get_scorer, resolve
 from pipeline.preprocess import (
     PreparedImage,
     PreprocessConfig,
@@ -38,8 +39,8 @@ class ScorerConfig:
     """What to load and how to score; cheap to build and to pickle.
 
     Attributes:
-        weights: URI of the DGIQA checkpoint.
-        depth_weights: URI of the Depth Anything checkpoint.
+        weights: URI of the scorer's checkpoint (DGIQA by default).
+        depth_weights: URI of the Depth Anything checkpoint (scorers that need depth: DGIQA).
         encoder: Depth Anything encoder, or ``auto`` to read it from the checkpoint's shapes.
         depth_version: ``v1`` (the published DGIQA pairing) or ``v2``.
         device: ``auto`` (CUDA when this process sees a GPU), ``cpu`` or ``cuda``.
@@ -52,10 +53,11 @@ class ScorerConfig:
         compile: Wrap both models in ``torch.compile`` (slow first batches; worth it for long runs on GPUs).
         preprocess: Resize, crop and safety limits.
         storage_options: fsspec options for reading the weights.
+        model: Registered scorer name (``pipeline.models.registry``): ``dgiqa`` or ``dpiqa-student``.
     """
 
     weights: str
-    depth_weights: str
+    depth_weights: str | None = None
     encoder: str = "auto"
     depth_version: str = "v1"
     device: str = "auto"
@@ -65,8 +67,12 @@ class ScorerConfig:
     compile: bool = False
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage_options: Mapping | None = None
+    model: str = "dgiqa"
 
     def __post_init__(self):
+        spec = get_scorer(self.model)
+        if spec.needs_depth and not self.depth_weights:
+            raise ValueError(f"--depth-weights is required for --model {self.model}")
         if self.encoder not in ENCODER_CHOICES:
             raise ValueError(f"encoder must be one of {', '.join(ENCODER_CHOICES)}, got {self.encoder!r}")
         if self.depth_version not in da.VERSIONS:
@@ -85,15 +91,16 @@ class ImageScore:
     """One image's result.
 
     Attributes:
-        score: Mean of the crop scores, in [0, 1].
-        score_std: Population standard deviation of the crop scores (how much the crops disagree).
-        num_crops: Crops averaged.
+        score: Mean of the crop scores, in [0, 1] (DGIQA); the raw output for single-pass scorers.
+        score_std: Population standard deviation of the crop scores (how much the crops disagree); ``None``
+            for scorers that make one pass over the whole image.
+        num_crops: Crops averaged (1 for single-pass scorers).
         width: Width of the decoded, EXIF-oriented image.
         height: Height of the decoded, EXIF-oriented image.
     """
 
     score: float
-    score_std: float
+    score_std: float | None
     num_crops: int
     width: int
     height: int
@@ -113,16 +120,19 @@ class ModelInfo:
     """Which weights a scorer runs: what ``model_id`` in every output row identifies.
 
     Attributes:
-        model_id: ``dgiqa@<sha256>+depth-anything-<version>-<encoder>@<sha256>``.
-        encoder: The Depth Anything encoder found in the checkpoint.
-        dgiqa_sha256: SHA-256 of the DGIQA weights file.
-        depth_sha256: SHA-256 of the Depth Anything weights file.
+        model_id: ``dgiqa@<sha256>+depth-anything-<version>-<encoder>@<sha256>`` for DGIQA,
+            ``<scorer>@<sha256>`` for scorers without a depth model.
+        encoder: The Depth Anything encoder found in the checkpoint (or the scorer's backbone).
+        dgiqa_sha256: SHA-256 of the scorer's weights file.
+        depth_sha256: SHA-256 of the Depth Anything weights file (empty without one).
+        output_scale: What the scores mean (from the scorer's registry entry).
     """
 
     model_id: str
     encoder: str
     dgiqa_sha256: str
-    depth_sha256: str
+    depth_sha256: str = ""
+    output_scale: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,12 +194,13 @@ def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn
     check(dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
     depth_model = depth.build(materialize)
     info = ModelInfo(model_id=f"dgiqa@{dgiqa_ckpt.sha256}+{depth.label}", encoder=depth.encoder,
-                     dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256)
+                     dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256,
+                     output_scale=get_scorer("dgiqa").output_scale)
     return info, dgiqa, depth_model
 
 
 def check_models(config: ScorerConfig) -> ModelInfo:
-    """Read and hash both checkpoints and check them against the architectures, without building the models.
+    """Read and hash the checkpoints and check them against the architectures, without building the models.
 
     A job calls this on its driver to fail before any work when weights are unusable, and to know the
     ``model_id`` it skips already-scored images by.
@@ -197,7 +208,23 @@ def check_models(config: ScorerConfig) -> ModelInfo:
     Raises:
         WeightsError: A checkpoint cannot be read or does not fit its model.
     """
-    return _load_models(config, materialize=False)[0]
+    if config.model == "dgiqa":
+        return _load_models(config, materialize=False)[0]
+    return resolve(get_scorer(config.model).runner).check(config)
+
+
+def make_scorer(config: ScorerConfig):
+    """The runner of ``config.model``, weights loaded: ``Scorer`` for DGIQA, the registry's class otherwise."""
+    return resolve(get_scorer(config.model).runner)(config)
+
+
+def prepare_item(data: bytes, config: ScorerConfig):
+    """The CPU-side preprocessing of ``config.model`` for one encoded image.
+
+    Raises:
+        ImageError: The bytes are not a scorable image.
+    """
+    return resolve(get_scorer(config.model).preprocessing)(data, config.preprocess)
 
 
 class Scorer:
@@ -210,6 +237,8 @@ class Scorer:
         WeightsError: A checkpoint cannot be read or does not fit its model.
         ValueError: The device cannot be used.
     """
+
+    prepared_type = PreparedImage
 
     def __init__(self, config: ScorerConfig):
         self.config = config

@@ -11,6 +11,7 @@ Columns travelling between stages: ``row_index`` and ``uri`` from the manifest, 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import random
 import time
@@ -22,12 +23,12 @@ import pyarrow as pa
 import torch
 
 from pipeline.output import STATUS_ERROR, STATUS_OK
-from pipeline.preprocess import ImageError, PreparedImage, PreprocessConfig, prepare_bytes
-from pipeline.scorer import Scorer, ScorerConfig
+from pipeline.preprocess import ImageError
+from pipeline.scorer import ScorerConfig, make_scorer, prepare_item
 
 logger = logging.getLogger(__name__)
 
-PREPARED_COLUMNS = ("rgb_small", "rgb_h", "rgb_w", "depth_input", "depth_h", "depth_w", "height", "width")
+PREPARED_COLUMNS = ("prepared", "height", "width")
 SCORE_COLUMNS = {
     "row_index": pa.int64(), "status": pa.string(), "error": pa.string(), "score": pa.float32(),
     "score_std": pa.float32(), "num_crops": pa.int32(), "width": pa.int32(), "height": pa.int32(),
@@ -108,40 +109,47 @@ def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempt
             .append_column("data", pa.array(data, pa.large_binary())))
 
 
-def prepare_batch(batch: pa.Table, config: PreprocessConfig) -> pa.Table:
-    """Decode each fetched image and do the model-independent preprocessing (CPU work, off the GPU actors)."""
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named arrays as one ``.npz`` blob (no pickling): how prepared images travel between Ray stages."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    """The arrays ``pack_arrays`` stored; object arrays are refused (``allow_pickle=False``)."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def prepare_batch(batch: pa.Table, config: ScorerConfig) -> pa.Table:
+    """Decode each fetched image and do the scorer's model-independent preprocessing (CPU work, off the GPUs).
+
+    What preprocessing means comes from ``config.model``'s registry entry; its result is shipped as one
+    ``prepared`` blob of named arrays plus the decoded image's size.
+    """
     statuses, errors = batch.column("status").to_pylist(), batch.column("error").to_pylist()
     columns: dict[str, list] = {name: [] for name in PREPARED_COLUMNS}
     for i, data in enumerate(batch.column("data").to_pylist()):
         prepared = None
         if statuses[i] == STATUS_OK:
             try:
-                prepared = prepare_bytes(data, config)
+                prepared = prepare_item(data, config)
             except ImageError as exc:
                 statuses[i], errors[i] = STATUS_ERROR, str(exc)
             except Exception as exc:  # noqa: BLE001 - one image's failure stays with that image
                 statuses[i], errors[i] = STATUS_ERROR, _describe(exc)
-        rgb, depth = (prepared.rgb_small, prepared.depth_input.numpy()) if prepared else (None, None)
-        columns["rgb_small"].append(rgb.tobytes() if prepared else None)
-        columns["rgb_h"].append(rgb.shape[0] if prepared else None)
-        columns["rgb_w"].append(rgb.shape[1] if prepared else None)
-        columns["depth_input"].append(depth.tobytes() if prepared else None)
-        columns["depth_h"].append(depth.shape[1] if prepared else None)
-        columns["depth_w"].append(depth.shape[2] if prepared else None)
+        columns["prepared"].append(pack_arrays(prepared.to_arrays()) if prepared else None)
         columns["height"].append(prepared.height if prepared else None)
         columns["width"].append(prepared.width if prepared else None)
-    types = {"rgb_small": pa.large_binary(), "depth_input": pa.large_binary()}
     out = {"row_index": batch.column("row_index"), "status": pa.array(statuses, pa.string()),
-           "error": pa.array(errors, pa.string())}
-    out.update({name: pa.array(values, types.get(name, pa.int32())) for name, values in columns.items()})
+           "error": pa.array(errors, pa.string()), "prepared": pa.array(columns["prepared"], pa.large_binary()),
+           "height": pa.array(columns["height"], pa.int32()), "width": pa.array(columns["width"], pa.int32())}
     return pa.table(out)
 
 
-def _unpack(row: dict) -> PreparedImage:
-    rgb = np.frombuffer(row["rgb_small"], np.uint8).reshape(row["rgb_h"], row["rgb_w"], 3)
-    depth = np.frombuffer(row["depth_input"], np.float32).reshape(3, row["depth_h"], row["depth_w"])
-    return PreparedImage(rgb_small=rgb, depth_input=torch.from_numpy(depth.copy()),
-                         height=row["height"], width=row["width"])
+def _unpack(row: dict, prepared_type: type):
+    return prepared_type.from_arrays(unpack_arrays(row["prepared"]), row["height"], row["width"])
 
 
 class ScoreActor:
@@ -156,7 +164,7 @@ class ScoreActor:
     def __init__(self, config: ScorerConfig, expected_model_id: str, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.scorer = Scorer(config)
+        self.scorer = make_scorer(config)
         if self.scorer.model_id != expected_model_id:
             raise RuntimeError(f"weights changed since the job started: expected {expected_model_id}, "
                                f"read {self.scorer.model_id}")
@@ -168,7 +176,7 @@ class ScoreActor:
         out = {name: [row.get(name) if name in ("row_index", "status", "error", "width", "height") else None
                       for row in rows] for name in SCORE_COLUMNS}
         todo = [i for i, row in enumerate(rows) if row["status"] == STATUS_OK]
-        prepared = [_unpack(rows[i]) for i in todo]
+        prepared = [_unpack(rows[i], self.scorer.prepared_type) for i in todo]
         try:
             results = self.scorer.score_prepared(prepared)
         except Exception:  # noqa: BLE001 - find the image that fails; the others keep their scores

@@ -12,7 +12,7 @@ import ray
 
 from pipeline.job import JobConfig, run_job
 from pipeline.output import RESULT_SCHEMA
-from pipeline.sample import write_random_dgiqa
+from pipeline.sample import write_random_dgiqa, write_random_dpiqa_student
 
 FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 0}
 
@@ -167,3 +167,19 @@ def test_cluster_without_gpus_scores_on_cpu_with_a_warning(caplog):
     assert "no GPUs" in caplog.text
     forced = JobConfig(manifest="m", output="o", weights="w", depth_weights="d", gpus_per_actor=0.5, actors=(2, 4))
     assert _cluster_plan(forced)[0] == 0.5 and _cluster_plan(forced)[2] == (2, 4)
+
+
+@pytest.mark.slow
+def test_the_dpiqa_student_runs_through_the_same_job(bucket, tmp_path):
+    student = write_random_dpiqa_student(tmp_path / "student.safetensors")
+    output = tmp_path / "out"
+    summary = run_job(JobConfig(manifest=str(bucket / "images"), output=str(output), weights=str(student),
+                                model="dpiqa-student", batch_size=2, log_every_s=0, run_date="2026-11-21"))
+    assert summary["model"] == "dpiqa-student" and "MOS" in summary["score_scale"]
+    assert summary["model_id"].startswith("dpiqa-student@")
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in _read(output).to_pylist()}
+    assert rows["corrupt.jpg"]["status"] == "error"
+    ok = [r for name, r in rows.items() if name != "corrupt.jpg"]
+    assert len(ok) == 3 and all(r["status"] == "ok" and r["num_crops"] == 1 and r["score_std"] is None
+                                and r["encoder"] == "efficientnet_b7" for r in ok)
+    assert len({r["score"] for r in ok}) == 3

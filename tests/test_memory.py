@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.job import JobConfig, run_job
 from pipeline.output import STATUS_OK
 from pipeline.resources import PeakRss
-from pipeline.stages import SCORE_COLUMNS
+from pipeline.stages import SCORE_COLUMNS, unpack_arrays
 
 N_IMAGES = 10_000
 OBJECT_STORE = 96 * 2**20
@@ -37,7 +37,7 @@ class BrightnessActor:
             ok = row["status"] == STATUS_OK
             for name in ("row_index", "status", "error", "width", "height"):
                 out[name].append(row[name])
-            out["score"].append(float(np.frombuffer(row["rgb_small"], np.uint8).mean() / 255) if ok else None)
+            out["score"].append(float(unpack_arrays(row["prepared"])["rgb_small"].mean() / 255) if ok else None)
             out["score_std"].append(0.0 if ok else None)
             out["num_crops"].append(self.config.preprocess.num_crops if ok else None)
         return pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.preprocess import decode_image, prepare_image
+from pipeline.preprocess import PreparedImage, decode_image, prepare_image
 from pipeline.stages import ScoreActor, _unpack, fetch_batch, prepare_batch
 from tests.conftest import FAST
 
@@ -32,13 +32,13 @@ def test_fetch_keeps_rows_and_reports_missing_objects(files):
     assert data[3] is None  # a rejected row is never read
 
 
-def test_prepare_round_trips_the_arrays(files):
-    out = prepare_batch(fetch_batch(_batch(files)), FAST)
+def test_prepare_round_trips_the_arrays(files, fast_scorer):
+    out = prepare_batch(fetch_batch(_batch(files)), fast_scorer.config)
     assert out.column("status").to_pylist() == ["ok", "error", "error", "ok"]
     assert "truncated or corrupt" in out.column("error")[2].as_py()
     row = out.slice(0, 1).to_pylist()[0]
     expected = prepare_image(decode_image(open(files[0].removeprefix("file://"), "rb").read(), FAST), FAST)
-    got = _unpack(row)
+    got = _unpack(row, PreparedImage)
     assert np.array_equal(got.rgb_small, expected.rgb_small)
     assert np.array_equal(got.depth_input.numpy(), expected.depth_input.numpy())
     assert (got.height, got.width) == (expected.height, expected.width)
@@ -46,7 +46,7 @@ def test_prepare_round_trips_the_arrays(files):
 
 def test_actor_scores_equal_the_cli_scorer(files, fast_scorer):
     actor = ScoreActor(fast_scorer.config, fast_scorer.model_id)
-    out = actor(prepare_batch(fetch_batch(_batch(files)), FAST))
+    out = actor(prepare_batch(fetch_batch(_batch(files)), fast_scorer.config))
     assert out.num_rows == 4 and out.column("status").to_pylist() == ["ok", "error", "error", "ok"]
     for i in (0, 3):
         expected = fast_scorer.score_bytes(open(files[i].removeprefix("file://"), "rb").read())

@@ -1,1 +1,1 @@
-"""Plain PyTorch models, apart from any pipeline stage: DGIQA and the Depth Anything depth estimator."""
+"""Plain PyTorch models, apart from any pipeline stage, and the registry of scorers built from them."""

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.registry import ScorerSpec
+
 SWIN_VARIANT = "swin_tiny_patch4_window7_224"
 CROP_SIZE = 224
 STAGE_CHANNELS = (96, 192, 384, 768)
@@ -193,3 +195,15 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
 def build_dgiqa() -> DGIQA:
     """Build the published DGIQA architecture with random weights, in eval mode."""
     return DGIQA().eval()
+
+
+SCORER = ScorerSpec(
+    name="dgiqa",
+    summary="DGIQA (Ramesh et al.): Swin-T RGB and depth branches, mean of random 224 px crops",
+    builder="pipeline.models.dgiqa:build_dgiqa",
+    filter_fn="pipeline.models.dgiqa:checkpoint_filter_fn",
+    preprocessing="pipeline.preprocess:prepare_bytes",
+    runner="pipeline.scorer:Scorer",
+    output_scale="[0, 1] from a sigmoid, higher is better (the training set's MOS scaled to [0, 1])",
+    needs_depth=True,
+)
