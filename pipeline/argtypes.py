@@ -7,15 +7,19 @@ import datetime as dt
 import json
 
 
-def positive_int(text: str) -> int:
-    """An integer of at least 1."""
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def json_object(text: str) -> dict:
@@ -61,13 +65,7 @@ def comma_list(text: str) -> list[str]:
 
 def non_negative_int(text: str) -> int:
     """An integer of 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {value}")
-    return value
+    return _int_at_least(text, 0, "an integer of 0 or more")
 
 
 def iso_date(text: str) -> str:

@@ -18,17 +18,16 @@ one-line reason, so a bad file becomes an error row instead of stopping a run.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from pipeline.models.dpiqa import INPUT_SIZE
-from pipeline.preprocess import ImageError, PreprocessConfig, check_size
+from pipeline.preprocess import ImageError, PreprocessConfig, check_size, open_image
 from pipeline.single_pass import PreparedPixels
 
 
@@ -75,23 +74,7 @@ def _reason(exc: Exception) -> str:
 
 
 def _open_rgb(data: bytes, config: DpiqaPreprocessConfig) -> Image.Image:
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Our own max_pixels limit decides; Pillow's bomb error still stops absurd headers at open.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageError(f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"image refused: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
-        raise ImageError(f"truncated or corrupt image data: {_reason(exc)}") from None
-    width, height = image.size
-    if width * height > config.max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                         f"{config.max_pixels} (max_pixels)")
+    image = open_image(data, config.max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -150,7 +150,15 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
-def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndarray, int, int]:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open encoded bytes with Pillow, reading only the header; refuse what must not be decoded.
+
+    Every scorer's decoding starts here, so all refuse the same images with the same messages.
+
+    Raises:
+        ImageError: Empty or unrecognised data, a header Pillow cannot parse, or more than ``max_pixels``
+            pixels (checked before any pixel is decoded, so a decompression bomb never allocates its size).
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -164,9 +172,15 @@ def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndar
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
         raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
     width, height = im.size
-    if width * height > config.max_pixels:
+    if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                         f"{config.max_pixels} (max_pixels)")
+                         f"{max_pixels} (max_pixels)")
+    return im
+
+
+def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndarray, int, int]:
+    im = open_image(data, config.max_pixels)
+    width, height = im.size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
