@@ -42,6 +42,14 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def dpiqa_student(tmp_path_factory) -> Path:
+    """Random DP-IQA student weights (written once: EfficientNet-B7 is large)."""
+    from pipeline.sample import write_random_dpiqa_student
+
+    return write_random_dpiqa_student(tmp_path_factory.mktemp("dpiqa") / "student.safetensors")
+
+
+@pytest.fixture(scope="session")
 def fast_scorer(checkpoints) -> Scorer:
     return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
                                device="cpu", preprocess=FAST))

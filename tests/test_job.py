@@ -12,7 +12,7 @@ import ray
 
 from pipeline.job import JobConfig, run_job
 from pipeline.output import RESULT_SCHEMA
-from pipeline.sample import write_random_dgiqa, write_random_dpiqa_student
+from pipeline.sample import write_random_dgiqa
 
 FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 0}
 
@@ -170,8 +170,8 @@ def test_cluster_without_gpus_scores_on_cpu_with_a_warning(caplog):
 
 
 @pytest.mark.slow
-def test_the_dpiqa_student_runs_through_the_same_job(bucket, tmp_path):
-    student = write_random_dpiqa_student(tmp_path / "student.safetensors")
+def test_the_dpiqa_student_runs_through_the_same_job(bucket, tmp_path, dpiqa_student):
+    student = dpiqa_student
     output = tmp_path / "out"
     summary = run_job(JobConfig(manifest=str(bucket / "images"), output=str(output), weights=str(student),
                                 model="dpiqa-student", batch_size=2, log_every_s=0, run_date="2026-11-21"))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.cli import main as dgiqa
 from pipeline.models.dpiqa import build_dpiqa_student
-from pipeline.sample import write_random_dgiqa, write_random_dpiqa_student
+from pipeline.sample import write_random_dgiqa
 from pipeline.scorer import ScorerConfig, check_models, make_scorer
 from pipeline.single_pass import PreparedPixels, SinglePassScorer
 from pipeline.stages import ScoreActor, fetch_batch, prepare_batch
@@ -18,8 +18,8 @@ from pipeline.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return write_random_dpiqa_student(tmp_path_factory.mktemp("dpiqa") / "student.safetensors")
+def student(dpiqa_student):
+    return dpiqa_student
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def scorer(student):
 def _authors_inference(model: torch.nn.Module, path) -> float:
     """What the authors' script computes: Pillow RGB, Pillow bilinear 512x512, /255, one forward."""
     image = Image.open(path).convert("RGB").resize((512, 512), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(255)[None]
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)[None]
     with torch.inference_mode():
         return float(model(x).reshape(-1)[0])
 
