@@ -13,27 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import fsspec
-
-from pipeline import evaluate, report
+from pipeline import evaluate, report, train
 from pipeline.allowlist import redact_uri
 from pipeline.argtypes import comma_list, float_pair, json_object, positive_int
 from pipeline.models.registry import scorer_names
 from pipeline.preprocess import ImageError, PreprocessConfig
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, ScorerConfig, make_scorer
+from pipeline.stages import read_image_bytes
 
 EXIT_IMAGE_FAILED = 1
 EXIT_USAGE = 2
-
-
-def _read(uri: str, storage_options: dict) -> bytes:
-    try:
-        with fsspec.open(uri, "rb", **storage_options) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ImageError(f"no such file or object: {uri}") from None
-    except IsADirectoryError:
-        raise ImageError(f"{uri} is a folder, not an image") from None
 
 
 def _score_command(args: argparse.Namespace) -> int:
@@ -54,7 +43,7 @@ def _score_command(args: argparse.Namespace) -> int:
         row = {"uri": uri, "score": None, "score_std": None, "num_crops": None, "width": None, "height": None,
                "status": "ok", "error": None, "model_id": scorer.model_id}
         try:
-            result = scorer.score_bytes(_read(uri, args.storage_options))
+            result = scorer.score_bytes(read_image_bytes(uri, args.storage_options))
             row.update(score=result.score, score_std=result.score_std, num_crops=result.num_crops,
                        width=result.width, height=result.height)
         except ImageError as exc:
@@ -167,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filter_parser(commands)
     report.register(commands)
     evaluate.register(commands)
+    train.register(commands)
 
     sample = commands.add_parser("make-sample", help="write generated photos and random weights to try dgiqa with")
     sample.add_argument("folder")

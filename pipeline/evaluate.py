@@ -31,7 +31,7 @@ import pyarrow.csv as pacsv
 
 from pipeline.allowlist import RejectedURI, normalize_uri
 from pipeline.argtypes import json_object, non_negative_int, positive_int
-from pipeline.labels import LAYOUTS, Labels, read_labels
+from pipeline.labels import Labels, add_label_arguments, read_labels
 from pipeline.metrics import (
     METRIC_LABELS,
     METRICS,
@@ -428,19 +428,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "evaluate", help="compare scores with human opinion scores (SROCC, PLCC, KROCC, RMSE)",
         description="Join a dataset's opinion scores with a model's scores on URI and report SROCC, PLCC (raw and "
                     "after the VQEG logistic mapping), KROCC and RMSE with bootstrap confidence intervals.")
-    ev.add_argument("labels", metavar="LABELS", help="label file (live-challenge: the dataset folder), path or URI")
-    ev.add_argument("--layout", choices=LAYOUTS, default="generic",
-                    help="koniq (koniq10k_scores_and_distributions.csv), kadid (dmos.csv), live-challenge "
-                         "(Data/*.mat), spaq (xlsx or csv), generic (uri + label columns; default)")
-    ev.add_argument("--images-prefix", metavar="URI",
-                    help="folder or URI prefix the dataset's image names are joined onto (needed for koniq, kadid, "
-                         "spaq; live-challenge defaults to the dataset's Images/)")
-    ev.add_argument("--label-column", help="label column (koniq: MOS_zscore or MOS; generic: default mos)")
-    ev.add_argument("--uri-column", default="uri", help="generic layout: the column of image URIs (uri)")
-    ev.add_argument("--lower-is-better", action="store_true",
-                    help="generic layout: labels are DMOS-like (correlations then use the negated labels)")
-    ev.add_argument("--keep-training-images", action="store_true",
-                    help="live-challenge: keep the 7 training images t1..t7 (left out by custom)")
+    add_label_arguments(ev, "generic layout: labels are DMOS-like (correlations then use the negated labels)")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--scores", metavar="OUTPUT_URI", help="a scoring job's output root to read scores from")
     source.add_argument("--weights", help="score the labelled images now with this DGIQA checkpoint")

@@ -83,6 +83,22 @@ def read_object(uri: str, storage_options: Mapping | None = None, attempts: int 
     raise AssertionError("unreachable")
 
 
+def read_image_bytes(uri: str, storage_options: Mapping | None = None, attempts: int = 4) -> bytes:
+    """``read_object`` for one image outside the job (CLI, training): failures become ``ImageError``.
+
+    Raises:
+        ImageError: Missing, a folder, or unreadable after the retries, with the reason in one line.
+    """
+    try:
+        return read_object(uri, storage_options, attempts)
+    except FileNotFoundError:
+        raise ImageError(f"no such file or object: {uri}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{uri} is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {uri}: {exc}") from None
+
+
 def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempts: int = 4) -> pa.Table:
     """Read each row's object into a ``data`` column; a failed read is an error row.
 

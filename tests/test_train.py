@@ -1,0 +1,492 @@
+"""Fine-tuning DGIQA with Ray Train on a small synthetic-distortion set cut from real photographs (CPU).
+
+One run is shared by the module: the job script is started as a subprocess, SIGKILLed once its first epoch is
+committed, and run again to the end (small depth input, frozen backbones, one crop per held-out image).
+
+The set: eight photographs (each a different scene), each distorted by one of blur, noise or JPEG at a level
+0..3 and labelled ``1 - level / 3``, and each cut three times with windows 16 px apart. The windows of one scene
+are near-duplicates, so the held-out images are mostly scenes the model has seen at the same distortion: what
+the test can learn in a few CPU epochs is to fit the labels, and the held-out SROCC measures that fit through the
+whole pipeline (labels -> targets -> crops -> steps -> checkpoints -> inference protocol). Generalising to unseen
+scenes needs far more steps than a CPU test affords.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+from PIL import Image, ImageFilter
+
+from pipeline.labels import LabelError, Labels, read_labels
+from pipeline.metrics import srocc
+from pipeline.models.dgiqa import build_dgiqa
+from pipeline.preprocess import PreprocessConfig
+from pipeline.scorer import Scorer, ScorerConfig
+from pipeline.train import (
+    TrainConfig,
+    WorkerPlan,
+    _train_epoch,
+    build_initial_model,
+    config_from_args,
+    dgiqa_loss,
+    make_optimizer,
+    run_command,
+    run_training,
+)
+from pipeline.train_data import LabelMap, epoch_order, label_map_for, split_indices
+from pipeline.weights import WeightsError
+from tests.conftest import SKIMAGE_DATA, read_layout
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "train_dgiqa.py"
+SCENES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg",
+          "hubble_deep_field.jpg", "ihc.png"]
+KINDS = ("blur", "noise", "jpeg")
+LEVELS = 3
+SHIFTS = (0, 16, 32)
+DEPTH_INPUT = 70
+EPOCHS = 4
+
+
+def _distort(image: Image.Image, kind: str, level: int, seed: int) -> Image.Image:
+    if level == 0:
+        return image
+    if kind == "blur":
+        return image.filter(ImageFilter.GaussianBlur(1.0 * level))
+    if kind == "noise":
+        noisy = np.asarray(image, float) + np.random.default_rng(seed).normal(0, 12 * level, (240, 320, 3))
+        return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=(40, 15, 5)[level - 1])
+    return Image.open(buffer).convert("RGB")
+
+
+def write_distortion_set(folder: Path) -> Path:
+    """Images and a generic CSV (uri,mos) with one corrupt and one missing image; returns the CSV."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    rows = ["uri,mos"]
+    for k, name in enumerate(SCENES):
+        photo = Image.open(SKIMAGE_DATA / name).convert("RGB")
+        width, height = photo.size
+        crop_w = int(min(width, height * 4 / 3) * 0.8)
+        crop_h = crop_w * 3 // 4
+        x0, y0 = (width - crop_w - SHIFTS[-1]) // 2, (height - crop_h - SHIFTS[-1]) // 2
+        kind, level = KINDS[k % len(KINDS)], k % (LEVELS + 1)
+        for shift in SHIFTS:
+            window = photo.crop((x0 + shift, y0 + shift, x0 + shift + crop_w, y0 + shift + crop_h))
+            distorted = _distort(window.resize((320, 240), Image.BICUBIC), kind, level, seed=k)
+            path = images / f"{Path(name).stem}_{shift}_{kind}{level}.png"
+            distorted.save(path)
+            rows.append(f"images/{path.name},{1 - level / LEVELS}")
+    (images / "corrupt.png").write_bytes((images / path.name).read_bytes()[:300])
+    rows += ["images/corrupt.png,0.5", "images/missing.png,0.5"]
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+# Ray Train polls its workers every 2 s and starts a preemption watcher; a test needs neither.
+FAST_RAY_TRAIN = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):
+    """Ray on this machine, started after the S3 server so its workers inherit the test credentials."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in FAST_RAY_TRAIN.items():
+            patch.setenv(key, value)
+        # 4 logical CPUs on 2 cores: the resumed run's worker need not wait for Ray to reap the killed run's.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_distortion_set(tmp_path_factory.mktemp("distortions"))
+
+
+def _job_args(dataset: Path, checkpoints, output: Path, *extra: str) -> list[str]:
+    """The shared run: random DGIQA weights, frozen backbones, a small depth input, 1 crop per held-out image.
+
+    lambda 0 halves the cost of a step here; the consistency term is tested on its own. BatchNorm stays on its
+    running statistics: with 4 crops a step, train-mode statistics make the held-out ranking swing by epoch.
+    """
+    return [str(dataset), "--images-prefix", str(dataset.parent), "--output", str(output),
+            "--init", f"dgiqa:{checkpoints['dgiqa']}", "--depth-weights", str(checkpoints["depth"]),
+            "--depth-input-size", str(DEPTH_INPUT), "--epochs", str(EPOCHS), "--batch-size", "4",
+            "--consistency-weight", "0", "--val-crops", "1", "--val-fraction", "0.3", "--seed", "0",
+            "--freeze-backbones", "--freeze-bn", "--loader-workers", "0",
+            "--ray-storage", str(output.parent / "ray_runs"), *extra]
+
+
+def _config(*args) -> TrainConfig:
+    from jobs.train_dgiqa import build_parser
+
+    return config_from_args(build_parser().parse_args(_job_args(*args)))
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    summary: dict
+    output: Path
+    committed: dict  # the training state the killed attempt had committed
+    maps: dict[Path, int]  # the depth maps and their modification times after the killed attempt
+
+
+@pytest.fixture(scope="module")
+def trained(local_ray, dataset, checkpoints, tmp_path_factory) -> Run:
+    """The job script as a subprocess, SIGKILLed once epoch 1 is committed, then the same command to the end."""
+    from jobs.train_dgiqa import main
+
+    output = tmp_path_factory.mktemp("run") / "out"
+    args = _job_args(dataset, checkpoints, output)
+    env = {**os.environ, "RAY_ADDRESS": local_ray, "PYTHONPATH": str(REPO)}
+    killed = subprocess.Popen([sys.executable, str(JOB), *args], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (output / "last.pth").exists():
+        assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # the job script's driver; Ray ends the workers of a dead driver
+    killed.wait(timeout=60)
+    committed = torch.load(output / "train_state.pt", weights_only=True)
+    maps = {p: p.stat().st_mtime_ns for p in (dataset.parent / "depth_cache").rglob("*.png")}
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(args) == 0  # in this process, joined to the same Ray
+    return Run(_config(dataset, checkpoints, output), json.loads(printed.getvalue()), output, committed, maps)
+
+
+def _metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def _held_out(config: TrainConfig) -> tuple[list[str], list[float]]:
+    labels = read_labels(config.labels.path, "generic", config.labels.images_prefix)
+    uris, targets = labels.table.column("uri").to_pylist(), labels.table.column("label").to_pylist()
+    _, val = split_indices(len(uris), config.recipe.val_fraction, config.recipe.seed)
+    kept = [i for i in val if Path(uris[i]).exists() and "corrupt" not in uris[i]]
+    return [uris[i] for i in kept], [targets[i] for i in kept]
+
+
+def test_a_killed_run_resumes_after_its_last_finished_epoch(trained):
+    assert trained.committed["epoch"] == 1 and [r["epoch"] for r in trained.committed["history"]] == [0, 1]
+    log = _metrics(trained.output)
+    assert [r["epoch"] for r in log] == list(range(EPOCHS + 1))
+    for before, after in zip(trained.committed["history"], log, strict=False):
+        assert {k: v for k, v in after.items() if k != "label_map"} == before  # epochs 0, 1: not run again
+    split = trained.summary["splits"][0]
+    assert split["resumed_after_epoch"] == 1 and split["epochs_done"] == EPOCHS and split["trained_now"]
+    state = torch.load(trained.output / "train_state.pt", weights_only=True)
+    assert state["epoch"] == EPOCHS and state["scheduler"]["last_epoch"] == EPOCHS
+    assert [r["epoch"] for r in state["history"]] == list(range(EPOCHS + 1))
+
+
+def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_images(trained, checkpoints):
+    log = _metrics(trained.output)
+    assert log[0]["train_loss"] is None and log[0]["label_map"]["rule"].startswith("generic mos: min-max")
+    losses = [r["train_loss"] for r in log[1:]]
+    assert losses[-1] < losses[0], losses
+    assert [r["lr"] for r in log[1:]] == sorted((r["lr"] for r in log[1:]), reverse=True)  # cosine
+    split = trained.summary["splits"][0]
+    assert split["train_images"] + split["val_images"] == 24 and split["val_images"] >= 6
+    # After the cosine has cooled down, not at a lucky epoch: the last epoch ranks the held-out images well.
+    assert split["last"]["val_srocc"] > max(0.5, split["baseline"]["val_srocc"] + 0.5), log
+    assert split["best"]["val_srocc"] >= split["last"]["val_srocc"]
+
+    # The held-out images scored by the product's own scorer (inference protocol, depth model run afresh): best.pth
+    # ranks them exactly as the training log says.
+    val_uris, targets = _held_out(trained.config)
+    fast = PreprocessConfig(num_crops=1, depth_lower_bound=DEPTH_INPUT)
+    scorer = Scorer(ScorerConfig(weights=str(trained.output / "best.pth"), depth_weights=str(checkpoints["depth"]),
+                                 device="cpu", preprocess=fast))
+    scores = [scorer.score_bytes(Path(uri).read_bytes()).score for uri in val_uris]
+    assert len(scores) == split["val_images"]
+    assert srocc(scores, targets) == pytest.approx(split["best"]["val_srocc"], abs=1e-6)
+
+
+def test_checkpoints_are_published_layout_state_dicts_that_dgiqa_score_loads(trained, checkpoints, capsys):
+    from pipeline.cli import main
+
+    output = trained.output
+    best = torch.load(output / "best.pth", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in best.items()} == {k: shape for k, (shape, _) in read_layout("dgiqa").items()}
+    sidecar = json.loads((output / "best.json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256((output / "best.pth").read_bytes()).hexdigest()
+    assert sidecar["epoch"] == trained.summary["splits"][0]["best"]["epoch"]
+    assert sidecar["label_map"]["lo"] == 0 and sidecar["label_map"]["hi"] == 1
+    assert sidecar["init"]["kind"] == "dgiqa" and sidecar["depth_model"].startswith("depth-anything-v1-vits@")
+    assert json.loads((output / "last.json").read_text())["epoch"] == EPOCHS
+    image = next((Path(trained.summary["labels"]).parent / "images").glob("astronaut_0_*.png"))
+    capsys.readouterr()
+    assert main(["score", str(image), "--weights", str(output / "best.pth"), "--depth-weights",
+                 str(checkpoints["depth"]), "--crops", "1", "--device", "cpu", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["status"] == "ok" and 0 < row["score"] < 1
+
+
+def test_unreadable_images_are_skipped_and_counted(trained):
+    assert trained.summary["images"] == {"labelled": 26, "usable": 24, "skipped": 2,
+                                         "skipped_reasons": {"corrupt": 1, "missing": 1}}
+
+
+def test_depth_maps_are_computed_once_and_reused_by_reruns(trained):
+    assert len(trained.maps) == 24  # written by the killed attempt
+    resumed = trained.summary["depth_cache"]
+    assert resumed["computed"] == 0 and resumed["reused"] == 24 and resumed["depth_forward_passes"] == 0
+    assert Path(resumed["folder"]).is_relative_to(Path(trained.config.labels.path).parent / "depth_cache")
+
+    again = run_training(trained.config)  # every epoch done: nothing to train, no map to compute
+    assert again["depth_cache"]["computed"] == 0 and again["depth_cache"]["depth_forward_passes"] == 0
+    assert {p: p.stat().st_mtime_ns for p in trained.maps} == trained.maps
+    assert again["splits"][0]["trained_now"] is False and again["splits"][0]["resumed_after_epoch"] == EPOCHS
+    assert again["splits"][0]["best"] == trained.summary["splits"][0]["best"]
+
+
+def test_an_output_holding_other_settings_is_refused(trained, dataset, checkpoints):
+    with pytest.raises(ValueError, match=r"other settings \(changed: recipe.lr\)"):
+        run_training(_config(dataset, checkpoints, trained.output, "--lr", "1e-3"))
+
+
+def test_a_step_scores_mirrored_crops_and_leaves_frozen_backbones_alone(trained):
+    from dataclasses import replace
+
+    from pipeline.train_data import DepthCache, DepthMapper
+
+    config = trained.config
+    recipe = replace(config.recipe, consistency_weight=0.1, batch_size=2)
+    uris, targets = _held_out(config)
+    cache = DepthCache(config.cache_root, trained.summary["depth_model"], recipe.preprocess())
+    found = DepthMapper(weights=None, cache=cache).run(uris[:2])  # cached: no depth model needed
+    assert [r["status"] for r in found] == ["cached", "cached"]
+    items = [(r["uri"], t, r["depth_path"]) for r, t in zip(found, targets, strict=False)]
+    model = build_dgiqa()
+    model.load_state_dict(torch.load(trained.output / "last.pth", weights_only=True))
+    optimizer, _ = make_optimizer(model, recipe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = WorkerPlan(folder="unused", split=0, recipe=recipe, train_items=items, val_items=[], label_map={},
+                      settings={}, sidecar={}, resources=config.resources)
+    result = _train_epoch(model, model, optimizer, plan, epoch=1, rank=0, world=1, device=torch.device("cpu"))
+    assert result["train_crops"] == 2 and result["train_consistency"] > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("backbone.", "depth_backbone.")))
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_swin_init_loads_an_imagenet_classifier_into_both_branches(tmp_path, checkpoints):
+    import timm
+
+    torch.manual_seed(3)
+    classifier = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    path = tmp_path / "swin_tiny.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    model, info = build_initial_model(f"swin:{path}")
+    assert info["dropped_keys"] == ["head.fc.bias", "head.fc.weight", "norm.bias", "norm.weight"]
+    source = classifier.state_dict()
+    for branch in (model.backbone, model.depth_backbone):
+        for key, value in branch.state_dict().items():
+            assert torch.equal(value, source[key.replace("layers_", "layers.", 1)]), key
+    assert build_initial_model(f"swin:{path}", materialize=False)[1]["sha256"] == info["sha256"]
+
+    with pytest.raises(WeightsError, match=r"Swin-T backbone .* does not fit the model: 169 missing keys: "
+                                           r".*unexpected keys: .*backbone\.layers_0"):
+        build_initial_model(f"swin:{checkpoints['dgiqa']}", materialize=False)
+    with pytest.raises(WeightsError, match="DGIQA .* does not fit the model"):
+        build_initial_model(f"dgiqa:{path}", materialize=False)
+
+
+def _labels(layout: str, column: str, values, higher_is_better=True) -> Labels:
+    table = pa.table({"uri": [f"/x/{i}.jpg" for i in range(len(values))], "label": pa.array(values, pa.float64())})
+    return Labels(table, higher_is_better, "labels.csv", layout, column)
+
+
+@pytest.mark.parametrize(("layout", "column", "values", "lo", "hi"), [
+    ("koniq", "MOS_zscore", [3.0, 50.0, 88.4], 0, 100),
+    ("koniq", "MOS", [1.1, 3.0, 4.3], 1, 5),
+    ("kadid", "dmos", [1.0, 2.5, 5.0], 1, 5),
+    ("live-challenge", "AllMOS_release", [3.4, 92.4, 40.0], 0, 100),
+    ("spaq", "MOS", [0.0, 55.5, 98.0], 0, 100),
+    ("generic", "mos", [2.0, 7.0, 4.0], 2, 7),
+])
+def test_label_maps_follow_the_layout_and_round_trip(layout, column, values, lo, hi):
+    label_map = label_map_for(_labels(layout, column, values))
+    assert (label_map.lo, label_map.hi) == (lo, hi)
+    targets = label_map.normalize(values)
+    assert np.all((targets >= 0) & (targets <= 1))
+    assert np.allclose(label_map.denormalize(targets), values)
+    assert LabelMap.from_dict(json.loads(json.dumps(label_map.to_dict()))) == label_map
+
+
+def test_label_maps_flip_lower_is_better_and_take_an_explicit_range():
+    dmos = label_map_for(_labels("generic", "dmos", [10.0, 30.0, 20.0], higher_is_better=False))
+    assert np.allclose(dmos.normalize([10.0, 30.0, 20.0]), [1.0, 0.0, 0.5])
+    assert np.allclose(dmos.denormalize([1.0, 0.0, 0.5]), [10.0, 30.0, 20.0])
+    fixed = label_map_for(_labels("generic", "mos", [2.0, 3.0]), label_range=(0.0, 10.0))
+    assert np.allclose(fixed.normalize([2.0, 3.0]), [0.2, 0.3]) and fixed.rule.startswith("--label-range")
+    with pytest.raises(LabelError, match="outside the range 0..100"):
+        label_map_for(_labels("koniq", "MOS_zscore", [3.0, 120.0]))
+    with pytest.raises(LabelError, match="nothing to learn"):
+        label_map_for(_labels("generic", "mos", [4.0, 4.0, 4.0]))
+
+
+def test_training_crops_cut_image_and_depth_map_at_the_same_place_and_flip_both():
+    from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.train_data import random_crop_pair
+
+    rng = np.random.default_rng(0)
+    height, width = 240, 250
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[..., 0] = np.arange(height)[:, None]  # red: the row, blue: the column, green: noise
+    rgb[..., 2] = np.arange(width)[None, :]
+    rgb[..., 1] = rng.integers(0, 256, (height, width))
+    depth = rgb[..., 1].copy()  # a map equal to the green channel: any misalignment or lone flip shows
+    flips, corners = set(), set()
+    for _ in range(40):
+        image, gray = random_crop_pair(rgb, depth, 224, rng)
+        assert image.shape == gray.shape == (3, 224, 224)
+        pixels = [(image[c] * IMAGENET_STD[c] + IMAGENET_MEAN[c]) * 255 for c in range(3)]
+        rows, green, cols = (p.round().numpy().astype(int) for p in pixels)
+        for channel in range(3):
+            mapped = (gray[channel] * IMAGENET_STD[channel] + IMAGENET_MEAN[channel]) * 255
+            assert np.array_equal(mapped.round().numpy().astype(int), green)
+        y, x = rows.min(), cols.min()
+        flip_v, flip_h = rows[0, 0] > rows[-1, 0], cols[0, 0] > cols[0, -1]
+        window = depth[y:y + 224, x:x + 224][::-1 if flip_v else 1, ::-1 if flip_h else 1]
+        assert np.array_equal(green, window)
+        flips.add((flip_h, flip_v))
+        corners.add((y, x))
+    assert flips == {(False, False), (False, True), (True, False), (True, True)} and len(corners) > 20
+
+
+def test_consistency_loss_compares_a_crop_with_its_mirror_and_epochs_split_evenly():
+    pred, mirrored, target = torch.tensor([0.2, 0.8]), torch.tensor([0.4, 0.8]), torch.tensor([0.0, 1.0])
+    total, mse, consistency = dgiqa_loss(pred, mirrored, target, 0.5)
+    assert mse.item() == pytest.approx((0.04 + 0.04) / 2) and consistency.item() == pytest.approx(0.04 / 2)
+    assert total.item() == pytest.approx(mse.item() + 0.5 * consistency.item())
+    assert dgiqa_loss(pred, None, target, 0.0)[2].item() == 0
+    shares = [epoch_order(7, 2, (0, 0, 1), rank, 3) for rank in range(3)]
+    seen = np.bincount(sum(shares, []), minlength=7)
+    assert {len(s) for s in shares} == {5} and sorted(seen) == [2] * 6 + [3]  # one entry repeats as padding
+    assert epoch_order(7, 2, (0, 0, 1), 0, 3) == shares[0] != epoch_order(7, 2, (0, 0, 2), 0, 3)
+    train, val = split_indices(10, 0.3, seed=4)
+    assert len(val) == 3 and sorted([*train, *val]) == list(range(10))
+    assert np.array_equal(split_indices(10, 0.3, seed=4)[1], val)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--init", "imagenet"], "--init must be dgiqa:URI, swin:URI or random"),
+    (["--init", "random", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--init", "random", "--label-range", "5,1"], "--label-range needs LO < HI"),
+    (["--init", "random", "--layout", "koniq"], "needs an images prefix"),
+    (["--init", "dgiqa:/nonexistent/dgiqa.pth"], "no weights at /nonexistent/dgiqa.pth"),
+    (["--init", "random", "--labels-file"], "unrecognized arguments: --labels-file"),
+    (["--init", "random", "--layout", "generic", "--label-column", "score"], "has no column 'score'"),
+])
+def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, checkpoints, capsys, extra, message):
+    from jobs.train_dgiqa import main
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("uri,mos\n" + "".join(f"{i}.png,{i}\n" for i in range(20)))
+    argv = [str(labels), "--output", str(tmp_path / "out"), "--depth-weights", str(checkpoints["depth"]), *extra]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
+    assert not (tmp_path / "out").exists()
+
+
+def test_dgiqa_train_has_the_documented_defaults():
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "labels.csv", "--output", "out", "--init", "random", "--depth-weights", "d"])
+    assert args.run is run_command
+    config = config_from_args(args)
+    assert config.recipe.lr == 1e-4 and config.recipe.epochs == 20 and config.recipe.batch_size == 16
+    assert config.recipe.consistency_weight == 0.1 and config.recipe.val_crops == 20
+    assert config.recipe.val_fraction == 0.2 and config.splits == 1 and config.cache_root == "depth_cache"
+    dgiqa_init = config_from_args(parser.parse_args(["train", "l.csv", "--output", "o", "--init", "dgiqa:w.pth",
+                                                     "--depth-weights", "d"]))
+    assert dgiqa_init.recipe.lr == 2e-5
+    live = config_from_args(parser.parse_args(["train", "s3://b/ChallengeDB_release/", "--layout", "live-challenge",
+                                               "--output", "o", "--init", "random", "--depth-weights", "d"]))
+    assert live.cache_root == "s3://b/ChallengeDB_release/depth_cache"
+    assert config_from_args(parser.parse_args(["train", "s3://b/koniq/koniq10k_scores.csv", "--output", "o",
+                                               "--init", "random", "--depth-weights", "d"])).cache_root == \
+        "s3://b/koniq/depth_cache"
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for option in ("--freeze-backbones", "--consistency-weight", "--splits", "--workers", "--gpus", "--label-range",
+                   "--depth-cache", "--lower-is-better"):
+        assert option in help_text
+
+
+def test_two_workers_repeated_splits_and_everything_on_s3(local_ray, dataset, checkpoints, s3, capsys):
+    """Labels, images, depth cache and output in a bucket; 2 DDP workers; the paper's repeated random splits.
+
+    12 of the images (4 scenes, one per distortion level) keep the two Ray Train runs short.
+    """
+    from jobs.train_dgiqa import main
+    from pipeline.cli import main as dgiqa
+
+    fs, options = s3
+    fs.mkdir("ratings")
+    rows = dataset.read_text().splitlines()[:13]
+    for row in rows[1:]:
+        fs.put(str(dataset.parent / row.split(",")[0]), f"ratings/set/{row.split(',')[0]}")
+    fs.pipe("ratings/set/labels.csv", "\n".join(rows).encode())
+    out = "s3://ratings/runs/trial"
+    args = [
+        "s3://ratings/set/labels.csv", "--images-prefix", "s3://ratings/set", "--output", out,
+        "--storage-options", json.dumps(options), "--init", f"dgiqa:{checkpoints['dgiqa']}",
+        "--depth-weights", str(checkpoints["depth"]), "--depth-input-size", str(DEPTH_INPUT), "--epochs", "1",
+        "--batch-size", "4", "--consistency-weight", "0", "--val-crops", "1", "--val-fraction", "0.3",
+        "--freeze-backbones", "--freeze-bn", "--loader-workers", "0", "--workers", "2", "--cpus-per-worker", "1",
+        "--depth-actors", "2", "--splits", "2", "--seed", "5", "--no-baseline",
+    ]
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+
+    assert summary["images"]["usable"] == 12 and summary["depth_cache"]["computed"] == 12
+    assert len(fs.ls(summary["depth_cache"]["folder"])) == 12
+    splits = summary["splits"]
+    assert [s["seed"] for s in splits] == [5, 6] and [s["folder"] for s in splits] == [f"{out}/split_0",
+                                                                                          f"{out}/split_1"]
+    held_out = []
+    for split in splits:
+        log = [json.loads(line) for line in fs.cat(f"{split['folder']}/metrics.jsonl").decode().splitlines()]
+        assert [r["epoch"] for r in log] == [1] and log[0]["val_images"] == split["val_images"] == 4
+        # Two workers share the epoch's 8 crops and score the held-out images between them.
+        assert split["train_images"] == 8 and log[0]["train_crops"] == 8
+        held_out.append(split["best"]["val_srocc"])
+        assert json.loads(fs.cat(f"{split['folder']}/best.json"))["split_seed"] == split["seed"]
+    assert summary["median_best_val_srocc"] == pytest.approx(float(np.median(held_out)))
+    assert json.loads(fs.cat(f"{out}/summary.json"))["median_best_val_srocc"] == summary["median_best_val_srocc"]
+
+    image = f"s3://ratings/set/{rows[1].split(',')[0]}"
+    assert dgiqa(["score", image, "--weights", f"{out}/split_1/best.pth", "--depth-weights",
+                  str(checkpoints["depth"]), "--crops", "1", "--device", "cpu", "--json",
+                  "--storage-options", json.dumps(options)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "ok"
