@@ -99,20 +99,23 @@ def write_distortion_set(folder: Path) -> Path:
 
 
 # Ray Train polls its workers every 2 s and starts a preemption watcher; a test needs neither.
-FAST_RAY_TRAIN = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+FAST_RAY_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
-    """Ray on this machine, started after the S3 server so its workers inherit the test credentials."""
+    """Ray on this machine, started after the S3 server so its workers inherit the test credentials.
+
+    Ray's default (token) authentication, as the other modules' in-process clusters use: a process keeps the
+    mode of its first cluster, and a cluster started in another mode cannot reach the driver.
+    """
     with pytest.MonkeyPatch.context() as patch:
         for key, value in FAST_RAY_TRAIN.items():
             patch.setenv(key, value)
-        # 4 logical CPUs on 2 cores: the resumed run's worker need not wait for Ray to reap the killed run's.
+        # 4 logical CPUs on 2 cores: two workers and two depth actors fit at once.
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
-        yield ray.get_runtime_context().gcs_address
+        yield
         ray.shutdown()
 
 
@@ -152,12 +155,13 @@ class Run:
 
 @pytest.fixture(scope="module")
 def trained(local_ray, dataset, checkpoints, tmp_path_factory) -> Run:
-    """The job script as a subprocess, SIGKILLed once epoch 1 is committed, then the same command to the end."""
+    """The job script as a subprocess with its own local Ray, SIGKILLed with that Ray once epoch 1 is committed
+    (a lost driver and cluster), then the same command to the end on the test's Ray."""
     from jobs.train_dgiqa import main
 
     output = tmp_path_factory.mktemp("run") / "out"
     args = _job_args(dataset, checkpoints, output)
-    env = {**os.environ, "RAY_ADDRESS": local_ray, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **FAST_RAY_TRAIN, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
     killed = subprocess.Popen([sys.executable, str(JOB), *args], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -165,7 +169,7 @@ def trained(local_ray, dataset, checkpoints, tmp_path_factory) -> Run:
         assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no epoch finished in time"
         time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)  # the job script's driver; Ray ends the workers of a dead driver
+    os.killpg(killed.pid, signal.SIGKILL)  # the job script's driver and the Ray it started
     killed.wait(timeout=60)
     committed = torch.load(output / "train_state.pt", weights_only=True)
     maps = {p: p.stat().st_mtime_ns for p in (dataset.parent / "depth_cache").rglob("*.png")}
