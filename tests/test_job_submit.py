@@ -74,3 +74,28 @@ def test_ray_job_submit_scores_full_size_images_from_s3(ray_head, s3, checkpoint
     assert secret not in log
     for path in fs.find("library/scores"):
         assert secret.encode() not in fs.cat(path)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_fine_tunes_with_ray_train(ray_head, checkpoints, tmp_path):
+    """``jobs/train_dgiqa.py`` submitted for real: Ray Train's workers import ``pipeline`` from the working dir."""
+    from tests.test_train import write_distortion_set
+
+    address, env = ray_head
+    labels = write_distortion_set(tmp_path / "ratings")
+    labels.write_text("\n".join(labels.read_text().splitlines()[:13]) + "\n")  # 12 images, 4 levels
+    output = tmp_path / "run"
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "jobs/train_dgiqa.py", str(labels), "--images-prefix", str(labels.parent), "--output",
+         str(output), "--init", f"dgiqa:{checkpoints['dgiqa']}", "--depth-weights", str(checkpoints["depth"]),
+         "--depth-input-size", "70", "--epochs", "1", "--batch-size", "4", "--consistency-weight", "0",
+         "--val-crops", "1", "--val-fraction", "0.3", "--freeze-backbones", "--freeze-bn", "--loader-workers", "0",
+         "--cpus-per-worker", "1", "--no-baseline"],
+        env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "succeeded" in log and '"epochs_done": 1' in log
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in metrics] == [1] and metrics[0]["train_crops"] == 8
+    assert (output / "best.pth").stat().st_size > 0 and (labels.parent / "depth_cache").is_dir()
