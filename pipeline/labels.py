@@ -373,4 +373,3 @@ def add_label_arguments(group, lower_is_better_help: str) -> None:
     group.add_argument("--lower-is-better", action="store_true", help=lower_is_better_help)
     group.add_argument("--keep-training-images", action="store_true",
                        help="live-challenge: keep the 7 training images t1..t7 (left out by custom)")
-

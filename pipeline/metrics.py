@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from xml.sax.saxutils import escape
 
@@ -240,14 +240,15 @@ class MetricsResult:
         """Plain JSON-ready values (non-finite numbers become None)."""
         out = asdict(self)
         out["mapping"]["converged"] = self.mapping.converged
-        return _finite_or_none(out)
+        return finite_or_none(out)
 
 
-def _finite_or_none(value):
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+def finite_or_none(value):
+    """``value`` with every non-finite float, at any depth, replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -438,7 +439,7 @@ class Separation:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values."""
-        return _finite_or_none(asdict(self))
+        return finite_or_none(asdict(self))
 
 
 def density_separation(high_scores: Sequence[float] | np.ndarray,

@@ -78,7 +78,8 @@ def extra_column_names(extras: pa.Schema) -> dict[str, str]:
     return dict(zip(extras.names, schema.names[len(RESULT_SCHEMA):], strict=True))
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether an fsspec file system is the local disk (renames are atomic, files can be memory-mapped)."""
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return proto in ("file", "local")
 
@@ -90,7 +91,7 @@ def write_parquet_atomically(fs: fsspec.AbstractFileSystem, path: str, table: pa
     object visible only when its upload completes.
     """
     target = path
-    if _is_local(fs):
+    if is_local(fs):
         target = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
         with fs.open(target, "wb") as f:

@@ -74,8 +74,9 @@ from torch import nn
 
 from pipeline.argtypes import float_pair, json_object, non_negative_int, positive_int
 from pipeline.labels import add_label_arguments, read_labels
-from pipeline.metrics import plcc, srocc
+from pipeline.metrics import finite_or_none, plcc, srocc
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
+from pipeline.output import is_local
 from pipeline.preprocess import PreprocessConfig
 from pipeline.scorer import ENCODER_CHOICES, read_depth_weights
 from pipeline.train_data import (
@@ -87,7 +88,6 @@ from pipeline.train_data import (
     atomic_write,
     dumps,
     epoch_order,
-    is_local,
     label_map_for,
     precompute_depth,
     split_indices,
@@ -425,23 +425,13 @@ class RunStore:
 
     def write_json(self, name: str, obj: Mapping) -> None:
         """A JSON file of the run (NaN written as null)."""
-        atomic_write(self.uri(name), (json.dumps(_json_safe(obj), indent=2, sort_keys=True) + "\n").encode(),
+        atomic_write(self.uri(name), (json.dumps(finite_or_none(obj), indent=2, sort_keys=True) + "\n").encode(),
                      self.storage_options)
 
     def write_metrics(self, history: Sequence[Mapping], label_map: Mapping) -> None:
         """Rewrite ``metrics.jsonl`` from the history: one line per epoch, never a duplicate."""
         text = "".join(dumps({**record, "label_map": label_map}) + "\n" for record in history)
         atomic_write(self.uri(METRICS_FILE), text.encode(), self.storage_options)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 @dataclass(frozen=True)
@@ -855,7 +845,7 @@ def run_training(config: TrainConfig) -> dict:
         "wall_time_s": round(time.monotonic() - started, 3),
     }
     RunStore(config.output, options).write_json(SUMMARY_FILE, summary)
-    return _json_safe(summary)
+    return finite_or_none(summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -37,6 +37,8 @@ import torch
 from PIL import Image
 
 from pipeline.labels import LIVE_MOS, LabelError, Labels
+from pipeline.metrics import finite_or_none
+from pipeline.output import is_local
 from pipeline.preprocess import (
     ImageError,
     PreprocessConfig,
@@ -199,11 +201,6 @@ def write_png(path: str, gray: np.ndarray, storage_options: Mapping | None = Non
     buffer = io.BytesIO()
     Image.fromarray(gray).save(buffer, "PNG")
     atomic_write(path, buffer.getvalue(), storage_options)
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether an fsspec file system is the local disk (renames are atomic, files can be memory-mapped)."""
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def atomic_write(path: str, data: bytes, storage_options: Mapping | None = None) -> None:
@@ -523,4 +520,4 @@ def failure_reason(message: str) -> str:
 
 def dumps(record: Mapping) -> str:
     """One JSON line; NaN becomes null (JSON has no NaN)."""
-    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
+    return json.dumps(finite_or_none(record))
