@@ -22,6 +22,7 @@ from pipeline.allowlist import redact_uri  # noqa: E402
 from pipeline.argtypes import int_range, json_object, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
+from pipeline.models.attention import ATTENTION_MODES  # noqa: E402
 from pipeline.models.registry import get_scorer, scorer_names  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
 from pipeline.scorer import ENCODER_CHOICES, PRECISIONS  # noqa: E402
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                    help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, see README)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models in each actor")
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
+                   help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
     p.add_argument("--draft-decode", action="store_true",
                    help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see README)")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
@@ -100,7 +103,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
         max_pixels=args.max_pixels, shard_rows=args.shard_rows, precision=args.precision, compile=args.compile,
-        draft_decode=args.draft_decode, model=args.model)
+        attention=args.attention, draft_decode=args.draft_decode, model=args.model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import evaluate, report, train
 from pipeline.allowlist import redact_uri
 from pipeline.argtypes import comma_list, float_pair, json_object, positive_int
+from pipeline.models.attention import ATTENTION_MODES
 from pipeline.models.registry import scorer_names
 from pipeline.preprocess import ImageError, PreprocessConfig
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, ScorerConfig, make_scorer
@@ -35,6 +36,7 @@ def _score_command(args: argparse.Namespace) -> int:
         preprocess=PreprocessConfig(num_crops=args.crops, max_pixels=args.max_pixels, draft=args.draft_decode),
         storage_options=args.storage_options,
         precision=args.precision,
+        attention=args.attention,
         model=args.model,
     )
     scorer = make_scorer(config)
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse images with more pixels than this (%(default)s)")
     score.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                        help="fp32 (the published numbers) or bf16/fp16 autocast (faster, scores move slightly)")
+    score.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
+                       help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
     score.add_argument("--draft-decode", action="store_true",
                        help="decode large JPEGs at reduced scale (faster; scores move slightly)")
     score.add_argument("--storage-options", type=json_object, default={},

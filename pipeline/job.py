@@ -73,6 +73,7 @@ class JobConfig:
     shard_rows: int = 1000
     precision: str = "fp32"
     compile: bool = False
+    attention: str = "sdpa"  # rounding-level like compile, so neither enters the run key
     draft_decode: bool = False
     model: str = "dgiqa"
     actor_class: type | None = None  # the scoring actor; None -> pipeline.stages.ScoreActor (tests swap it)
@@ -95,7 +96,7 @@ class JobConfig:
         return ScorerConfig(
             weights=self.weights, depth_weights=self.depth_weights, encoder=self.encoder,
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
-            precision=self.precision, compile=self.compile, model=self.model,
+            precision=self.precision, compile=self.compile, attention=self.attention, model=self.model,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_lower_bound=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 

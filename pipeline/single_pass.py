@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.models.attention import set_attention
 from pipeline.models.registry import ScorerSpec, get_scorer, resolve
 from pipeline.scorer import PRECISIONS, ImageScore, ModelInfo, ScorerConfig, resolve_device
 from pipeline.weights import check_fits, load_strict, read_checkpoint
@@ -69,6 +70,7 @@ class SinglePassScorer:
         load_strict(self.model, ckpt.state_dict, f"{self.spec.name} (--weights {ckpt.path})",
                     resolve(self.spec.filter_fn))
         self.model.eval().to(self.device)
+        set_attention(self.model, config.attention)  # a no-op for the EfficientNet student; kept for later models
         self.info = _info(self.spec, ckpt.sha256)
         self.model_id = self.info.model_id
         self.encoder = self.info.encoder

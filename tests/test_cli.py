@@ -53,6 +53,11 @@ def test_score_plain_output_and_exit_code_zero(checkpoints, images):
     assert proc.returncode == 0, proc.stderr
     uri, score = proc.stdout.strip().split("\t")
     assert uri == images["good"] and 0 < float(score) < 1
+    # The published explicit attention products instead of the fused kernel: the same score to rounding.
+    math = _run("score", images["good"], "--weights", str(checkpoints["dgiqa"]), "--attention", "math",
+                "--depth-weights", str(checkpoints["depth"]), "--crops", "1", "--encoder", "vits")
+    assert math.returncode == 0, math.stderr
+    assert abs(float(math.stdout.strip().split("\t")[1]) - float(score)) <= 1e-5
 
 
 @pytest.mark.parametrize(("args", "message"), [

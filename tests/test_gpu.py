@@ -17,7 +17,8 @@ TOLERANCE = {"fp32": 2e-3, "bf16": 2e-2}
 @pytest.fixture(scope="module")
 def cpu_reference(checkpoints):
     return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
-                               device="cpu", preprocess=PreprocessConfig(num_crops=4, reference=True)))
+                               device="cpu", attention="math",
+                               preprocess=PreprocessConfig(num_crops=4, reference=True)))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -47,6 +47,17 @@ def _job(checkpoints, manifest, output, **kw) -> JobConfig:
     return JobConfig(manifest=str(manifest), output=str(output), **{**weights, **FAST_JOB, **kw})
 
 
+def test_every_actor_gets_the_jobs_model_options():
+    config = JobConfig(manifest="m.csv", output="out", weights="w.pth", depth_weights="d.pth", crops=3,
+                       precision="bf16", attention="math", draft_decode=True, max_pixels=1000)
+    scorer = config.scorer_config()
+    assert (scorer.precision, scorer.attention, scorer.compile) == ("bf16", "math", False)
+    assert (scorer.preprocess.num_crops, scorer.preprocess.draft, scorer.preprocess.max_pixels) == (3, True, 1000)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        JobConfig(manifest="m.csv", output="out", weights="w.pth", depth_weights="d.pth",
+                  attention="flash").scorer_config()
+
+
 def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, bucket, tmp_path):
     outside = tmp_path / "elsewhere.jpg"
     outside.write_bytes((bucket / "images" / "coffee.png").read_bytes())

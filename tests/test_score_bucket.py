@@ -21,7 +21,8 @@ def test_help_lists_the_options_users_expect():
     assert proc.returncode == 0
     for flag in ("--manifest", "--output", "--weights", "--depth-weights", "--encoder", "--crops", "--actors",
                  "--gpus-per-actor", "--batch-size", "--run-date", "--incremental", "--full", "--allow-prefix",
-                 "--storage-options", "--limit", "--demo", "--precision", "--compile", "--draft-decode"):
+                 "--storage-options", "--limit", "--demo", "--precision", "--compile", "--attention",
+                 "--draft-decode"):
         assert flag in proc.stdout, flag
 
 
@@ -32,6 +33,7 @@ def test_help_lists_the_options_users_expect():
     (["--limit", "0"], "expected a positive integer"),
     (["--incremental", "--full"], "not allowed with argument"),
     (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--attention", "flash"], "invalid choice: 'flash'"),
 ])
 def test_bad_arguments_are_one_line(args, message):
     proc = _run(*args)

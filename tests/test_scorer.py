@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.preprocess import ImageError, PreprocessConfig, decode_image
 from pipeline.sample import synthetic_photo
-from pipeline.scorer import Scorer, ScorerConfig, check_models
+from pipeline.scorer import Scorer, ScorerConfig, check_models, prepare_item
 from pipeline.weights import WeightsError
 from tests.conftest import FAST
 
@@ -102,6 +102,8 @@ def test_wrong_weights_fail_at_load_with_clear_errors(checkpoints):
 def test_config_validation():
     with pytest.raises(ValueError, match="encoder must be one of"):
         ScorerConfig(weights="a", depth_weights="b", encoder="vitg")
+    with pytest.raises(ValueError, match="attention must be one of sdpa, math"):
+        ScorerConfig(weights="a", depth_weights="b", attention="xformers")
     with pytest.raises(ValueError, match="num_crops must be at least 1"):
         PreprocessConfig(num_crops=0)
 
@@ -128,10 +130,12 @@ def _jpeg_bytes(h: int, w: int, seed: int) -> bytes:
 
 @pytest.mark.slow
 def test_fast_path_equals_the_reference_path_within_2e_3(checkpoints):
-    """Default (float32, one-channel depth map) vs reference (published float64 intermediates), full sizes."""
+    """Default (float32, one-channel depth map, fused attention) vs reference (published float64 intermediates
+    and explicit attention products), full sizes."""
     def scorer(reference: bool) -> Scorer:
         return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
-                                   device="cpu", preprocess=PreprocessConfig(num_crops=2, reference=reference)))
+                                   device="cpu", attention="math" if reference else "sdpa",
+                                   preprocess=PreprocessConfig(num_crops=2, reference=reference)))
 
     fast, reference = scorer(False), scorer(True)
     worst = 0.0
@@ -157,6 +161,29 @@ def test_draft_decode_of_a_12_mp_jpeg_stays_within_2e_3(checkpoints):
     delta = abs(full.score - drafted.score)
     assert 0 < delta <= 2e-3
     print(f"\ndraft vs full decode, 12 MP: |delta score| = {delta:.2e}")
+
+
+def test_fused_and_explicit_attention_give_the_same_scores(checkpoints, photo_paths):
+    """``--attention`` changes the kernel, not the numbers: the published explicit products (math) and the
+    fused kernel (sdpa, the default) agree to float32 rounding on whole images."""
+    def scorer(attention: str) -> Scorer:
+        return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                   device="cpu", attention=attention, preprocess=FAST))
+
+    sdpa, math = scorer("sdpa"), scorer("math")
+    assert all(m.fused_attn for m in sdpa.depth_model.modules() if hasattr(m, "fused_attn"))
+    assert not any(m.fused_attn for m in math.dgiqa.modules() if hasattr(m, "fused_attn"))
+    deltas, map_levels = [], []
+    for path in photo_paths[:3]:
+        data = path.read_bytes()
+        deltas.append(abs(sdpa.score_bytes(data).score - math.score_bytes(data).score))
+        prepared = [prepare_item(data, sdpa.config)]
+        a, b = sdpa.depth_maps(prepared)[0], math.depth_maps(prepared)[0]
+        map_levels.append(int(np.abs(a.astype(int) - b.astype(int)).max()))
+    assert max(deltas) <= 1e-5
+    assert max(map_levels) <= 1  # uint8 depth maps: at most a rounding level apart
+    print(f"\nsdpa vs math attention: max |delta score| = {max(deltas):.1e}, depth maps within {max(map_levels)} "
+          "level(s)")
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_fp32(checkpoints, photo_paths):

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from pipeline.models.attention import set_attention
+
 PATCH_SIZE = 14
 PRETRAIN_GRID = 37  # 518 / 14: the grid the position embeddings were trained on
 POS_EMBED_OFFSET = 0.1
@@ -236,6 +238,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def build_depth_anything(encoder: str = "vits", version: str = "v1") -> DepthAnything:
-    """Build Depth Anything with random weights, in eval mode."""
-    return DepthAnything(encoder, version).eval()
+    """Build Depth Anything with random weights, in eval mode, attention in the fused kernel."""
+    model = DepthAnything(encoder, version).eval()
+    set_attention(model, "sdpa")  # explicit: timm's default follows the TIMM_FUSED_ATTN environment variable
+    return model
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.models.attention import set_attention
 from pipeline.models.registry import ScorerSpec
 
 SWIN_VARIANT = "swin_tiny_patch4_window7_224"
@@ -76,11 +77,17 @@ class SpatialAttentionBlock(nn.Module):
         num_heads: Attention heads.
         dropout: Dropout after attention and MLP (inactive in eval mode).
         suffix: Appended to every parameter name: ``""`` for cross attention, ``"_spatial"`` for refinement.
+
+    Attributes:
+        fused_attn: Compute attention with ``scaled_dot_product_attention`` (``nn.MultiheadAttention`` does when
+            no weights are asked for) rather than the published way, which asks for the weights and so forms
+            the full attention matrix; see ``pipeline.models.attention``.
     """
 
     def __init__(self, dim: int, num_heads: int = 16, dropout: float = 0.1, suffix: str = ""):
         super().__init__()
         self._suffix = suffix
+        self.fused_attn = True
         self.add_module(f"multihead_attn{suffix}", nn.MultiheadAttention(dim, num_heads, dropout=dropout))
         self.add_module(f"norm1{suffix}", nn.LayerNorm(dim))
         self.add_module(f"norm2{suffix}", nn.LayerNorm(dim))
@@ -95,7 +102,7 @@ class SpatialAttentionBlock(nn.Module):
         n, c, h, w = query_map.shape
         query = query_map.flatten(2).permute(2, 0, 1)  # (H*W, N, C), sequence first as nn.MultiheadAttention wants
         key_value = query if key_value_map is None else key_value_map.flatten(2).permute(2, 0, 1)
-        attended, _ = self._part("multihead_attn")(query, key_value, key_value, need_weights=False)
+        attended, _ = self._part("multihead_attn")(query, key_value, key_value, need_weights=not self.fused_attn)
         x = self._part("norm1")(query + self.dropout(attended))
         x = self._part("norm2")(x + self.dropout(self._part("fc")(x)))
         return x.permute(1, 2, 0).reshape(n, c, h, w)
@@ -193,8 +200,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def build_dgiqa() -> DGIQA:
-    """Build the published DGIQA architecture with random weights, in eval mode."""
-    return DGIQA().eval()
+    """Build the published DGIQA architecture with random weights, in eval mode, attention in the fused kernel."""
+    model = DGIQA().eval()
+    set_attention(model, "sdpa")  # timm keeps Swin's fused window attention off unless told
+    return model
 
 
 SCORER = ScorerSpec(
