@@ -2,7 +2,8 @@
 
 One image at a time, models loaded once, fp32, full-resolution OpenCV decode, float64 depth input, the depth
 map upsampled to full resolution as three channels and resized back down, all crops of the image in one
-forward pass. This is what a user gets by running the published script in a loop.
+forward pass, attention written out as explicit matrix products (the caller passes models set to ``math``, see
+``pipeline.models.attention``). This is what a user gets by running the published script in a loop.
 """
 
 from __future__ import annotations

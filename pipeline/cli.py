@@ -37,6 +37,7 @@ def _score_command(args: argparse.Namespace) -> int:
         storage_options=args.storage_options,
         precision=args.precision,
         attention=args.attention,
+        compile=args.compile,
         model=args.model,
     )
     scorer = make_scorer(config)
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refuse images with more pixels than this (%(default)s)")
     score.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                        help="fp32 (the published numbers) or bf16/fp16 autocast (faster, scores move slightly)")
+    score.add_argument("--compile", action="store_true",
+                       help="torch.compile both models (pays off over many images of a few sizes)")
     score.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
                        help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
     score.add_argument("--draft-decode", action="store_true",
