@@ -101,3 +101,33 @@ def test_depth_anything_modes_run_their_own_kernels_and_agree(depth, sdpa_calls)
     fused = _run(depth, "sdpa", x)
     assert len(sdpa_calls) == 12
     torch.testing.assert_close(fused, math, rtol=FEATURE_RTOL, atol=FEATURE_RTOL * math.abs().max().item())
+
+
+@pytest.mark.slow
+def test_training_gradients_agree_between_modes():
+    """Fine-tuning runs on the fused kernel too (the builders choose it): its gradients, the relative position
+    biases the Swin kernel takes as a mask included, are those of the explicit products."""
+    torch.manual_seed(3)
+    model = build_dgiqa().train()
+    for module in model.modules():  # no randomness, so the two passes see the same network
+        if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout2d)):
+            module.p = 0.0
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    rgb, depth_crops = torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224)
+    grads = {}
+    for mode in ATTENTION_MODES:
+        set_attention(model, mode)
+        model.zero_grad()
+        model(rgb, depth_crops).sum().backward()
+        grads[mode] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["sdpa"].keys() == grads["math"].keys()
+    assert any("relative_position_bias_table" in name for name in grads["sdpa"])
+    # Biases followed by BatchNorm get gradients of about 1e-9, rounding noise in either mode: left out.
+    compared = {name: (g, grads["sdpa"][name]) for name, g in grads["math"].items() if g.norm() > 1e-6}
+    assert len(compared) > 300
+    worst = max(((s - m).norm() / m.norm()).item() for m, s in compared.values())
+    assert worst <= 1e-3
+    print(f"\ntraining gradients, sdpa vs math: worst relative difference {worst:.1e}")
