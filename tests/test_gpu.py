@@ -1,4 +1,7 @@
-"""The same parity checks on a GPU, in fp32 and bf16. Skipped, with the reason printed, where no CUDA device is."""
+"""The same parity checks on a GPU, in fp32 (fused and explicit attention) and bf16.
+
+Skipped, with the reason printed, where no CUDA device is.
+"""
 
 import pytest
 import torch
@@ -21,14 +24,15 @@ def cpu_reference(checkpoints):
                                preprocess=PreprocessConfig(num_crops=4, reference=True)))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_scores_match_the_cpu_reference(cpu_reference, checkpoints, photo_paths, precision):
+@pytest.mark.parametrize(("precision", "attention"), [("fp32", "sdpa"), ("fp32", "math"), ("bf16", "sdpa")])
+def test_gpu_scores_match_the_cpu_reference(cpu_reference, checkpoints, photo_paths, precision, attention):
     gpu = Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
-                              device="cuda", precision=precision, preprocess=PreprocessConfig(num_crops=4)))
+                              device="cuda", precision=precision, attention=attention,
+                              preprocess=PreprocessConfig(num_crops=4)))
     assert gpu.device.type == "cuda"
     deltas = []
     for path in photo_paths[:3]:
         data = path.read_bytes()
         deltas.append(abs(gpu.score_bytes(data).score - cpu_reference.score_bytes(data).score))
     assert max(deltas) <= TOLERANCE[precision], deltas
-    print(f"\nGPU {precision} vs CPU reference: max |delta score| = {max(deltas):.2e}")
+    print(f"\nGPU {precision}, {attention} attention vs CPU reference: max |delta score| = {max(deltas):.2e}")
