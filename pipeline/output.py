@@ -23,11 +23,12 @@ Readers (pyarrow, DuckDB globs on ``*.parquet``, Spark) skip names starting with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import fsspec
 import pyarrow as pa
@@ -84,24 +85,31 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return proto in ("file", "local")
 
 
-def write_parquet_atomically(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write a Parquet file that readers see whole or not at all.
+@contextlib.contextmanager
+def atomic_target(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """The name to write ``path`` under so that readers see the old file or the new one, never a part.
 
-    On a local disk the file is written under a hidden temporary name and renamed; an object store makes the
-    object visible only when its upload completes.
+    An object store makes an object visible only when its upload completes, so there it is ``path`` itself. On
+    a local disk it is a hidden, unique sibling, renamed over ``path`` when the block succeeds and removed when
+    it fails; readers of the folder (pyarrow datasets included) skip hidden names.
     """
     target = path
     if is_local(fs):
         target = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
-        with fs.open(target, "wb") as f:
-            pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+        yield target
     except BaseException:
         if target != path and fs.exists(target):
             fs.rm(target)
         raise
     if target != path:
         fs.mv(target, path)
+
+
+def write_parquet_atomically(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write a Parquet file that readers see whole or not at all (see ``atomic_target``)."""
+    with atomic_target(fs, path) as target, fs.open(target, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd")
 
 
 class RunOutput:

@@ -76,7 +76,7 @@ from pipeline.argtypes import float_pair, json_object, non_negative_int, positiv
 from pipeline.labels import add_label_arguments, read_labels
 from pipeline.metrics import finite_or_none, plcc, srocc
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
-from pipeline.output import is_local
+from pipeline.output import atomic_target, is_local
 from pipeline.preprocess import PreprocessConfig
 from pipeline.scorer import ENCODER_CHOICES, read_depth_weights
 from pipeline.train_data import (
@@ -408,11 +408,8 @@ class RunStore:
         """``<which>.pth`` as a copy of ``<source>.pth`` (a server-side copy on object stores), and its sidecar."""
         fs, src = fsspec.core.url_to_fs(self.uri(f"{source}.pth"), **(self.storage_options or {}))
         _, dst = fsspec.core.url_to_fs(self.uri(f"{which}.pth"), **(self.storage_options or {}))
-        if is_local(fs):
-            fs.copy(src, f"{dst}.tmp")
-            fs.mv(f"{dst}.tmp", dst)
-        else:
-            fs.copy(src, dst)
+        with atomic_target(fs, dst) as target:
+            fs.copy(src, target)
         self.write_json(f"{which}.json", {**sidecar, "weights": self.uri(f"{which}.pth"), "sha256": sha256})
 
     def read_json(self, name: str) -> dict:

@@ -38,7 +38,7 @@ from PIL import Image
 
 from pipeline.labels import LIVE_MOS, LabelError, Labels
 from pipeline.metrics import finite_or_none
-from pipeline.output import is_local
+from pipeline.output import atomic_target
 from pipeline.preprocess import (
     ImageError,
     PreprocessConfig,
@@ -206,16 +206,13 @@ def write_png(path: str, gray: np.ndarray, storage_options: Mapping | None = Non
 def atomic_write(path: str, data: bytes, storage_options: Mapping | None = None) -> None:
     """Write bytes so that readers see the old file or the new one, never a part.
 
-    Object stores replace an object in one request; on a file system the bytes go to a temporary name first.
+    Object stores replace an object in one request; on a file system the bytes go to a temporary name first
+    (``output.atomic_target``).
     """
     fs, local = fsspec.core.url_to_fs(path, **(storage_options or {}))
     fs.makedirs(posixpath.dirname(local), exist_ok=True)
-    if is_local(fs):
-        tmp = f"{local}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, local)
-    else:
-        fs.pipe_file(local, data)
+    with atomic_target(fs, local) as target:
+        fs.pipe_file(target, data)
 
 
 def read_png(path: str, storage_options: Mapping | None = None) -> np.ndarray:

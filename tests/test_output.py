@@ -1,5 +1,6 @@
 import datetime as dt
 import json
+import posixpath
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -9,6 +10,7 @@ import pytest
 from pipeline.output import (
     RESULT_SCHEMA,
     RunOutput,
+    atomic_target,
     done_keys,
     extra_column_names,
     output_schema,
@@ -112,3 +114,21 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     with pytest.raises(AttributeError):
         write_parquet_atomically(fs, str(tmp_path / "b.parquet"), "not a table")
     assert [p.name for p in tmp_path.iterdir()] == ["a.parquet"]
+
+
+def test_atomic_target_replaces_whole_files_or_keeps_the_old_one(tmp_path):
+    """The one write-then-rename step behind shards, part files, training checkpoints and the depth cache."""
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "best.pth")
+    fs.pipe_file(path, b"old")
+    with pytest.raises(OSError, match="disk full"), atomic_target(fs, path) as target:
+        assert target != path and posixpath.basename(target).startswith(".tmp-")
+        fs.pipe_file(target, b"half a fi")
+        raise OSError("disk full")
+    assert fs.cat_file(path) == b"old" and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+    with atomic_target(fs, path) as target:
+        fs.pipe_file(target, b"new")
+        assert fs.cat_file(path) == b"old"  # readers still see the old file until the block ends
+    assert fs.cat_file(path) == b"new" and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
