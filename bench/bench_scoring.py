@@ -212,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             variant_pre = variant_scorer.config.preprocess
             variant_peak = peak
             if device.type == "cpu" and not args.peak_tflops:
-                dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-                variant_peak = cpu_peaks.setdefault(precision, _measured_peak_tflops(dtype))
+                if precision not in cpu_peaks:  # measured once per precision, not every round
+                    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+                    cpu_peaks[precision] = _measured_peak_tflops(dtype)
+                variant_peak = cpu_peaks[precision]
 
             def run_scorer(variant_scorer=variant_scorer, variant_pre=variant_pre, images=paths):
                 out = []
