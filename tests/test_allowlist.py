@@ -190,3 +190,36 @@ def test_redact_uri_hides_credentials():
 @pytest.mark.parametrize("uri", ["s3://bucket/k", "s3://bucket/a@b.jpg", "file:///data/lib/a.jpg", "/data/x.jpg"])
 def test_redact_uri_leaves_uris_without_credentials_alone(uri):
     assert redact_uri(uri) == uri
+
+
+# Every URI the tests above name, plus canonical ones on both sides of the prefixes and near misses.
+BULK_URIS = [
+    "s3://bucket/photos/a.jpg", "S3://bucket/photos/a.jpg", "s3a://bucket/photos/a.jpg", "s3://bucket2/x.jpg",
+    "s3://bucket/photos/./x.jpg", "s3://bucket/photos/..", "s3://bucket/photos/.hidden/a.jpg",
+    "s3://bucket/photos/a..b.jpg", "s3://bucket/photos/%2e%2e/x.jpg", "s3://bucket/photos/..%2fother/x.jpg",
+    "s3://bucket/photos/a.jpg?versionId=1", "s3://bucket/photos/a.jpg#x", "s3:///photos/a.jpg",
+    "s3://user:pw@bucket/photos/a.jpg", "s3://bucket\\photos\\a.jpg", "s3://bucket/photos/a\x00.jpg",
+    "s3://bucket/photos/a.jpg\n", "s3://bucket/photos/caf\u00e9 au lait.jpg", "file:///data/lib/a.jpg",
+    "file:///data/lib//a.jpg", "file:////data/lib/a.jpg", "file://localhost/data/lib/a.jpg",
+    "file://otherhost/data/lib/a.jpg", "file:///data/library/a.jpg", "file:///data/lib/../../etc/passwd",
+    "/data/lib/a.jpg", "data/lib/a.jpg", "c:/data/lib/a.jpg", "gs://bucket/photos/a.jpg",
+    "https://CDN.example.com/x.jpg", "http://169.254.169.254/latest/meta-data/", "", "   ", None,
+]
+
+
+def test_bulk_check_gives_the_same_answers_as_one_by_one():
+    """The job checks a manifest's URIs a batch at a time with Arrow's regex engine; nothing may differ."""
+    import pyarrow as pa
+
+    allow = Allowlist(["s3://bucket/photos/", "/data/lib", "gs://bucket/"])
+    normalized, errors = allow.check_array(pa.array(BULK_URIS, pa.string()))
+    expected = []
+    for uri in BULK_URIS:
+        try:
+            expected.append((allow.check(uri), None))
+        except RejectedURI as exc:
+            expected.append((uri or "", str(exc)))
+    assert list(zip(normalized.to_pylist(), errors.to_pylist(), strict=True)) == expected
+    allowed = {n for n, e in expected if e is None}
+    assert any(n.startswith("s3://") for n in allowed) and any(n.startswith("file://") for n in allowed)
+    assert any(n.startswith("gs://") for n in allowed) and len(allowed) < len(BULK_URIS) - 10

@@ -326,3 +326,35 @@ def test_image_folder_with_json_sidecars_is_listed(tmp_path):
     manifest = read_manifest(str(tmp_path))
     assert manifest.kind == "listing"
     assert manifest.table.column("uri").to_pylist() == [f"file://{tmp_path}/IMG_1.jpg"]
+
+
+def test_s3_prefix_listing_streams_page_by_page(s3):
+    """A listing of 2,100 objects comes a page (1,000 keys, one request) at a time, in key order."""
+    from pipeline.manifest import open_manifest
+
+    fs, options = s3
+    fs.mkdir("bucket")
+    keys = [f"photos/{i:05d}.jpg" for i in range(2100)]
+    fs.pipe({f"bucket/{k}": b"x" for k in keys})
+    fs.pipe("bucket/photos/zz-notes.txt", b"not an image")
+    reader = open_manifest("s3://bucket/photos/", storage_options=options)
+    assert reader.kind == "listing"
+    batches = next(iter(reader.parts()))
+    first = next(batches)
+    assert first.num_rows == 1000  # one page, before the rest of the listing was asked for
+    rest = list(batches)
+    uris = [u for b in (first, *rest) for u in b.column("uri").to_pylist()]
+    assert [b.num_rows for b in rest] == [1000, 100]
+    assert uris == [f"s3://bucket/{k}" for k in keys]
+
+
+def test_local_listing_walks_in_path_order(tmp_path):
+    from pipeline.manifest import open_manifest
+
+    names = ["a.jpg", "sub.jpg", "sub/c.jpg", "sub/deeper/d.jpg", "sub-2/e.jpg", "z.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    batches = list(next(iter(open_manifest(str(tmp_path)).parts())))
+    uris = [u for b in batches for u in b.column("uri").to_pylist()]
+    assert uris == [f"file://{tmp_path}/{n}" for n in sorted(names)]
