@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
     p.add_argument("--shard-rows", type=positive_int, default=1000,
                    help="rows per staged shard: the unit a killed run resumes from (1000)")
+    p.add_argument("--plan-memory-mb", type=positive_int, default=JobConfig.plan_memory_mb,
+                   help="memory the driver's planner and commit may use before spilling to disk (%(default)s)")
+    p.add_argument("--spill-dir", help="local folder for the planner's database and spill files (default: the "
+                                       "system's temporary folder); needs about 100 bytes per manifest row")
     p.add_argument("--demo", nargs="?", const="sample-bucket", metavar="FOLDER",
                    help="run on generated images and RANDOM weights written to FOLDER (default: sample-bucket)")
     return p
@@ -103,7 +107,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
         max_pixels=args.max_pixels, shard_rows=args.shard_rows, precision=args.precision, compile=args.compile,
-        attention=args.attention, draft_decode=args.draft_decode, model=args.model)
+        attention=args.attention, draft_decode=args.draft_decode, model=args.model,
+        plan_memory_mb=args.plan_memory_mb, spill_dir=args.spill_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,12 @@
 """The nightly scoring job: manifest in, one partition of Parquet out.
 
-On the driver: read the manifest, reject URIs outside the allowed prefixes, hash and check the weights (a bad
-checkpoint stops the job here, before any work), drop images already scored by the same weights, and write
-the results. On the cluster (Ray Data, streaming): fetch bytes and decode in CPU tasks, score on an actor pool
-that holds both models (GPU when the cluster has GPUs). Every manifest row that is not skipped becomes exactly
-one output row; failures are rows with ``status`` ``error`` or ``rejected``.
+On the driver, whose memory does not grow with the manifest or the history: hash and check the weights (a bad
+checkpoint stops the job here, before any work), then plan the night out of core (``pipeline.plan``: the
+manifest streamed through the allowlist into DuckDB, anti-joined with the history, de-duplicated, cut into
+shards), and commit. On the cluster (Ray Data, streaming): read the plan's Parquet, fetch bytes and decode in
+CPU tasks, score on an actor pool that holds both models (GPU when the cluster has GPUs). Every manifest row
+that is not skipped becomes exactly one output row; failures are rows with ``status`` ``error`` or
+``rejected``.
 """
 
 from __future__ import annotations
@@ -13,29 +15,22 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import posixpath
 import re
 import time
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipeline.allowlist import Allowlist, RejectedURI, redact_uri
-from pipeline.manifest import Manifest, read_manifest
-from pipeline.output import (
-    PARTITION,
-    STATUS_ERROR,
-    STATUS_OK,
-    STATUS_REJECTED,
-    STATUSES,
-    RunOutput,
-    done_keys,
-    extra_column_names,
-    output_schema,
-)
+from pipeline.allowlist import Allowlist, redact_uri
+from pipeline.manifest import ManifestReader, open_manifest
+from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, output_schema
+from pipeline.plan import Plan, PlannerConfig, make_plan
 from pipeline.preprocess import PreprocessConfig
 from pipeline.resources import peak_rss_bytes
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
@@ -76,6 +71,8 @@ class JobConfig:
     attention: str = "sdpa"  # rounding-level like compile, so neither enters the run key
     draft_decode: bool = False
     model: str = "dgiqa"
+    plan_memory_mb: int = PlannerConfig.memory_mb
+    spill_dir: str | None = None
     actor_class: type | None = None  # the scoring actor; None -> pipeline.stages.ScoreActor (tests swap it)
 
     def __post_init__(self):
@@ -90,6 +87,8 @@ class JobConfig:
             raise ValueError("--batch-size, --crops and --shard-rows must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must not be negative")
+        if self.plan_memory_mb < 64:
+            raise ValueError("--plan-memory-mb must be at least 64")
 
     def scorer_config(self) -> ScorerConfig:
         """The scorer's config: the same on the driver's check and in every actor."""
@@ -124,62 +123,6 @@ def _cluster_plan(config: JobConfig) -> tuple[float, float, tuple[int, int]]:
     return gpus, cpus, actors
 
 
-def _rejections(manifest: Manifest, allowlist: Allowlist) -> tuple[list[str | None], list[str | None]]:
-    uris, errors = [], []
-    for uri in manifest.table.column("uri").to_pylist():
-        try:
-            uris.append(allowlist.check(uri))
-            errors.append(None)
-        except RejectedURI as exc:
-            uris.append(uri or "")
-            errors.append(str(exc))
-    return uris, errors
-
-
-def _row_keys(uris: pa.Array | pa.ChunkedArray, table: pa.Table) -> pa.ChunkedArray:
-    """One string per row identifying the object version: normalised URI, ETag and size."""
-    etag = pc.fill_null(table.column("etag"), "")
-    size = pc.fill_null(table.column("size_bytes").cast(pa.string()), "")
-    return pc.binary_join_element_wise(uris, etag, size, "\x00")
-
-
-def _done(keys: pa.ChunkedArray, config: JobConfig, model_id: str, run_date: str) -> np.ndarray:
-    """Boolean mask of manifest rows already done by the same weights (see ``output.done_keys``).
-
-    ``--full`` still skips rows already in this run date's partition, so a rerun never duplicates them.
-    """
-    done = done_keys(config.output, model_id, run_date, config.storage_options)
-    if not config.incremental:
-        done = done.filter(pc.equal(done.column(PARTITION), run_date))
-    if not len(done):
-        return np.zeros(len(keys), bool)
-    theirs = _row_keys(done.column("uri"), done).combine_chunks()
-    return pc.is_in(keys, value_set=theirs).to_numpy(zero_copy_only=False)
-
-
-def _duplicates(keys: pa.ChunkedArray) -> dict[int, int]:
-    """Later manifest rows naming the same object version as an earlier row: row -> first row."""
-    first: dict[str, int] = {}
-    dupes = {}
-    for i, key in enumerate(keys.to_pylist()):
-        if key in first:
-            dupes[i] = first[key]
-        else:
-            first[key] = i
-    return dupes
-
-
-def _run_key(config: JobConfig, manifest: Manifest, model_id: str, run_date: str, pending: np.ndarray) -> str:
-    """``<job>-<rows>``: the job part names manifest, model and options; the rows part the work left to do."""
-    job = {"manifest": manifest.source, "run_date": run_date, "model_id": model_id, "crops": config.crops,
-           "depth_input_size": config.depth_input_size, "max_pixels": config.max_pixels,
-           "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
-           "shard_rows": config.shard_rows, "precision": config.precision, "draft_decode": config.draft_decode}
-    job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
-    rows_key = hashlib.sha256(np.asarray(pending, np.int64).tobytes()).hexdigest()[:12]
-    return f"{job_key}-{rows_key}"
-
-
 class _Progress:
     def __init__(self, total: int, every_s: float):
         self.total, self.every_s = total, every_s
@@ -197,46 +140,14 @@ class _Progress:
                         100 * self.done / max(self.total, 1), rate, self.errors)
 
 
-def _result_rows(manifest: Manifest, uris: list, scored: pa.Table, info: ModelInfo, run_id: str,
-                 schema: pa.Schema) -> pa.Table:
-    """Output rows (plus ``row_index``) for scored rows: results joined with their manifest rows."""
-    indices = scored.column("row_index")
-    source = manifest.table.take(indices)
-    now = dt.datetime.now(dt.UTC)
-    columns = {
-        "uri": pa.array([uris[i] for i in indices.to_pylist()], pa.string()),
-        "etag": source.column("etag"),
-        "size_bytes": source.column("size_bytes"),
-        "width": scored.column("width"),
-        "height": scored.column("height"),
-        "score": scored.column("score"),
-        "score_std": scored.column("score_std"),
-        "num_crops": scored.column("num_crops"),
-        "status": scored.column("status"),
-        "error": scored.column("error"),
-        "model_id": pa.array([info.model_id] * len(scored), pa.string()),
-        "encoder": pa.array([info.encoder] * len(scored), pa.string()),
-        "scored_at": pa.array([now] * len(scored), pa.timestamp("us", tz="UTC")),
-        "run_id": pa.array([run_id] * len(scored), pa.string()),
-    }
-    extras = extra_column_names(source.select(manifest.extra_columns).schema)
-    columns.update({out_name: source.column(name) for name, out_name in extras.items()})
-    return pa.table(columns).cast(schema).add_column(0, "row_index", indices)
-
-
-_URI = re.compile(r"\S+://\S*")
-
-
-def _error_reason(message: str) -> str:
-    """A message's kind, for counting: URIs masked, the part before the first ': '."""
-    return _URI.sub("<uri>", message).split(": ", 1)[0][:80]
-
-
-def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: ModelInfo):
+def _scored_stream(config: JobConfig, plan_files: list[str], fs, rows: int, info: ModelInfo,
+                   operators: list[str]) -> Iterator[pa.Table]:
+    """The scored rows, streamed from the cluster; ``operators`` gets Ray Data's operator names at the end."""
+    import pyarrow.fs as pafs
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.stages import ScoreActor, fetch_batch, prepare_batch
+    from pipeline.stages import ScoreActor, fetch_and_prepare_batch
 
     gpus, cpus, actors = _cluster_plan(config)
     logger.info("actor pool: %d-%d actors, %g GPU and %g CPU each; %d images a batch", actors[0], actors[1], gpus,
@@ -246,19 +157,18 @@ def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: Mod
     # Small manifests: blocks of one batch, so every CPU gets work. Large ones: at most 256 rows a block, so a
     # million rows are a few thousand blocks rather than a hundred thousand.
     batch = config.batch_size or (16 if gpus else 8)  # 16 x 20 crops = 320 crops a GPU pass
-    block = min(max(256, batch), max(batch, -(-len(pending) // 64)))
-    rows = pa.table({
-        "row_index": pa.array(pending, pa.int64()),
-        "uri": pa.array([uris[i] for i in pending], pa.string()),
-        "status": pa.array([STATUS_OK] * len(pending), pa.string()),
-        "error": pa.nulls(len(pending), pa.string()),
-    })
-    blocks = [rows.slice(i, block) for i in range(0, len(rows), block)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(fetch_batch, batch_format="pyarrow", batch_size=batch,
-                        fn_kwargs={"storage_options": dict(config.storage_options)})
-    ds = ds.map_batches(prepare_batch, batch_format="pyarrow", batch_size=batch,
-                        fn_kwargs={"config": config.scorer_config()})
+    block = min(max(256, batch), max(batch, -(-rows // 64)))
+    ds = ray.data.read_parquet(plan_files, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    ds = ds.repartition(target_num_rows_per_block=block)  # streamed, so results come back block by block
+    # Reading and decoding run in CPU tasks, never fused into the scoring actor: on a GPU node the GPU must not
+    # wait for a decode, nor the next decode for the GPU, and on CPU nodes the decode tasks use the CPUs the
+    # actors leave free. Ray fuses a task into a following actor when their resources happen to match (one
+    # CPU each, as on a 2-core machine) unless an operator computes its resources per task, as this one does
+    # (the same CPU every time). The job reports the operators Ray ran (``ray_operators`` in the summary).
+    ds = ds.map_batches(fetch_and_prepare_batch, batch_format="pyarrow", batch_size=batch,
+                        fn_kwargs={"config": config.scorer_config(),
+                                   "storage_options": dict(config.storage_options)},
+                        ray_remote_args_fn=_decode_task_resources)
     ds = ds.map_batches(
         config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=batch,
         fn_constructor_kwargs={"config": config.scorer_config(), "expected_model_id": info.model_id,
@@ -267,16 +177,134 @@ def _scored_stream(config: JobConfig, uris: list, pending: np.ndarray, info: Mod
         # tests/test_faults.py kills one to keep that true.
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    operators.extend(_operator_names(ds.stats()))
 
 
-def _pre_pipeline_rows(indices: list[int], statuses: list[str], errors: list[str]) -> pa.Table:
-    """Result rows for rows decided on the driver (rejected, duplicate, unreadable manifest row)."""
-    n = len(indices)
-    return pa.table({"row_index": pa.array(indices, pa.int64()), "status": pa.array(statuses, pa.string()),
-                     "error": pa.array(errors, pa.string()),
-                     **{name: pa.nulls(n, kind) for name, kind in (
-                         ("score", pa.float32()), ("score_std", pa.float32()), ("num_crops", pa.int32()),
-                         ("width", pa.int32()), ("height", pa.int32()))}})
+def _decode_task_resources() -> dict:
+    """Each read-and-decode task's resources: one CPU (see ``_scored_stream`` for why this is a function)."""
+    return {"num_cpus": 1}
+
+
+def _operator_names(stats: str) -> list[str]:
+    """Ray Data's operators as its stats name them (``MapBatches(fetch_batch)->MapBatches(prepare_batch)``)."""
+    names = re.findall(r"^Operator \d+ (.+?): ", stats, flags=re.M)
+    return list(dict.fromkeys(names))
+
+
+
+
+def _run_key(config: JobConfig, reader: ManifestReader, model_id: str, run_date: str, plan: Plan) -> str:
+    """``<job>-<rows>``: the job part names manifest, model and options; the rows part the work itself.
+
+    The rows part hashes the manifest files' versions (ETags, or sizes and modification times) and the
+    fingerprint of every row to write, so a manifest replaced at the same URI after a killed attempt starts
+    staging afresh instead of reusing shards of the old one (which the commit then removes, as the same job's).
+    """
+    job = {"manifest": reader.source, "run_date": run_date, "model_id": model_id, "crops": config.crops,
+           "depth_input_size": config.depth_input_size, "max_pixels": config.max_pixels,
+           "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
+           "shard_rows": config.shard_rows, "precision": config.precision, "draft_decode": config.draft_decode,
+           "limit": config.limit}
+    job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    rows = {"files": [list(f) for f in reader.files], "plan": plan.fingerprint}
+    rows_key = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{job_key}-{rows_key}"
+
+
+def _result_rows(batch: pa.Table, info: ModelInfo, run_id: str, scored_at: dt.datetime,
+                 schema: pa.Schema) -> pa.Table:
+    """Output rows (plus ``row_index`` and ``shard``) from a batch of the plan or of the scoring pool.
+
+    Columns the batch lacks (scores of rows decided on the driver) are nulls; the run's constants are filled in.
+    """
+    n = batch.num_rows
+    constants = {"model_id": info.model_id, "encoder": info.encoder, "run_id": run_id, "scored_at": scored_at}
+    columns = {}
+    for f in schema:
+        if f.name in constants:
+            columns[f.name] = pa.repeat(pa.scalar(constants[f.name], f.type), n)
+        elif f.name in batch.column_names:
+            columns[f.name] = batch.column(f.name).cast(f.type)
+        else:
+            columns[f.name] = pa.nulls(n, f.type)
+    table = pa.Table.from_pydict(columns, schema=schema)
+    return table.add_column(0, "shard", batch.column("shard")).add_column(0, "row_index", batch.column("row_index"))
+
+
+class _ShardWriter:
+    """Collects result rows by shard and stages each shard once all its rows are in.
+
+    Holds only the shards in flight (rows of the batches the pool is working on), never the night.
+    """
+
+    def __init__(self, out: RunOutput, shard_rows: np.ndarray, done: Mapping[int, int]):
+        self.out, self.shard_rows = out, shard_rows
+        self.buffers: dict[int, list[pa.Table]] = {}
+        self.buffered: dict[int, int] = {}
+        self.written = np.zeros(len(shard_rows), bool)
+        self.written[list(done)] = True
+        self.rows = self.dropped = 0
+
+    def add(self, table: pa.Table) -> None:
+        shards = table.column("shard")
+        keys = pc.unique(shards).to_pylist()
+        for k in keys:
+            part = table if len(keys) == 1 else table.filter(pc.equal(shards, k))
+            if self.written[k]:
+                self.dropped += part.num_rows
+                logger.warning("dropping %d result rows of shard %d, already written (retried work)",
+                               part.num_rows, k)
+                continue
+            self.buffers.setdefault(k, []).append(part)
+            self.buffered[k] = self.buffered.get(k, 0) + part.num_rows
+            if self.buffered[k] >= self.shard_rows[k]:
+                self._flush(k)
+
+    def _flush(self, k: int) -> None:
+        rows = pa.concat_tables(self.buffers.pop(k)).sort_by("row_index")
+        index = rows.column("row_index").to_numpy()
+        fresh = np.ones(len(index), bool)
+        fresh[1:] = index[1:] != index[:-1]
+        if not fresh.all():
+            logger.warning("dropping %d duplicate result rows (retried work)", int((~fresh).sum()))
+            self.dropped += int((~fresh).sum())
+            rows = rows.filter(pa.array(fresh))
+        if rows.num_rows < self.shard_rows[k]:
+            self.buffers[k], self.buffered[k] = [rows], rows.num_rows
+            return
+        del self.buffered[k]
+        self.out.write_shard(k, rows.drop_columns(["shard"]))
+        self.written[k] = True
+        self.rows += rows.num_rows
+
+    def missing(self) -> int:
+        """Rows of shards not yet written."""
+        return int(self.shard_rows[~self.written].sum())
+
+
+def _write_plan_files(out: RunOutput, rows: pa.RecordBatchReader, rows_per_file: int = 1_000_000) -> list[str]:
+    """The plan's rows to score as Parquet files in the run's staging, for Ray Data to read in parallel."""
+    folder = posixpath.join(out.staging, "plan")
+    if out.fs.exists(folder):
+        out.fs.rm(folder, recursive=True)
+    out.fs.makedirs(folder, exist_ok=True)
+    paths, writer, f, in_file = [], None, None, 0
+    try:
+        for batch in rows:
+            if writer is None or in_file >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                    f.close()
+                paths.append(posixpath.join(folder, f"plan-{len(paths):06d}.parquet"))
+                f = out.fs.open(paths[-1], "wb")
+                writer, in_file = pq.ParquetWriter(f, rows.schema, compression="zstd"), 0
+            writer.write_batch(batch)
+            in_file += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+            f.close()
+    return paths
 
 
 def run_job(config: JobConfig) -> dict:
@@ -290,113 +318,83 @@ def run_job(config: JobConfig) -> dict:
         WeightsError: The weights cannot be used (checked before any work).
         JobError: The run did not produce every row; nothing was committed.
     """
-    import ray
-
     started = time.monotonic()
     run_date = config.run_date or dt.datetime.now(dt.UTC).date().isoformat()
-    manifest = read_manifest(config.manifest, config.storage_options, config.limit)
-    allowlist = Allowlist(config.allow_prefixes or (manifest.home,))
+    reader = open_manifest(config.manifest, config.storage_options)
+    allowlist = Allowlist(config.allow_prefixes or (reader.home,))
     info = check_models(config.scorer_config())
-    n = len(manifest.table)
+    out_fs, out_root = fsspec.core.url_to_fs(config.output, **dict(config.storage_options))
+    planner = PlannerConfig(memory_mb=config.plan_memory_mb, spill_dir=config.spill_dir)
+    plan = make_plan(reader, allowlist, out_fs, out_root.rstrip("/"), info.model_id, run_date, config.incremental,
+                     config.shard_rows, config.limit, planner)
+    try:
+        return _run_plan(config, reader, allowlist, info, plan, run_date, started)
+    finally:
+        plan.close()
 
-    uris, rejections = _rejections(manifest, allowlist)
-    keys = _row_keys(pa.array(uris, pa.string()), manifest.table)
-    done = _done(keys, config, info.model_id, run_date)
-    duplicates = _duplicates(keys)
-    expected = np.flatnonzero(~done)  # rows this run must write
-    pre_errors: dict[int, tuple[str, str]] = {}
-    for i in expected:
-        if manifest.row_errors and manifest.row_errors[i]:
-            pre_errors[int(i)] = (STATUS_ERROR, manifest.row_errors[i])
-        elif rejections[i] is not None:
-            pre_errors[int(i)] = (STATUS_REJECTED, rejections[i])
-        elif i in duplicates:
-            pre_errors[int(i)] = (STATUS_ERROR, f"duplicate of manifest row {duplicates[i]} "
-                                                "(same URI, ETag and size): scored once, there")
-    run_key = _run_key(config, manifest, info.model_id, run_date, expected)
+
+def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, info: ModelInfo, plan: Plan,
+              run_date: str, started: float) -> dict:
+    run_key = _run_key(config, reader, info.model_id, run_date, plan)
     run_id = f"{run_date}-{run_key}"
-    logger.info("run %s: %d manifest rows (%s) from %s; model %s; allowed prefixes %s", run_id, n, manifest.kind,
-                redact_uri(manifest.source), info.model_id, ", ".join(allowlist.prefixes))
-
-    schema = output_schema(manifest.table.select(manifest.extra_columns).schema)
+    planned_s = time.monotonic() - started
+    logger.info("run %s: %d manifest rows (%s) from %s planned in %.1fs; model %s; allowed prefixes %s", run_id,
+                plan.manifest_rows, reader.kind, redact_uri(reader.source), planned_s, info.model_id,
+                ", ".join(allowlist.prefixes))
+    schema = output_schema(plan.extras)
     out = RunOutput(config.output, run_date, run_key, schema, config.storage_options)
-    # Shard 0 holds the rows decided on the driver; shards 1.. the rows to score, in manifest order.
-    to_score = np.array([i for i in expected if int(i) not in pre_errors], np.int64)
-    shards = {0: set(pre_errors)}
-    shard_of = dict.fromkeys(pre_errors, 0)
-    for k, start in enumerate(range(0, len(to_score), config.shard_rows), start=1):
-        shards[k] = {int(i) for i in to_score[start:start + config.shard_rows]}
-        shard_of.update(dict.fromkeys(shards[k], k))
-    finished = out.finished_shards(shards)
+    finished = out.finished_shards(dict(enumerate(plan.shard_rows.tolist())))
     if finished:
         logger.info("resuming: %d of %d shards (%d rows) were finished by an earlier attempt", len(finished),
-                    len(shards), sum(sum(c.values()) for c in finished.values()))
-    statuses: Counter = Counter()
-    reasons: Counter = Counter()
-    buffers: dict[int, list[pa.Table]] = {}
-    seen = np.zeros(n, bool)
-
-    def emit(scored: pa.Table) -> None:
-        indices = scored.column("row_index").to_numpy()
-        fresh = ~seen[indices]
-        if not fresh.all():
-            logger.warning("dropping %d duplicate result rows (retried work)", int((~fresh).sum()))
-            scored = scored.filter(pa.array(fresh))
-        seen[scored.column("row_index").to_numpy()] = True
-        table = _result_rows(manifest, uris, scored, info, run_id, schema)
-        statuses.update(table.column("status").to_pylist())
-        reasons.update(_error_reason(e) for e in table.column("error").to_pylist() if e)
-        shard_ids = np.array([shard_of[int(i)] for i in table.column("row_index").to_pylist()])
-        for k in np.unique(shard_ids):
-            part = table.filter(pa.array(shard_ids == k))
-            buffered = buffers.setdefault(int(k), [])
-            buffered.append(part)
-            if sum(t.num_rows for t in buffered) == len(shards[int(k)]):
-                out.write_shard(int(k), pa.concat_tables(buffers.pop(int(k))))
-
-    for k, counts in finished.items():
-        seen[list(shards[k])] = True
-        statuses.update(counts)
-    if 0 not in finished and shards[0]:
-        rows = sorted(shards[0])
-        emit(_pre_pipeline_rows(rows, [pre_errors[i][0] for i in rows], [pre_errors[i][1] for i in rows]))
-    pending = np.array(sorted(i for k, rows in shards.items() if k and k not in finished for i in rows), np.int64)
+                    len(plan.shard_rows), sum(finished.values()))
+    scored_at = dt.datetime.now(dt.UTC)
+    writer = _ShardWriter(out, plan.shard_rows, finished)
+    for batch in plan.rows(scored=False, skip_shards=finished):
+        writer.add(_result_rows(pa.Table.from_batches([batch]), info, run_id, scored_at, schema))
+    to_score = int(plan.shard_rows[plan.decided_shards:][~writer.written[plan.decided_shards:]].sum())
     logger.info("%d to score now, %d done before by this model (skipped), %d rejected or refused on the driver",
-                len(pending), int(done.sum()), len(pre_errors))
+                to_score, plan.done_before, plan.decided_rows)
 
-    if len(pending):
+    operators: list[str] = []
+    if to_score:
+        import ray
+
+        plan_files = _write_plan_files(out, plan.rows(scored=True, skip_shards=finished))
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
-        progress = _Progress(len(pending), config.log_every_s)
-        for batch in _scored_stream(config, uris, pending, info):
-            before, errors_before = sum(statuses.values()), statuses[STATUS_ERROR]
-            emit(batch)
-            progress.update(sum(statuses.values()) - before, statuses[STATUS_ERROR] - errors_before)
+        progress = _Progress(to_score, config.log_every_s)
+        for batch in _scored_stream(config, plan_files, out.fs, to_score, info, operators):
+            rows = _result_rows(batch, info, run_id, scored_at, schema)
+            writer.add(rows)
+            progress.update(rows.num_rows, int(pc.sum(pc.equal(rows.column("status"), STATUS_ERROR)).as_py() or 0))
+        logger.info("Ray Data operators: %s", " | ".join(operators))
 
-    missing = np.flatnonzero(~seen[expected])
-    if len(missing) or buffers:
-        raise JobError(f"run {run_id} produced no row for {len(missing)} manifest rows (first: "
-                       f"{[uris[expected[i]] for i in missing[:5]]}); nothing was committed, rerun to resume")
+    if writer.missing():
+        raise JobError(f"run {run_id} produced no row for {writer.missing()} manifest rows; nothing was "
+                       "committed, rerun to resume")
+    statuses, reasons = out.staged_counts(config.plan_memory_mb)
     wall = time.monotonic() - started
     summary = {
         "run_id": run_id,
         "run_date": run_date,
-        "manifest": redact_uri(manifest.source),
-        "manifest_rows": n,
-        "skipped_done_before": int(done.sum()),
-        "rows_written": len(expected),
-        "resumed_rows": sum(sum(c.values()) for c in finished.values()),
+        "manifest": redact_uri(reader.source),
+        "manifest_rows": plan.manifest_rows,
+        "skipped_done_before": plan.done_before,
+        "rows_written": plan.rows_to_write,
+        "resumed_rows": sum(finished.values()),
         "status_counts": {s: statuses.get(s, 0) for s in STATUSES},
-        "error_reasons": dict(reasons.most_common(20)),
+        "error_reasons": reasons,
         "model": config.model,
         "model_id": info.model_id,
         "encoder": info.encoder,
         "score_scale": info.output_scale,
+        "planning_s": round(planned_s, 3),
         "wall_time_s": round(wall, 3),
-        "images_per_s": round(len(pending) / wall, 4) if wall > 0 else None,
+        "images_per_s": round(to_score / wall, 4) if wall > 0 else None,
+        "ray_operators": operators,
         "driver_peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
     }
-    summary["summary_path"] = out.commit(summary)
+    summary["summary_path"] = out.commit(summary, config.plan_memory_mb)
     logger.info("run %s done: %s", run_id, {k: summary[k] for k in ("status_counts", "rows_written",
                                                                         "skipped_done_before", "wall_time_s")})
     return summary

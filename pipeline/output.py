@@ -27,7 +27,6 @@ import contextlib
 import json
 import posixpath
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import fsspec
@@ -43,6 +42,12 @@ STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_REJECTED)
 PARTITION = "run_date"
 STAGING = "_staging"
 ROW_GROUP_SIZE = 16_384
+# Streaming scans: Arrow's default pre-buffering reads whole files ahead, so a scan of the history would hold
+# about as much memory as the files are large.
+STREAMING_PARQUET = pads.ParquetFileFormat(
+    default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+# Columns the job's stages use beside the result's: a manifest column of one of these names is renamed too.
+INTERNAL_COLUMNS = ("row_index", "shard", "data", "prepared")
 
 RESULT_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -63,9 +68,13 @@ RESULT_SCHEMA = pa.schema([
 
 
 def output_schema(extras: pa.Schema) -> pa.Schema:
-    """The result schema followed by the manifest's extra columns (renamed ``manifest_<name>`` on a clash)."""
+    """The result schema followed by the manifest's extra columns.
+
+    An extra column whose name is a result column, the partition or one of the stages' ``INTERNAL_COLUMNS``
+    is renamed ``manifest_<name>``.
+    """
     fields = list(RESULT_SCHEMA)
-    taken = set(RESULT_SCHEMA.names) | {PARTITION}
+    taken = set(RESULT_SCHEMA.names) | {PARTITION, *INTERNAL_COLUMNS}
     for f in extras:
         name = f.name if f.name not in taken else f"manifest_{f.name}"
         fields.append(pa.field(name, f.type))
@@ -136,51 +145,84 @@ class RunOutput:
     def _shard_path(self, shard: int) -> str:
         return posixpath.join(self.staging, f"shard-{shard:06d}.parquet")
 
-    def finished_shards(self, expected: Mapping[int, set[int]]) -> dict[int, Counter]:
-        """Shards a killed attempt of this run already finished: shard -> its rows counted by status.
+    def _staged_shards(self) -> list[str]:
+        staged = self.fs.ls(self.staging, detail=False) if self.fs.exists(self.staging) else []
+        return sorted(p for p in staged if posixpath.basename(p).startswith("shard-"))
 
-        A shard counts only if it is readable and holds exactly the rows it should; anything else is removed
-        and scored again.
+    def finished_shards(self, expected: Mapping[int, int]) -> dict[int, int]:
+        """Shards a killed attempt of this run already finished: shard -> its number of rows.
+
+        A shard counts only if its file is readable Parquet holding exactly the number of rows it should (the
+        run key already pins which rows those are); anything else is removed and done again. Only the files'
+        footers are read.
         """
         found = {}
-        for shard, rows in expected.items():
-            path = self._shard_path(shard)
-            if not self.fs.exists(path):
-                continue
+        for path in self._staged_shards():
+            name = posixpath.basename(path)
             try:
+                shard = int(name.removeprefix("shard-").removesuffix(".parquet"))
                 with self.fs.open(path, "rb") as f:
-                    table = pq.read_table(f, columns=["row_index", "status"])
-                indices = table.column("row_index").to_pylist()
-            except Exception:  # noqa: BLE001 - an unreadable shard is redone
-                indices = None
-            if indices is not None and len(indices) == len(rows) and set(indices) == rows:
-                found[shard] = Counter(table.column("status").to_pylist())
+                    rows = pq.read_metadata(f).num_rows
+            except Exception:  # noqa: BLE001 - an unreadable or stray shard is redone
+                shard, rows = None, None
+            if shard is not None and rows == expected.get(shard):
+                found[shard] = rows
             else:
                 self.fs.rm(path)
         return found
 
     def write_shard(self, shard: int, table: pa.Table) -> None:
-        """Stage one finished shard: ``row_index`` plus the output schema's columns."""
+        """Stage one finished shard: ``row_index`` plus the output schema's columns, sorted by score."""
         columns = ["row_index", *self.schema.names]
-        write_parquet_atomically(self.fs, self._shard_path(shard), table.select(columns))
+        table = table.select(columns).sort_by([("score", "ascending"), ("row_index", "ascending")])
+        write_parquet_atomically(self.fs, self._shard_path(shard), table)
 
-    def commit(self, summary: Mapping) -> str:
+    def _staged_dataset(self) -> pads.Dataset | None:
+        shards = self._staged_shards()
+        if not shards:
+            return None
+        schema = pa.schema([pa.field("row_index", pa.int64()), *self.schema])
+        return pads.dataset(shards, schema=schema, filesystem=self.fs, format=STREAMING_PARQUET)
+
+    def staged_counts(self, memory_mb: int = 256) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts of the staged rows by status, and the 20 commonest error reasons (see ``error_reason``)."""
+        from pipeline.plan import duckdb_connection
+
+        dataset = self._staged_dataset()
+        if dataset is None:
+            return {}, {}
+        with duckdb_connection(memory_mb) as con:
+            con.register("staged", dataset)
+            statuses = dict(con.sql("SELECT status, count(*) FROM staged GROUP BY status").fetchall())
+            reasons = con.sql(f"""
+                SELECT {ERROR_REASON_SQL} AS reason, count(*) AS n FROM staged
+                WHERE error IS NOT NULL AND error <> '' GROUP BY reason ORDER BY n DESC, reason LIMIT 20""")
+            return statuses, dict(reasons.fetchall())
+
+    def commit(self, summary: Mapping, memory_mb: int = 256) -> str:
         """Turn the staged shards into the run's part file, then write the summary; returns its path.
+
+        The shards are merged by score out of core (DuckDB, ``memory_mb`` of memory, spilling to local disk)
+        and streamed into one Parquet object in batches, so no part of the night sits whole in the driver.
+        Readers see the whole file or none: an object store makes it visible when its (multipart) upload
+        completes, a local disk when its hidden name is renamed (``atomic_target``).
 
         Idempotent: after a kill anywhere in here, running it again finishes the same commit.
         """
-        staged = self.fs.ls(self.staging, detail=False) if self.fs.exists(self.staging) else []
-        shards = sorted(p for p in staged if posixpath.basename(p).startswith("shard-"))
-        if not self.fs.exists(self.part_path):
-            tables = []
-            for path in shards:
-                with self.fs.open(path, "rb") as f:
-                    tables.append(pq.read_table(f))
-            table = (pa.concat_tables(tables).select(self.schema.names).cast(self.schema) if tables
-                     else self.schema.empty_table())
-            if table.num_rows:
-                self.fs.makedirs(self.partition, exist_ok=True)
-                write_parquet_atomically(self.fs, self.part_path, table.sort_by([("score", "ascending")]))
+        from pipeline.plan import duckdb_connection
+
+        dataset = self._staged_dataset()
+        if not self.fs.exists(self.part_path) and dataset is not None:
+            self.fs.makedirs(self.partition, exist_ok=True)
+            columns = ", ".join('"' + n.replace('"', '""') + '"' for n in self.schema.names)
+            with duckdb_connection(memory_mb) as con:
+                con.register("staged", dataset)
+                merged = con.sql(f"SELECT {columns} FROM staged ORDER BY score ASC NULLS LAST, row_index")
+                with (atomic_target(self.fs, self.part_path) as target, self.fs.open(target, "wb") as f,
+                      pq.ParquetWriter(f, self.schema, compression="zstd") as writer):
+                    for batch in merged.to_arrow_reader(ROW_GROUP_SIZE):
+                        writer.write_table(pa.Table.from_batches([batch]).cast(self.schema),
+                                           row_group_size=ROW_GROUP_SIZE)
         summary_path = posixpath.join(self.partition, f"_summary-{self.run_key}.json")
         self.fs.makedirs(self.partition, exist_ok=True)
         with self.fs.open(summary_path, "w") as f:
@@ -207,23 +249,41 @@ class RunOutput:
             pass
 
 
+# A message's kind, for counting: URIs masked, the part before the first ': ', at most 80 characters.
+ERROR_REASON_SQL = r"left(split_part(regexp_replace(error, '\S+://\S*', '<uri>', 'g'), ': ', 1), 80)"
+
+
+def done_filter(model_id: str, run_date: str, incremental: bool = True) -> pc.Expression:
+    """Which history rows count as done for ``model_id`` tonight.
+
+    Done means scored ``ok`` in any partition, or any row in ``run_date``'s own partition: error rows of
+    earlier nights are tried again, while a rerun of the same night never writes a row twice. ``--full``
+    (not ``incremental``) keeps only the second.
+    """
+    tonight = pc.field(PARTITION) == run_date
+    return (pc.field("model_id") == model_id) & (((pc.field("status") == STATUS_OK) | tonight) if incremental
+                                                 else tonight)
+
+
 def done_keys(output: str, model_id: str, run_date: str, storage_options: Mapping | None = None) -> pa.Table:
     """``(uri, etag, size_bytes, status, run_date)`` of rows ``model_id`` wrote that count as done.
 
-    Done means scored ``ok`` in any partition, or any row in ``run_date``'s own partition: error rows of
-    earlier nights are tried again, while a rerun of the same night never writes a row twice.
+    In memory: for inspection and tests. The job streams the same rows into its planner (``pipeline.plan``).
     """
     fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
     columns = ["uri", "etag", "size_bytes", "status", PARTITION]
-    if not fs.exists(root) or not any(p.endswith(".parquet") for p in _visible_files(fs, root.rstrip("/"))):
+    files = visible_parquet_files(fs, root.rstrip("/")) if fs.exists(root) else []
+    if not files:
         return pa.table({c: pa.array([], pa.int64() if c == "size_bytes" else pa.string()) for c in columns})
-    dataset = pads.dataset(root, filesystem=fs, format="parquet", partitioning="hive",
-                           exclude_invalid_files=True)
-    flt = (pc.field("model_id") == model_id) & ((pc.field("status") == STATUS_OK) |
-                                                (pc.field(PARTITION) == run_date))
-    return dataset.to_table(columns=columns, filter=flt)
+    dataset = pads.dataset(files, filesystem=fs, format="parquet", partitioning=pads.HivePartitioning.discover(),
+                           partition_base_dir=root.rstrip("/"), exclude_invalid_files=True)
+    return dataset.to_table(columns=columns, filter=done_filter(model_id, run_date))
 
 
-def _visible_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    return [p for p in fs.find(root)
-            if not any(part.startswith(("_", ".")) for part in p[len(root):].split("/"))]
+def visible_parquet_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The committed part files under an output root (staging and hidden files are not)."""
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return []
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet")
+                  and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/")))

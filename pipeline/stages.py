@@ -5,7 +5,9 @@ that fails gets ``status="error"`` and an ``error`` message and is passed on unt
 per-image failure ever raises, because in Ray Data one exception fails the whole dataset.
 
 Columns travelling between stages: ``row_index`` and ``uri`` from the manifest, ``status``/``error``, then
-``data`` (encoded bytes) after fetching, then the prepared arrays after decoding, then the scores.
+``data`` (encoded bytes) after fetching, then the prepared arrays after decoding, then the scores. Any other
+column (the plan's shard, the manifest's ETag, size and extra columns) passes through every stage as it is,
+so the rows that come out of the pool are whole output rows and the driver joins nothing back.
 """
 
 from __future__ import annotations
@@ -161,7 +163,20 @@ def prepare_batch(batch: pa.Table, config: ScorerConfig) -> pa.Table:
     out = {"row_index": batch.column("row_index"), "status": pa.array(statuses, pa.string()),
            "error": pa.array(errors, pa.string()), "prepared": pa.array(columns["prepared"], pa.large_binary()),
            "height": pa.array(columns["height"], pa.int32()), "width": pa.array(columns["width"], pa.int32())}
-    return pa.table(out)
+    return with_passthrough(pa.table(out), batch, drop=("data",))
+
+
+def with_passthrough(out: pa.Table, batch: pa.Table, drop: tuple[str, ...]) -> pa.Table:
+    """``out`` followed by the columns of ``batch`` that it lacks, but ``drop``."""
+    for name in batch.column_names:
+        if name not in out.column_names and name not in drop:
+            out = out.append_column(batch.schema.field(name), batch.column(name))
+    return out
+
+
+def fetch_and_prepare_batch(batch: pa.Table, config: ScorerConfig, storage_options: Mapping | None = None) -> pa.Table:
+    """``fetch_batch`` then ``prepare_batch`` in one task: an image's bytes never leave the task that read them."""
+    return prepare_batch(fetch_batch(batch, storage_options), config)
 
 
 def _unpack(row: dict, prepared_type: type):
@@ -187,8 +202,8 @@ class ScoreActor:
         logger.info("scoring actor ready on %s with %s", self.scorer.device, self.scorer.model_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Score the ``ok`` rows of a batch; returns ``SCORE_COLUMNS`` for every row."""
-        rows = batch.to_pylist()
+        """Score the ``ok`` rows of a batch; returns ``SCORE_COLUMNS`` (then the passed-through columns)."""
+        rows = batch.select([n for n in batch.column_names if n in SCORE_COLUMNS or n == "prepared"]).to_pylist()
         out = {name: [row.get(name) if name in ("row_index", "status", "error", "width", "height") else None
                       for row in rows] for name in SCORE_COLUMNS}
         todo = [i for i, row in enumerate(rows) if row["status"] == STATUS_OK]
@@ -209,4 +224,5 @@ class ScoreActor:
                 continue
             out["score"][i], out["score_std"][i] = result.score, result.score_std
             out["num_crops"][i] = result.num_crops
-        return pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})
+        scored = pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})
+        return with_passthrough(scored, batch, drop=("prepared",))

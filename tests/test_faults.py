@@ -155,6 +155,37 @@ def test_driver_killed_mid_run_then_rerun_is_exactly_once(checkpoints, tmp_path)
           f"duplicates 0, lost 0")
 
 
+def test_manifest_replaced_at_the_same_uri_after_a_kill_commits_only_the_new_one(checkpoints, tmp_path):
+    """The nightly CronJob points at a fixed manifest path: a killed run, a new manifest, a rerun."""
+    images = tmp_path / "bucket"
+    images.mkdir()
+    for i in range(16):
+        (images / f"{i:02d}.jpg").write_bytes(_jpeg(i))
+    manifest = images / "manifest.csv"
+    manifest.write_text("uri\n" + "".join(f"{i:02d}.jpg\n" for i in range(8)))
+    output = tmp_path / "out"
+    command = _job_command(manifest, output, checkpoints)
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(output.glob("_staging/*/shard-*.parquet"))) < 2:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    assert len(list(output.glob("_staging/*/shard-*.parquet"))) >= 2, "the run never reached the kill point"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Tonight's manifest is replaced by tomorrow's at the same URI: same row numbers, other images.
+    manifest.write_text("uri\n" + "".join(f"{i:02d}.jpg\n" for i in range(8, 16)))
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
+    assert summary["resumed_rows"] == 0  # the old manifest's shards were not taken for the new one's
+    table = pads.dataset(str(output), format="parquet", partitioning="hive").to_table()
+    assert sorted(table.column("uri").to_pylist()) == [f"file://{images}/{i:02d}.jpg" for i in range(8, 16)]
+    assert not (output / "_staging").exists()  # the killed attempt's staging went with the commit
+
+
 def _hostile_corpus(folder: Path) -> dict[str, tuple[str, str | None]]:
     """Write every hostile or unusual input; returns file name -> (expected status, error fragment)."""
     photo = Image.fromarray(synthetic_photo(90, 120, seed=3))

@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.job import JobConfig, run_job
 from pipeline.output import STATUS_OK
 from pipeline.resources import PeakRss
-from pipeline.stages import SCORE_COLUMNS, unpack_arrays
+from pipeline.stages import SCORE_COLUMNS, unpack_arrays, with_passthrough
 
 N_IMAGES = 10_000
 OBJECT_STORE = 96 * 2**20
@@ -40,7 +40,8 @@ class BrightnessActor:
             out["score"].append(float(unpack_arrays(row["prepared"])["rgb_small"].mean() / 255) if ok else None)
             out["score_std"].append(0.0 if ok else None)
             out["num_crops"].append(self.config.preprocess.num_crops if ok else None)
-        return pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})
+        scored = pa.table({name: pa.array(values, SCORE_COLUMNS[name]) for name, values in out.items()})
+        return with_passthrough(scored, batch, drop=("prepared",))
 
 
 @pytest.fixture(scope="module")
