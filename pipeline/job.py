@@ -32,7 +32,7 @@ from pipeline.manifest import ManifestReader, open_manifest
 from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, output_schema
 from pipeline.plan import Plan, PlannerConfig, make_plan
 from pipeline.preprocess import PreprocessConfig
-from pipeline.resources import peak_rss_bytes
+from pipeline.resources import PeakRss, peak_rss_bytes, rss_bytes
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
 
 logger = logging.getLogger(__name__)
@@ -140,33 +140,29 @@ class _Progress:
                         100 * self.done / max(self.total, 1), rate, self.errors)
 
 
-def _scored_stream(config: JobConfig, plan_files: list[str], fs, rows: int, info: ModelInfo,
+def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo, cluster: tuple,
                    operators: list[str]) -> Iterator[pa.Table]:
     """The scored rows, streamed from the cluster; ``operators`` gets Ray Data's operator names at the end."""
-    import pyarrow.fs as pafs
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.stages import ScoreActor, fetch_and_prepare_batch
+    from pipeline.stages import ScoreActor, prepare_plan_files
 
-    gpus, cpus, actors = _cluster_plan(config)
+    gpus, cpus, actors = cluster
     logger.info("actor pool: %d-%d actors, %g GPU and %g CPU each; %d images a batch", actors[0], actors[1], gpus,
-                cpus, config.batch_size or (16 if gpus else 8))
+                cpus, _batch_size(config, gpus))
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 1800 if gpus else 600
-    # Small manifests: blocks of one batch, so every CPU gets work. Large ones: at most 256 rows a block, so a
-    # million rows are a few thousand blocks rather than a hundred thousand.
-    batch = config.batch_size or (16 if gpus else 8)  # 16 x 20 crops = 320 crops a GPU pass
-    block = min(max(256, batch), max(batch, -(-rows // 64)))
-    ds = ray.data.read_parquet(plan_files, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-    ds = ds.repartition(target_num_rows_per_block=block)  # streamed, so results come back block by block
+    batch = _batch_size(config, gpus)
+    # One decode task per plan file (see _write_plan_files); Ray's Parquet reader would merge small files.
+    ds = ray.data.from_items([{"path": p} for p in plan_files], override_num_blocks=len(plan_files))
     # Reading and decoding run in CPU tasks, never fused into the scoring actor: on a GPU node the GPU must not
     # wait for a decode, nor the next decode for the GPU, and on CPU nodes the decode tasks use the CPUs the
     # actors leave free. Ray fuses a task into a following actor when their resources happen to match (one
     # CPU each, as on a 2-core machine) unless an operator computes its resources per task, as this one does
     # (the same CPU every time). The job reports the operators Ray ran (``ray_operators`` in the summary).
-    ds = ds.map_batches(fetch_and_prepare_batch, batch_format="pyarrow", batch_size=batch,
-                        fn_kwargs={"config": config.scorer_config(),
+    ds = ds.map_batches(prepare_plan_files, batch_format="pyarrow", batch_size=1,
+                        fn_kwargs={"config": config.scorer_config(), "fs": fs, "batch_size": batch,
                                    "storage_options": dict(config.storage_options)},
                         ray_remote_args_fn=_decode_task_resources)
     ds = ds.map_batches(
@@ -178,6 +174,11 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, rows: int, info
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
     operators.extend(_operator_names(ds.stats()))
+
+
+def _batch_size(config: JobConfig, gpus: float) -> int:
+    """Images per batch in every stage: 16 on GPU actors (16 x 20 crops = 320 crops a GPU pass), else 8."""
+    return config.batch_size or (16 if gpus else 8)
 
 
 def _decode_task_resources() -> dict:
@@ -243,7 +244,7 @@ class _ShardWriter:
         self.buffered: dict[int, int] = {}
         self.written = np.zeros(len(shard_rows), bool)
         self.written[list(done)] = True
-        self.rows = self.dropped = 0
+        self.dropped = 0  # result rows of retried work that were already in
 
     def add(self, table: pa.Table) -> None:
         shards = table.column("shard")
@@ -275,35 +276,53 @@ class _ShardWriter:
         del self.buffered[k]
         self.out.write_shard(k, rows.drop_columns(["shard"]))
         self.written[k] = True
-        self.rows += rows.num_rows
 
     def missing(self) -> int:
         """Rows of shards not yet written."""
         return int(self.shard_rows[~self.written].sum())
 
 
-def _write_plan_files(out: RunOutput, rows: pa.RecordBatchReader, rows_per_file: int = 1_000_000) -> list[str]:
-    """The plan's rows to score as Parquet files in the run's staging, for Ray Data to read in parallel."""
+def _block_rows(rows: int, batch: int) -> int:
+    """Rows per Ray block (one plan file each): 64 blocks or more, so every CPU gets work, of 8,192 rows at most.
+
+    A block is the unit Ray reads and hands to one decode task, so small nights get blocks of one batch and
+    results that stream back from the first minutes; 10^8 rows become about 12,000 files.
+    """
+    return max(batch, min(8192, -(-rows // 64)))
+
+
+def _write_plan_files(out: RunOutput, rows: pa.RecordBatchReader, rows_per_file: int) -> list[str]:
+    """The plan's rows to score as Parquet files in the run's staging: one file per Ray block.
+
+    Each file is one decode task's work (``stages.prepare_plan_files``), so files of ``rows_per_file`` rows
+    spread the night over the CPUs while each task streams its rows on a batch at a time. (Ray's Parquet
+    reader merges small files into one block; a repartitioning task after it would hold a CPU for the whole
+    night, which on a small node starves the decode tasks.)
+    """
     folder = posixpath.join(out.staging, "plan")
     if out.fs.exists(folder):
         out.fs.rm(folder, recursive=True)
     out.fs.makedirs(folder, exist_ok=True)
-    paths, writer, f, in_file = [], None, None, 0
-    try:
-        for batch in rows:
-            if writer is None or in_file >= rows_per_file:
-                if writer is not None:
-                    writer.close()
-                    f.close()
-                paths.append(posixpath.join(folder, f"plan-{len(paths):06d}.parquet"))
-                f = out.fs.open(paths[-1], "wb")
-                writer, in_file = pq.ParquetWriter(f, rows.schema, compression="zstd"), 0
-            writer.write_batch(batch)
-            in_file += batch.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-            f.close()
+    paths: list[str] = []
+    pending: list[pa.RecordBatch] = []
+    buffered = 0
+
+    def flush(upto: int) -> None:
+        nonlocal pending, buffered
+        table = pa.Table.from_batches(pending, rows.schema)
+        head, pending = table.slice(0, upto), table.slice(upto).to_batches()
+        buffered -= head.num_rows
+        paths.append(posixpath.join(folder, f"plan-{len(paths):06d}.parquet"))
+        with out.fs.open(paths[-1], "wb") as f:
+            pq.write_table(head, f, compression="zstd")
+
+    for batch in rows:
+        pending.append(batch)
+        buffered += batch.num_rows
+        while buffered >= rows_per_file:
+            flush(rows_per_file)
+    if buffered:
+        flush(buffered)
     return paths
 
 
@@ -325,16 +344,19 @@ def run_job(config: JobConfig) -> dict:
     info = check_models(config.scorer_config())
     out_fs, out_root = fsspec.core.url_to_fs(config.output, **dict(config.storage_options))
     planner = PlannerConfig(memory_mb=config.plan_memory_mb, spill_dir=config.spill_dir)
-    plan = make_plan(reader, allowlist, out_fs, out_root.rstrip("/"), info.model_id, run_date, config.incremental,
-                     config.shard_rows, config.limit, planner)
+    before = rss_bytes()
+    with PeakRss() as planning:
+        plan = make_plan(reader, allowlist, out_fs, out_root.rstrip("/"), info.model_id, run_date,
+                         config.incremental, config.shard_rows, config.limit, planner)
+    memory = {"before_planning": round(before / 2**20, 1), "planning_peak": round(planning.peak / 2**20, 1)}
     try:
-        return _run_plan(config, reader, allowlist, info, plan, run_date, started)
+        return _run_plan(config, reader, allowlist, info, plan, run_date, started, memory)
     finally:
         plan.close()
 
 
 def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, info: ModelInfo, plan: Plan,
-              run_date: str, started: float) -> dict:
+              run_date: str, started: float, memory: dict) -> dict:
     run_key = _run_key(config, reader, info.model_id, run_date, plan)
     run_id = f"{run_date}-{run_key}"
     planned_s = time.monotonic() - started
@@ -359,11 +381,13 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
     if to_score:
         import ray
 
-        plan_files = _write_plan_files(out, plan.rows(scored=True, skip_shards=finished))
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
+        cluster = _cluster_plan(config)
+        block = _block_rows(to_score, _batch_size(config, cluster[0]))
+        plan_files = _write_plan_files(out, plan.rows(scored=True, skip_shards=finished), block)
         progress = _Progress(to_score, config.log_every_s)
-        for batch in _scored_stream(config, plan_files, out.fs, to_score, info, operators):
+        for batch in _scored_stream(config, plan_files, out.fs, info, cluster, operators):
             rows = _result_rows(batch, info, run_id, scored_at, schema)
             writer.add(rows)
             progress.update(rows.num_rows, int(pc.sum(pc.equal(rows.column("status"), STATUS_ERROR)).as_py() or 0))
@@ -382,6 +406,7 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         "skipped_done_before": plan.done_before,
         "rows_written": plan.rows_to_write,
         "resumed_rows": sum(finished.values()),
+        "duplicate_results_dropped": writer.dropped,
         "status_counts": {s: statuses.get(s, 0) for s in STATUSES},
         "error_reasons": reasons,
         "model": config.model,
@@ -393,6 +418,7 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         "images_per_s": round(to_score / wall, 4) if wall > 0 else None,
         "ray_operators": operators,
         "driver_peak_rss_mib": round(peak_rss_bytes() / 2**20, 1),
+        "driver_rss_mib": memory,
     }
     summary["summary_path"] = out.commit(summary, config.plan_memory_mb)
     logger.info("run %s done: %s", run_id, {k: summary[k] for k in ("status_counts", "rows_written",

@@ -245,7 +245,10 @@ def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_ro
     try:
         n = _load_manifest(con, reader, allowlist, limit)
         con.register("done_rows", _done_stream(output_fs, output_root, model_id, run_date, incremental))
-        # Not done before: an anti-join on the object version (URI, ETag, size), out of core.
+        # Not done before: an anti-join on the object version (URI, ETag, size), out of core. DuckDB builds its
+        # hash table on the history's stream (it cannot count a stream) and partitions it to the spill folder
+        # when it outgrows the memory limit. Building on tonight's manifest instead (a right join) held twice
+        # the memory at 10M rows: its unmatched rows are tracked in memory.
         con.execute("""
             CREATE TABLE todo AS SELECT m.* FROM manifest m ANTI JOIN done_rows d
             ON d.uri = m.uri AND coalesce(d.etag, '') = coalesce(m.etag, '')

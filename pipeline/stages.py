@@ -17,11 +17,12 @@ import io
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.output import STATUS_ERROR, STATUS_OK
@@ -177,6 +178,21 @@ def with_passthrough(out: pa.Table, batch: pa.Table, drop: tuple[str, ...]) -> p
 def fetch_and_prepare_batch(batch: pa.Table, config: ScorerConfig, storage_options: Mapping | None = None) -> pa.Table:
     """``fetch_batch`` then ``prepare_batch`` in one task: an image's bytes never leave the task that read them."""
     return prepare_batch(fetch_batch(batch, storage_options), config)
+
+
+def prepare_plan_files(batch: pa.Table, config: ScorerConfig, fs: fsspec.AbstractFileSystem, batch_size: int,
+                       storage_options: Mapping | None = None) -> Iterator[pa.Table]:
+    """Read the job's plan files named in ``batch`` (a ``path`` column); yield their rows fetched and prepared.
+
+    ``batch_size`` rows at a time, each batch as ``fetch_and_prepare_batch`` returns it.
+
+    The plan files are read here, in the decode task, rather than by a Ray read operator: a task per file
+    whatever its size, and prepared rows that stream to the scoring actors as each batch is done.
+    """
+    for path in batch.column("path").to_pylist():
+        with fs.open(path, "rb") as f:
+            for rows in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size):
+                yield fetch_and_prepare_batch(pa.Table.from_batches([rows]), config, storage_options)
 
 
 def _unpack(row: dict, prepared_type: type):

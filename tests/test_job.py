@@ -91,6 +91,11 @@ def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, buc
         assert rows[key]["status"] == "rejected" and "outside the allowed prefixes" in rows[key]["error"]
         assert rows[key]["score"] is None
     assert summary["status_counts"] == {"ok": 3, "error": 2, "rejected": 3}
+    # Reading and decoding ran as CPU tasks of their own, not fused into the scoring actor (on this 2-core
+    # machine both ask for one CPU, which is when Ray would fuse them).
+    actor_ops = [op for op in summary["ray_operators"] if "ScoreActor" in op]
+    assert actor_ops == ["MapBatches(ScoreActor)"], summary["ray_operators"]
+    assert "MapBatches(prepare_plan_files)" in summary["ray_operators"]
     # An ordinary reader: partition column, filter on score.
     good = pads.dataset(str(output), format="parquet", partitioning="hive").to_table(
         filter=(pc.field("score") > 0) & (pc.field("run_date") == "2026-11-20"))

@@ -151,8 +151,8 @@ def test_driver_memory_does_not_grow_with_manifest_and_history(checkpoints, tmp_
 
     The code this replaced held about 820 bytes a manifest row in the driver (1.4 GB more at 2M rows); a
     per-row Python structure coming back would cost at least 100 bytes a row (200 MB more). What the planner
-    may use is fixed instead: DuckDB's memory limit (128 MB here) and a few Arrow batches in flight, about
-    300 MB measured, the same at 10M rows (see the README's Scale section).
+    may use is fixed instead: DuckDB's memory limit (128 MB here, which DuckDB overshoots by about as much
+    again) and a few Arrow batches in flight: about 330 MB measured at 2M rows and under 350 MB at 10M.
     """
     from pipeline.scorer import ScorerConfig, check_models
 
@@ -170,8 +170,9 @@ def test_driver_memory_does_not_grow_with_manifest_and_history(checkpoints, tmp_
         assert run.returncode == 0, run.stderr[-3000:]
         summary = json.loads(run.stdout[run.stdout.index("{"):])
         assert summary["skipped_done_before"] == n and summary["rows_written"] == 0
-        peaks[n] = summary["driver_peak_rss_mib"]
+        # Sampled while planning: a child's ru_maxrss starts from this test process's at the fork.
+        peaks[n] = summary["driver_rss_mib"]["planning_peak"]
     growth = peaks[2_000_000] - peaks[1000]
-    print(f"\ndriver peak RSS: {peaks[1000]:.0f} MiB at 1,000 rows, {peaks[2_000_000]:.0f} MiB at 2,000,000 "
-          f"(growth {growth:.0f} MiB)")
-    assert growth < 400, f"the driver grew by {growth:.0f} MiB from 1,000 to 2,000,000 manifest rows"
+    print(f"\ndriver RSS while planning: {peaks[1000]:.0f} MiB at 1,000 rows, {peaks[2_000_000]:.0f} MiB at "
+          f"2,000,000 (growth {growth:.0f} MiB)")
+    assert growth < 480, f"the driver grew by {growth:.0f} MiB from 1,000 to 2,000,000 manifest rows"
