@@ -187,6 +187,7 @@ def main() -> None:
             r["planning_peak_growth_mib"] = round(r["planning_rss_mib"]["planning_peak"]
                                                   - b["planning_rss_mib"]["planning_peak"], 1)
             r["rows_per_s_beyond_startup"] = round((r["rows"] - b["rows"]) / max(r["wall_s"] - b["wall_s"], 1e-9))
+            r["planning_rows_per_s"] = round((r["rows"] - b["rows"]) / max(r["planning_s"] - b["planning_s"], 1e-9))
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "results": results}, indent=2))

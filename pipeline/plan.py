@@ -28,7 +28,6 @@ from itertools import chain
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from pipeline.allowlist import Allowlist
 from pipeline.manifest import ROW_ERROR, ManifestReader, extra_columns
@@ -36,10 +35,8 @@ from pipeline.output import (
     STATUS_ERROR,
     STATUS_OK,
     STATUS_REJECTED,
-    STREAMING_PARQUET,
-    done_filter,
     extra_column_names,
-    visible_parquet_files,
+    iter_done_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -194,6 +191,9 @@ def _load_manifest(con: duckdb.DuckDBPyConnection, reader: ManifestReader, allow
         rows += con.sql(f"SELECT count(*) FROM manifest_{k}").fetchall()[0][0]
     if not tables:
         raise AssertionError("a manifest yields at least one batch per file")
+    if len(tables) == 1:
+        con.execute(f"ALTER TABLE {tables[0]} RENAME TO manifest")
+        return rows
     union = " UNION ALL BY NAME ".join(f"SELECT * FROM {t}" for t in tables)
     con.execute(f"CREATE TABLE manifest AS {union}")
     for t in tables:
@@ -202,22 +202,18 @@ def _load_manifest(con: duckdb.DuckDBPyConnection, reader: ManifestReader, allow
 
 
 def _done_stream(fs, root: str, model_id: str, run_date: str, incremental: bool) -> pa.RecordBatchReader:
-    """The history's rows that count as done, streamed.
-
-    Only ``(uri, etag, size_bytes)`` are read, with the model's filter pushed into the Parquet scan (row
-    groups of other models and statuses are skipped by their statistics; see ``pipeline.output.done_filter``).
-    """
-    files = visible_parquet_files(fs, root)
+    """The history's rows that count as done, as one stream (see ``pipeline.output.iter_done_rows``)."""
     schema = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size_bytes", pa.int64())])
-    if not files:
-        return pa.RecordBatchReader.from_batches(schema, [])
-    dataset = pads.dataset(files, filesystem=fs, format=STREAMING_PARQUET,
-                           partitioning=pads.HivePartitioning.discover(),
-                           partition_base_dir=root, exclude_invalid_files=True)
-    flt = done_filter(model_id, run_date, incremental)
-    scanner = dataset.scanner(columns=list(schema.names), filter=flt, batch_size=BATCH_ROWS, batch_readahead=2,
-                              fragment_readahead=1)
-    return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in scanner.to_batches()))
+    batches = iter_done_rows(fs, root, model_id, run_date, incremental, BATCH_ROWS)
+    return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches))
+
+
+JOIN_BYTES_PER_ROW = 40  # memory limit a history row needs in one anti-join pass (measured with a margin)
+
+
+def _join_passes(history_rows: int, memory_mb: int) -> int:
+    """Hash partitions of the anti-join, so that each pass's share of the history fits half the memory limit."""
+    return max(1, -(-history_rows * JOIN_BYTES_PER_ROW // (memory_mb * 2**20 // 2)))
 
 
 def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_root: str, model_id: str,
@@ -245,16 +241,23 @@ def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_ro
     try:
         n = _load_manifest(con, reader, allowlist, limit)
         con.register("done_rows", _done_stream(output_fs, output_root, model_id, run_date, incremental))
-        # Not done before: an anti-join on the object version (URI, ETag, size), out of core. DuckDB builds its
-        # hash table on the history's stream (it cannot count a stream) and partitions it to the spill folder
-        # when it outgrows the memory limit. Building on tonight's manifest instead (a right join) held twice
-        # the memory at 10M rows: its unmatched rows are tracked in memory.
-        con.execute("""
-            CREATE TABLE todo AS SELECT m.* FROM manifest m ANTI JOIN done_rows d
-            ON d.uri = m.uri AND coalesce(d.etag, '') = coalesce(m.etag, '')
-               AND coalesce(d.size_bytes, -1) = coalesce(m.size_bytes, -1)""")
+        con.execute("""CREATE TABLE done AS SELECT uri, coalesce(etag, '') AS e, coalesce(size_bytes, -1) AS s
+                       FROM done_rows""")
         con.unregister("done_rows")
+        # Not done before: an anti-join on the object version (URI, ETag, size). DuckDB's hash join spills,
+        # but past a few tens of bytes of memory limit per history row it fails (30M rows against 256 MB,
+        # measured); so the join runs in passes over hash partitions of the URI, each one's hash table
+        # within the limit. A night whose history fits makes one pass.
+        passes = _join_passes(con.sql("SELECT count(*) FROM done").fetchall()[0][0], config.memory_mb)
+        con.execute("CREATE TABLE todo AS SELECT * FROM manifest LIMIT 0")
+        for k in range(passes):
+            part = f"hash(uri) % {passes} = {k}" if passes > 1 else "true"
+            con.execute(f"""
+                INSERT INTO todo SELECT m.* FROM (SELECT * FROM manifest WHERE {part}) m
+                ANTI JOIN (SELECT * FROM done WHERE {part}) d
+                ON d.uri = m.uri AND d.e = coalesce(m.etag, '') AND d.s = coalesce(m.size_bytes, -1)""")
         con.execute("DROP TABLE manifest")
+        con.execute("DROP TABLE done")
         todo = con.sql("SELECT count(*) FROM todo").fetchall()[0][0]
         # Later rows naming the same object version as an earlier row are written once, as errors.
         con.execute("""

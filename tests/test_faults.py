@@ -121,6 +121,23 @@ def _job_command(images: Path, output: Path, checkpoints) -> list[str]:
             "--batch-size", "1", "--shard-rows", "2", "--run-date", "2026-11-22", "--log-every", "0"]
 
 
+JOB_ENV = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+
+
+def _kill_after_staged_shards(command: list[str], output: Path, shards: int) -> None:
+    """Start the job in a process group of its own; SIGKILL the driver and its local Ray once ``shards``
+    shards are staged, with no chance to clean up."""
+    proc = subprocess.Popen(command, env=JOB_ENV, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(output.glob("_staging/*/shard-*.parquet"))) < shards:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    assert len(list(output.glob("_staging/*/shard-*.parquet"))) >= shards, "the run never reached the kill point"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_driver_killed_mid_run_then_rerun_is_exactly_once(checkpoints, tmp_path):
     images = tmp_path / "bucket"
@@ -129,19 +146,10 @@ def test_driver_killed_mid_run_then_rerun_is_exactly_once(checkpoints, tmp_path)
         (images / f"{i:02d}.jpg").write_bytes(_jpeg(i))
     output = tmp_path / "out"
     command = _job_command(images, output, checkpoints)
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(output.glob("_staging/*/shard-*.parquet"))) < 3:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    assert len(list(output.glob("_staging/*/shard-*.parquet"))) >= 3, "the run never reached the kill point"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, with no chance to clean up
-    proc.wait()
+    _kill_after_staged_shards(command, output, 3)
     assert not list(output.glob("run_date=*/*.parquet"))  # nothing committed, nothing visible
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, env=JOB_ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
     assert summary["resumed_rows"] >= 4  # finished shards were reused, not scored again
@@ -165,19 +173,10 @@ def test_manifest_replaced_at_the_same_uri_after_a_kill_commits_only_the_new_one
     manifest.write_text("uri\n" + "".join(f"{i:02d}.jpg\n" for i in range(8)))
     output = tmp_path / "out"
     command = _job_command(manifest, output, checkpoints)
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(output.glob("_staging/*/shard-*.parquet"))) < 2:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    assert len(list(output.glob("_staging/*/shard-*.parquet"))) >= 2, "the run never reached the kill point"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after_staged_shards(command, output, 2)
     # Tonight's manifest is replaced by tomorrow's at the same URI: same row numbers, other images.
     manifest.write_text("uri\n" + "".join(f"{i:02d}.jpg\n" for i in range(8, 16)))
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, env=JOB_ENV, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout[rerun.stdout.index("{"):])
     assert summary["resumed_rows"] == 0  # the old manifest's shards were not taken for the new one's

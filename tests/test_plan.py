@@ -50,7 +50,14 @@ def _work(plan) -> list[dict]:
     return sorted((r for b in rows for r in pa.Table.from_batches([b]).to_pylist()), key=lambda r: r["row_index"])
 
 
-def test_each_row_is_decided_once_and_shards_follow_manifest_order(tmp_path):
+@pytest.mark.parametrize("join_bytes", [None, 2**26], ids=["one pass", "four passes"])
+def test_each_row_is_decided_once_and_shards_follow_manifest_order(tmp_path, monkeypatch, join_bytes):
+    """The same decisions whether the anti-join runs in one pass or over many hash partitions of the URIs."""
+    import pipeline.plan
+
+    if join_bytes:
+        monkeypatch.setattr(pipeline.plan, "JOIN_BYTES_PER_ROW", join_bytes)
+        assert pipeline.plan._join_passes(2, 64) == 4
     home = f"file://{tmp_path}/"
     (tmp_path / "m.csv").write_text("\n".join([
         "uri,etag,size,label",
