@@ -5,16 +5,19 @@ Layout under the output URI::
     run_date=2026-11-22/part-<run_key>.parquet        one file per run, rows sorted by score
     run_date=2026-11-22/_summary-<run_key>.json       counts by status, speed, model ids
     _staging/<run_date>_<run_key>/shard-000012.parquet   finished shards of a run in progress
+    _staging/<run_date>_<run_key>/plan/plan-000003.parquet   its rows to score, one file per decode task
 
 How a run stays exactly-once when it is killed at any point and started again with the same arguments:
 
 * The run key is a hash of everything that decides the run's rows (manifest, run date, model id, options,
-  and the set of rows still to score). The same arguments over the same output give the same key.
+  the manifest files' versions and a fingerprint of every row still to write). The same arguments over the
+  same output and manifest give the same key; a manifest replaced at the same URI gives another.
 * Pending rows are cut into fixed shards in manifest order. A shard is written to staging only when all its
   rows are in, in one put (object stores) or write-then-rename (local disks), so a shard file is whole or
   absent. A rerun reads the finished shards and scores only the others.
-* Commit: the shards become one part file, placed into the partition by one rename (local) or one copy
-  (object stores): readers see all of the run's rows or none. Then the summary, then staging is removed.
+* Commit: the shards are merged by score out of core (DuckDB) and streamed into one part file, which
+  becomes visible whole: when its multipart upload completes (object stores) or when its hidden name is
+  renamed (local disks). Readers see all of the run's rows or none. Then the summary, then staging is removed.
 * Rows already in this ``run_date`` for the same model (any status) are never written again, so a rerun after
   the commit writes nothing twice.
 
