@@ -298,8 +298,8 @@ def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_ro
             SELECT count(*), bit_xor(h), sum(h::HUGEINT) FROM (
                 SELECT hash(row_index, uri, etag, size_bytes, status, error, shard) AS h FROM work)""").fetchall()[0]
         fingerprint = hashlib.sha256(repr(digest).encode()).hexdigest()
-        extras_schema = con.sql(f"SELECT {', '.join(_quote(c) for c in extras) or '1 AS _'} FROM work LIMIT 0"
-                                ).to_arrow_table().schema if extras else pa.schema([])
+        extras_schema = (con.sql(f"SELECT {', '.join(_quote(c) for c in extras)} FROM work LIMIT 0")
+                         .to_arrow_table().schema if extras else pa.schema([]))
         logger.info("planned %d manifest rows: %d done before, %d decided on the driver, %d to score",
                     n, n - todo, n_decided, todo - n_decided)
         return Plan(con, n, n - todo, shard_sizes, d_shards, fingerprint, extras_schema, tmp)

@@ -121,6 +121,13 @@ def _job_command(images: Path, output: Path, checkpoints) -> list[str]:
             "--batch-size", "1", "--shard-rows", "2", "--run-date", "2026-11-22", "--log-every", "0"]
 
 
+def _jpeg_bucket(folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i:02d}.jpg").write_bytes(_jpeg(i))
+    return folder
+
+
 JOB_ENV = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
 
 
@@ -140,10 +147,7 @@ def _kill_after_staged_shards(command: list[str], output: Path, shards: int) -> 
 
 @pytest.mark.slow
 def test_driver_killed_mid_run_then_rerun_is_exactly_once(checkpoints, tmp_path):
-    images = tmp_path / "bucket"
-    images.mkdir()
-    for i in range(10):
-        (images / f"{i:02d}.jpg").write_bytes(_jpeg(i))
+    images = _jpeg_bucket(tmp_path / "bucket", 10)
     output = tmp_path / "out"
     command = _job_command(images, output, checkpoints)
     _kill_after_staged_shards(command, output, 3)
@@ -165,10 +169,7 @@ def test_driver_killed_mid_run_then_rerun_is_exactly_once(checkpoints, tmp_path)
 
 def test_manifest_replaced_at_the_same_uri_after_a_kill_commits_only_the_new_one(checkpoints, tmp_path):
     """The nightly CronJob points at a fixed manifest path: a killed run, a new manifest, a rerun."""
-    images = tmp_path / "bucket"
-    images.mkdir()
-    for i in range(16):
-        (images / f"{i:02d}.jpg").write_bytes(_jpeg(i))
+    images = _jpeg_bucket(tmp_path / "bucket", 16)
     manifest = images / "manifest.csv"
     manifest.write_text("uri\n" + "".join(f"{i:02d}.jpg\n" for i in range(8)))
     output = tmp_path / "out"
