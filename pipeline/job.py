@@ -3,7 +3,7 @@
 On the driver, whose memory does not grow with the manifest or the history: hash and check the weights (a bad
 checkpoint stops the job here, before any work), then plan the night out of core (``pipeline.plan``: the
 manifest streamed through the allowlist into DuckDB, anti-joined with the history, de-duplicated, cut into
-shards), and commit. On the cluster (Ray Data, streaming): read the plan's Parquet, fetch bytes and decode in
+shards), and commit. On the cluster (Ray Data, streaming): read the plan files, fetch bytes and decode in
 CPU tasks, score on an actor pool that holds both models (GPU when the cluster has GPUs). Every manifest row
 that is not skipped becomes exactly one output row; failures are rows with ``status`` ``error`` or
 ``rejected``.

@@ -317,16 +317,6 @@ def iter_done_rows(fs: fsspec.AbstractFileSystem, root: str, model_id: str, run_
                 yield batch.filter(pc.fill_null(keep, False)).select(list(DONE_COLUMNS))
 
 
-def done_keys(output: str, model_id: str, run_date: str, storage_options: Mapping | None = None) -> pa.Table:
-    """``(uri, etag, size_bytes)`` of rows ``model_id`` wrote that count as done (see ``iter_done_rows``).
-
-    In memory: for inspection and tests. The job streams the same rows into its planner (``pipeline.plan``).
-    """
-    fs, root = fsspec.core.url_to_fs(output, **(storage_options or {}))
-    schema = pa.schema([(c, pa.int64() if c == "size_bytes" else pa.string()) for c in DONE_COLUMNS])
-    return pa.Table.from_batches([b.cast(schema) for b in iter_done_rows(fs, root, model_id, run_date)], schema)
-
-
 def visible_parquet_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The committed part files under an output root (staging and hidden files are not)."""
     root = root.rstrip("/")

@@ -4,10 +4,11 @@ A nightly manifest can name every object of a bucket (10^8 rows) and the output 
 written (10^9), so the driver holds neither. The manifest streams through in Arrow batches (normalised and
 checked against the allowlist by Arrow compute, see ``pipeline.manifest`` and ``pipeline.allowlist``) into
 a DuckDB database on local disk; DuckDB, with a memory limit and a spill folder, then does the set work:
-the anti-join against the history (streamed from the output's Parquet with the model's filter pushed down),
-the duplicates, and the numbering into shards. What comes back to the driver is counts: a number of rows
-per shard and a fingerprint of the night's work. Rows leave DuckDB only as streams of batches, into staged
-shards and into the plan files that Ray Data reads.
+the anti-join against the history (its done rows streamed from the output's Parquet into a table, see
+``pipeline.output.iter_done_rows``; the join in hash passes that each fit the memory limit), the
+duplicates, and the numbering into shards. What comes back to the driver is counts: a number of rows per
+shard and a fingerprint of the night's work. Rows leave DuckDB only as streams of batches, into staged
+shards and into the plan files that the decode tasks read.
 
 Why DuckDB rather than Ray Data for this: on one node it sorts, joins and aggregates out of core at millions
 of rows a second with a bounded memory, without first moving the manifest into an object store; planning

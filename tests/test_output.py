@@ -11,8 +11,8 @@ from pipeline.output import (
     RESULT_SCHEMA,
     RunOutput,
     atomic_target,
-    done_keys,
     extra_column_names,
+    iter_done_rows,
     output_schema,
     write_parquet_atomically,
 )
@@ -98,11 +98,13 @@ def test_done_keys(tmp_path):
         out.commit({})
     unfinished = RunOutput(str(tmp_path), "2026-11-22", "other-x", schema)
     unfinished.write_shard(1, _rows(2, 400))  # a run still in progress (or killed): not counted
-    keys = done_keys(str(tmp_path), "m1", "2026-11-22")
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    uris = [u for b in iter_done_rows(fs, str(tmp_path), "m1", "2026-11-22") for u in b.column("uri").to_pylist()]
     # ok rows of any night, and every row of tonight's partition; error rows of other nights are retried.
-    assert sorted(keys.column("uri").to_pylist()) == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/300.jpg",
-                                                       "s3://b/301.jpg"]
-    assert done_keys(str(tmp_path / "nothing-yet"), "m1", "2026-11-22").num_rows == 0
+    assert sorted(uris) == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/300.jpg", "s3://b/301.jpg"]
+    assert list(iter_done_rows(fs, str(tmp_path / "nothing-yet"), "m1", "2026-11-22")) == []
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
