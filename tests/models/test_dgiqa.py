@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
-from pipeline.weights import WeightsError, load_strict
+from pipeline.weights import WeightsError, check_fits, load_strict, read_checkpoint
 from tests.conftest import read_layout
 
 
@@ -21,11 +21,51 @@ def test_state_dict_equals_published_layout(model):
     assert {k: v for k, v in ours.items() if v != layout[k]} == {}
 
 
-def test_published_layout_loads_strictly(model):
+def _published_layout_file(path, drop: str | None = None, add: str | None = None):
+    """A ``.pth`` of zeros with exactly the recorded published keys, shapes and dtypes (one dropped or added)."""
+    layout = read_layout("dgiqa")
+    state = {key: torch.zeros(shape, dtype=getattr(torch, dtype)) for key, (shape, dtype) in layout.items()}
+    if drop:
+        del state[drop]
+    if add:
+        state[add] = torch.zeros(3)
+    torch.save(state, path)
+    return path
+
+
+def test_published_layout_loads_strictly(tmp_path):
+    """A checkpoint in the recorded published layout loads through the product's path (read, remap, strict load).
+
+    The layout comes from ``tests/data``, not from this model's own state dict, so a renamed module, a filter
+    function that rewrites a published key, or a loader that ignores the file all fail here.
+    """
+    ckpt = read_checkpoint(str(_published_layout_file(tmp_path / "published.pth")))
     fresh = build_dgiqa()
-    fresh.load_state_dict(model.state_dict(), strict=True)
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
+    load_strict(fresh, ckpt.state_dict, "DGIQA (--weights published.pth)", checkpoint_filter_fn)
+    loaded = fresh.state_dict()
+    assert sorted(loaded) == sorted(read_layout("dgiqa"))
+    assert [key for key, value in loaded.items() if value.count_nonzero()] == []  # the file's zeros, not the init
+
+
+def _meta_dgiqa() -> DGIQA:
+    """The architecture without memory, as a job's driver checks weights before any work (``check_fits``)."""
+    with torch.device("meta"):
+        return build_dgiqa()
+
+
+@pytest.mark.parametrize("key", ["backbone.layers_2.blocks.3.attn.relative_position_bias_table",
+                                 "tcb2_depth.norm.num_batches_tracked"])
+def test_published_layout_less_one_key_is_refused_with_the_key_named(tmp_path, key):
+    assert key in read_layout("dgiqa")
+    ckpt = read_checkpoint(str(_published_layout_file(tmp_path / "short.pth", drop=key)))
+    with pytest.raises(WeightsError, match=f"1 missing keys: {re.escape(key)}$"):
+        check_fits(_meta_dgiqa(), ckpt.state_dict, "DGIQA (--weights short.pth)", checkpoint_filter_fn)
+
+
+def test_published_layout_plus_one_key_is_refused_with_the_key_named(tmp_path):
+    ckpt = read_checkpoint(str(_published_layout_file(tmp_path / "long.pth", add="backbone.layers_1.extra.weight")))
+    with pytest.raises(WeightsError, match=r"1 unexpected keys: backbone\.layers_1\.extra\.weight$"):
+        check_fits(_meta_dgiqa(), ckpt.state_dict, "DGIQA (--weights long.pth)", checkpoint_filter_fn)
 
 
 @pytest.mark.slow
