@@ -1,5 +1,7 @@
 """The Ray Data stages called directly: every row in gives one row out, failures as rows."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -44,15 +46,28 @@ def test_prepare_round_trips_the_arrays(files, fast_scorer):
     assert (got.height, got.width) == (expected.height, expected.width)
 
 
-def test_actor_scores_equal_the_cli_scorer(files, fast_scorer):
+def test_actor_rows_carry_their_own_images_scores(files, fast_scorer):
+    """Each output row holds the score of its own image, whatever the order of the batch.
+
+    The actor and the CLI share ``Scorer``, so agreeing with ``score_bytes`` proves no numerics; what it does
+    prove is the pairing: the two images' direct scores lie far apart (checked), so a row given the other image's
+    score, or a batch's scores shifted by one row, fails.
+    """
+    tolerance = 1e-5
+    images = (files[0], files[3])
+    direct = {uri: fast_scorer.score_bytes(Path(uri.removeprefix("file://")).read_bytes()) for uri in images}
+    assert abs(direct[files[0]].score - direct[files[3]].score) > 20 * tolerance
     actor = ScoreActor(fast_scorer.config, fast_scorer.model_id)
-    out = actor(prepare_batch(fetch_batch(_batch(files)), fast_scorer.config))
-    assert out.num_rows == 4 and out.column("status").to_pylist() == ["ok", "error", "error", "ok"]
-    for i in (0, 3):
-        expected = fast_scorer.score_bytes(open(files[i].removeprefix("file://"), "rb").read())
-        assert out.column("score")[i].as_py() == pytest.approx(expected.score, abs=1e-5)
-        assert out.column("width")[i].as_py() == expected.width
-    assert out.column("score")[1].as_py() is None
+    for order in (files, files[::-1]):
+        out = actor(prepare_batch(fetch_batch(_batch(order)), fast_scorer.config))
+        assert out.num_rows == 4 and out.column("uri").to_pylist() == order
+        rows = {r["uri"]: r for r in out.to_pylist()}
+        for uri, expected in direct.items():
+            assert rows[uri]["status"] == "ok"
+            assert rows[uri]["score"] == pytest.approx(expected.score, abs=tolerance), uri
+            assert (rows[uri]["width"], rows[uri]["height"]) == (expected.width, expected.height)
+        assert [rows[uri]["score"] for uri in (files[1], files[2])] == [None, None]
+        assert [rows[uri]["status"] for uri in (files[1], files[2])] == ["error", "error"]
 
 
 def test_actor_refuses_other_weights(fast_scorer):
