@@ -21,9 +21,29 @@ DOCKERFILE = REPO / "infra" / "Dockerfile"
 
 
 @pytest.fixture(scope="module")
-def job_help() -> str:
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "score_bucket.py"), "--help"],
-                          capture_output=True, text=True, check=True).stdout
+def job_options() -> set[str]:
+    """Every option string the job's parser accepts, read from the parser (exact names, not help text).
+
+    The script's ``--help`` must also run, and show each of them as a whole word.
+    """
+    from jobs.score_bucket import build_parser
+
+    options = {o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")}
+    help_text = subprocess.run([sys.executable, str(REPO / "jobs" / "score_bucket.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert {o for o in options if not _names_flag(help_text, o)} == set()
+    return options
+
+
+def _names_flag(text: str, flag: str) -> bool:
+    """``flag`` appears in ``text`` as a whole option name: ``--depth`` is not found in ``--depth-weights``."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
+
+
+def test_flag_checks_match_whole_option_names(job_options):
+    assert "--depth-weights" in job_options and "--depth" not in job_options
+    assert _names_flag("  --depth-weights URI", "--depth-weights")
+    assert not _names_flag("  --depth-weights URI", "--depth") and not _names_flag("--no-depth", "--depth")
 
 
 def _job_flags(command: str) -> set[str]:
@@ -92,7 +112,7 @@ def test_raycluster_has_a_cpu_head_autoscaling_gpu_workers_and_a_private_job_api
         assert limits["nvidia.com/gpu"] == "1"
 
 
-def test_cronjob_submits_the_job_nightly_with_the_date_partition(job_help):
+def test_cronjob_submits_the_job_nightly_with_the_date_partition(job_options):
     spec = yaml.safe_load(CRONJOB.read_text())["spec"]
     assert len(spec["schedule"].split()) == 5 and spec["concurrencyPolicy"] == "Forbid"
     pod = spec["jobTemplate"]["spec"]["template"]["spec"]
@@ -102,27 +122,27 @@ def test_cronjob_submits_the_job_nightly_with_the_date_partition(job_help):
     assert '--run-date "$(date -u +%Y-%m-%d)"' in command
     flags = _job_flags(command)
     assert {"--manifest", "--output", "--weights", "--depth-weights", "--run-date"} <= flags
-    assert {f for f in flags if f not in job_help} == set()
+    assert flags - job_options == set()
 
 
 # systemd (hosts without Kubernetes)
 
-def test_systemd_units_run_the_job_nightly(job_help):
+def test_systemd_units_run_the_job_nightly(job_options):
     service, timer = _unit(SERVICE), _unit(TIMER)
     assert service["Service"]["Type"] == "oneshot" and service["Service"]["User"] != "root"
     command = shlex.split(service["Service"]["ExecStart"])[-1].replace("%%", "%")
     assert command.startswith("ray job submit --address http://127.0.0.1:8265")
-    assert {f for f in _job_flags(command) if f not in job_help} == set()
+    assert _job_flags(command) - job_options == set()
     assert timer["Timer"]["OnCalendar"].endswith("02:00:00 UTC") and timer["Install"]["WantedBy"] == "timers.target"
 
 
 # Commands written in the files exist; the image installs what pyproject.toml pins; no secrets anywhere
 
-def test_launcher_documented_submit_command_uses_existing_flags(job_help):
+def test_launcher_documented_submit_command_uses_existing_flags(job_options):
     lines = [line.lstrip("# ").rstrip("\\ ") for line in CLUSTER.read_text().splitlines()
              if line.startswith("#") and ("score_bucket.py" in line or line.startswith("#       --"))]
     flags = _job_flags(" ".join(lines))
-    assert flags and {f for f in flags if f not in job_help} == set()
+    assert flags and flags - job_options == set()
 
 
 def test_container_installs_the_package_as_a_non_root_user():
