@@ -1,8 +1,12 @@
 import copy
+import hashlib
+import io
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from pipeline.models.dpiqa import (
@@ -13,19 +17,15 @@ from pipeline.models.dpiqa import (
     build_dpiqa_student,
     checkpoint_filter_fn,
 )
+from pipeline.sample import synthetic_photo
+from pipeline.scorer import ScorerConfig, make_scorer
 from pipeline.weights import WeightsError, load_strict, read_checkpoint
-from tests.conftest import read_layout
+from tests.conftest import DATA, SKIMAGE_DATA, read_layout
 
-HEAD_SHAPES = {
-    "conv_transpose.weight": (2560, 8, 3, 3),
-    "conv_transpose.bias": (8,),
-    "fc1.weight": (512, 32768),
-    "fc1.bias": (512,),
-    "fc2.weight": (512, 512),
-    "fc2.bias": (512,),
-    "fc3.weight": (1, 512),
-    "fc3.bias": (1,),
-}
+# Scores of the published student code (RomGai/DP-IQA) for the seeded random weights; how they were made is
+# written in the file itself.
+GOLDEN = json.loads((DATA / "dpiqa_student_published_scores.json").read_text())
+TOLERANCE = 1e-5
 
 
 def _calibrate_batch_norm(model: DpiqaStudent, images: torch.Tensor) -> DpiqaStudent:
@@ -59,15 +59,13 @@ def state(model) -> dict[str, torch.Tensor]:
     return dict(model.state_dict())
 
 
-def test_state_dict_has_the_published_keys(state):
-    assert len(state) == NUM_CHECKPOINT_KEYS == 1206
-    backbone = [k for k in state if k.startswith("base_model.features.")]
-    assert len(backbone) == 1198
-    assert sorted(set(state) - set(backbone)) == sorted(HEAD_SHAPES)
-    assert {k: tuple(state[k].shape) for k in HEAD_SHAPES} == HEAD_SHAPES
-    # The backbone ends in EfficientNet-B7's 1x1 convolution to 2560 channels.
-    assert tuple(state["base_model.features.8.0.weight"].shape) == (2560, 640, 1, 1)
-    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+def test_state_dict_has_the_published_layout(state):
+    # Recorded from the authors' StudentEfficientNet built with random weights: same keys in the same order,
+    # same shapes and dtypes, so their checkpoints load strictly.
+    layout = read_layout("dpiqa_student")
+    assert len(layout) == NUM_CHECKPOINT_KEYS == 1206
+    assert list(state) == list(layout)
+    assert {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()} == layout
 
 
 def test_builder_returns_eval_mode_without_classifier(model):
@@ -194,3 +192,45 @@ def test_full_size_forward_is_batch_independent(model):
     # allows float32 rounding through 55 blocks with batch-size-dependent kernels, far below the image-to-image
     # difference.
     torch.testing.assert_close(scores[1:], second_alone, atol=1e-3, rtol=0)
+
+
+def golden_image(entry: dict) -> bytes:
+    """The encoded bytes of a recorded image: a scikit-image photograph, or a generated photo saved as PNG."""
+    if entry["source"] == "skimage.data":
+        return (SKIMAGE_DATA / entry["name"]).read_bytes()
+    assert entry["source"] == "pipeline.sample.synthetic_photo"
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_photo(entry["height"], entry["width"], seed=entry["seed"])).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_recorded_scores_spread_far_beyond_the_tolerance():
+    scores = sorted(entry["score"] for entry in GOLDEN["images"])
+    assert 5 <= len(scores) <= 8
+    assert GOLDEN["tolerance"] == TOLERANCE
+    assert scores[-1] - scores[0] >= 10 * TOLERANCE
+    # Every pair of images differs by more than twice the tolerance, so two scores swapped cannot pass.
+    assert min(b - a for a, b in zip(scores, scores[1:], strict=False)) > 2 * TOLERANCE
+
+
+def test_regenerated_weights_are_the_recorded_ones(dpiqa_student):
+    recorded = GOLDEN["weights"]
+    assert recorded["generator"] == "pipeline.sample.write_random_dpiqa_student(path, seed=0)"
+    assert recorded["sha256"] == recorded["sha256_by_torch_threads"][str(GOLDEN["environment"]["torch_threads"])]
+    threads = str(torch.get_num_threads())
+    if threads not in recorded["sha256_by_torch_threads"]:
+        pytest.skip(f"weights were recorded with {sorted(recorded['sha256_by_torch_threads'])} torch threads, this "
+                    f"run uses {threads}: the generator's float32 BatchNorm calibration depends on the thread count")
+    assert hashlib.sha256(dpiqa_student.read_bytes()).hexdigest() == recorded["sha256_by_torch_threads"][threads]
+
+
+@pytest.mark.slow
+def test_scores_equal_the_published_student_code(dpiqa_student):
+    # One image per pass, as the published numbers were computed, on the path of `dgiqa score --model dpiqa-student`.
+    scorer = make_scorer(ScorerConfig(weights=str(dpiqa_student), model="dpiqa-student", device="cpu",
+                                      crop_batch=1))
+    expected = {entry["name"]: entry["score"] for entry in GOLDEN["images"]}
+    got = {entry["name"]: scorer.score_bytes(golden_image(entry)).score for entry in GOLDEN["images"]}
+    deviation = {name: abs(got[name] - expected[name]) for name in expected}
+    print("largest deviation from the published code:", max(deviation.values()))
+    assert max(deviation.values()) <= TOLERANCE, deviation
