@@ -22,6 +22,12 @@ Layouts:
 * ``generic``: a CSV, Parquet or JSON Lines file with a uri column (default ``uri``) and a label column
   (default ``mos``); higher is better unless ``lower_is_better``. Relative URIs are joined onto the images
   prefix when one is given.
+
+Groups: images that show the same scene must not be split between training and held-out sets, or the held-out
+score measures remembered scenes. ``Labels.groups`` names each row's group for ``dgiqa train``'s split: the
+``generic`` layout's optional ``group`` column (any text; an empty cell makes the row a group of its own) and
+KADID-10k's ``ref_img`` (the 125 distorted versions of one reference are one scene). The other public layouts
+hold one image per scene, so each row is its own group (``groups`` is None).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ import pyarrow as pa
 LAYOUTS = ("koniq", "kadid", "live-challenge", "spaq", "generic")
 DEFAULT_LABEL_COLUMN = {"koniq": "MOS_zscore", "kadid": "dmos", "spaq": "MOS", "generic": "mos"}
 NAME_COLUMN = {"koniq": "image_name", "kadid": "dist_img", "spaq": "Image name"}
+# Optional column naming each row's scene (see "Groups" above).
+GROUP_COLUMN = {"kadid": "ref_img", "generic": "group"}
 LIVE_NAMES, LIVE_MOS = "AllImages_release", "AllMOS_release"
 LIVE_TRAINING_IMAGES = 7
 LABELS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
@@ -60,6 +68,8 @@ class Labels:
         source: The label file (or dataset folder) as given.
         layout: One of ``LAYOUTS``.
         label_column: The column (or MATLAB variable) the labels came from.
+        groups: Each row's group (scene), in the table's order, for splits that keep a scene on one side;
+            None (or a None entry) when each row is its own group.
     """
 
     table: pa.Table
@@ -67,6 +77,7 @@ class Labels:
     source: str
     layout: str
     label_column: str
+    groups: tuple[str | None, ...] | None = None
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -174,6 +185,15 @@ def _build(names: list, values: list, describe: Callable[[int], str], path: str,
     return pa.table([pa.array(uris, pa.string()), pa.array(labels, pa.float64())], schema=LABELS_SCHEMA)
 
 
+def _groups(frame: pd.DataFrame, layout: str) -> tuple[str | None, ...] | None:
+    """The rows' groups from the layout's group column, if the file has one; empty cells give None."""
+    column = GROUP_COLUMN.get(layout)
+    if column not in frame.columns:
+        return None
+    return tuple(None if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+                 else str(value).strip() for value in frame[column].tolist())
+
+
 def _line(i: int) -> str:
     return f"line {i + 2}"  # header on line 1
 
@@ -199,11 +219,11 @@ def _named_table(path: str, layout: str, label_column: str | None, images_prefix
     column = label_column or DEFAULT_LABEL_COLUMN[layout]
     name_column = NAME_COLUMN[layout]
     uri_of = _prefix_join(images_prefix, layout)
-    frame = _read_frame(path, storage_options, text_columns=(name_column,))
+    frame = _read_frame(path, storage_options, text_columns=(name_column, GROUP_COLUMN.get(layout, name_column)))
     _require(frame, (name_column, column), path, layout)
     describe = _sheet_row if _table_kind(path) == "excel" else _line
     table = _build(frame[name_column].tolist(), frame[column].tolist(), describe, path, column, uri_of)
-    return Labels(table, True, path, layout, column)
+    return Labels(table, True, path, layout, column, _groups(frame, layout))
 
 
 def read_koniq(path: str, images_prefix: str, label_column: str = "MOS_zscore",
@@ -233,7 +253,7 @@ def read_spaq(path: str, images_prefix: str, label_column: str = "MOS",
 
 def read_generic(path: str, images_prefix: str | None = None, uri_column: str = "uri", label_column: str = "mos",
                  lower_is_better: bool = False, storage_options: Mapping | None = None) -> Labels:
-    """Your own CSV, Parquet or JSON Lines labels: a uri column and a numeric label column.
+    """Your own CSV, Parquet or JSON Lines labels: a uri column, a numeric label column and optionally ``group``.
 
     Args:
         path: The label file.
@@ -243,7 +263,7 @@ def read_generic(path: str, images_prefix: str | None = None, uri_column: str = 
         lower_is_better: The labels are DMOS-like.
         storage_options: fsspec options for reading the file.
     """
-    frame = _read_frame(path, storage_options, text_columns=(uri_column,))
+    frame = _read_frame(path, storage_options, text_columns=(uri_column, GROUP_COLUMN["generic"]))
     _require(frame, (uri_column, label_column), path, "generic")
 
     def uri_of(name: str) -> str:
@@ -251,7 +271,7 @@ def read_generic(path: str, images_prefix: str | None = None, uri_column: str = 
 
     describe = _line if _table_kind(path) == "csv" else _row
     table = _build(frame[uri_column].tolist(), frame[label_column].tolist(), describe, path, label_column, uri_of)
-    return Labels(table, not lower_is_better, path, "generic", label_column)
+    return Labels(table, not lower_is_better, path, "generic", label_column, _groups(frame, "generic"))
 
 
 def _mat_variable(data: bytes, name: str, path: str) -> np.ndarray:

@@ -47,7 +47,9 @@ epoch draws the crops and dropout masks an uninterrupted run would have, with no
 Splits: the paper repeats an 80/20 split with different seeds and reports the median. ``--splits K`` trains K
 splits (seeds ``--seed`` .. ``--seed + K - 1``) in ``<output>/split_<k>/`` and reports the median best held-out
 SROCC and PLCC; the default is one split, written to ``<output>`` itself. The best epoch is chosen on the same
-held-out images it is reported on, which flatters it a little, as in the paper's protocol.
+held-out images it is reported on, which flatters it a little, as in the paper's protocol. A split keeps each
+group of images (one scene: the generic layout's ``group`` column, KADID-10k's reference image; see
+``pipeline.labels``) on one side, so the held-out images show scenes no training step saw.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.argtypes import float_pair, json_object, non_negative_int, positive_int
-from pipeline.labels import add_label_arguments, read_labels
+from pipeline.labels import GROUP_COLUMN, add_label_arguments, read_labels
 from pipeline.metrics import finite_or_none, plcc, srocc
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
 from pipeline.output import atomic_target, is_local
@@ -686,10 +688,14 @@ def _depth_workers(resources: Resources) -> DepthWorkers:
                         batch=resources.depth_batch)
 
 
-def _labels_digest(uris: Sequence[str], labels: Sequence[float]) -> str:
+def _labels_digest(uris: Sequence[str], labels: Sequence[float], groups: Sequence[str | None] | None = None) -> str:
+    """What a resumed run must find unchanged: every URI and label, and the groups (which move the split)."""
     digest = hashlib.sha1()
     for uri, label in zip(uris, labels, strict=True):
         digest.update(f"{uri}\t{label!r}\n".encode())
+    if groups is not None:  # a file without groups keeps the digest it had before groups existed
+        for group in groups:
+            digest.update(f"group\t{group!r}\n".encode())
     return digest.hexdigest()
 
 
@@ -767,13 +773,18 @@ def run_training(config: TrainConfig) -> dict:
     raw = labels.table.column("label").to_pylist()
     targets = label_map.normalize(raw)
     logger.info("%d labelled images from %s; labels -> targets: %s", len(uris), source.path, label_map.rule)
-    splits = [split_indices(len(uris), recipe.val_fraction, recipe.seed + k) for k in range(config.splits)]
+    if labels.groups is not None:
+        n_groups = len(set(labels.groups) - {None}) + labels.groups.count(None)
+        logger.info("splitting by the %s column: %d groups, each kept on one side", GROUP_COLUMN[labels.layout],
+                    n_groups)
+    splits = [split_indices(len(uris), recipe.val_fraction, recipe.seed + k, labels.groups)
+              for k in range(config.splits)]
     _, init_info = build_initial_model(recipe.init, options, materialize=False)
     depth_weights = read_depth_weights(config.depth_weights, config.encoder, config.depth_version, options)
     preprocess = recipe.preprocess()
     base_settings = {
         "labels": {**asdict(source), "label_range": list(source.label_range) if source.label_range else None,
-                   "digest": _labels_digest(uris, raw)},
+                   "digest": _labels_digest(uris, raw, labels.groups)},
         "label_map": asdict(label_map), "recipe": asdict(recipe), "depth_model": depth_weights.label,
         "preprocess": {"short_side": preprocess.short_side, "crop_size": preprocess.crop_size,
                        "depth_lower_bound": preprocess.depth_lower_bound, "crop_seed": preprocess.seed},

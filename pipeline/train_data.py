@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import posixpath
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -141,8 +141,16 @@ def label_map_for(labels: Labels, label_range: tuple[float, float] | None = None
     return label_map
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random ``(train, val)`` split of ``range(n)``; the same ``n`` and seed give the same split.
+def split_indices(n: int, val_fraction: float, seed: int,
+                  groups: Sequence[Hashable | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random ``(train, val)`` split of ``range(n)`` that keeps every group on one side.
+
+    Rows of one group (``Labels.groups``: one scene, e.g. the distorted versions of one reference image) all
+    land on the same side, so no held-out image shows a scene the model was trained on. The groups are shuffled
+    with ``seed`` and taken into the held-out set until it holds at least ``round(n * val_fraction)`` rows, so it
+    may hold up to one group's size more. Rows without a group (``groups`` None, or a None entry) are groups of
+    their own; without any groups the split is the plain row shuffle. The same rows, groups and seed give the
+    same split.
 
     The split is drawn over the label file's rows before any image is dropped, so an image that fails to
     decode never moves the others between train and val.
@@ -152,12 +160,33 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction:g}")
-    n_val = int(round(n * val_fraction))
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{len(groups)} groups given for {n} rows")
+    members: list[list[int]] = []  # row indices of each group, groups in order of first appearance
+    first: dict[Hashable, int] = {}
+    for i in range(n):
+        group = None if groups is None else groups[i]
+        if group is None:
+            members.append([i])
+        elif group in first:
+            members[first[group]].append(i)
+        else:
+            first[group] = len(members)
+            members.append([i])
+    wanted = int(round(n * val_fraction))
+    val: list[int] = []
+    for g in np.random.default_rng(seed).permutation(len(members)):
+        if len(val) >= wanted:
+            break
+        val.extend(members[g])
+    n_val = len(val)
     if n_val < 3 or n - n_val < 1:
-        raise ValueError(f"{n} labelled images with --val-fraction {val_fraction:g} give {n - n_val} training and "
-                         f"{n_val} held-out images; at least 1 and 3 are needed")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+        grouped = f" ({len(members)} groups)" if first else ""
+        raise ValueError(f"{n} labelled images{grouped} with --val-fraction {val_fraction:g} give {n - n_val} "
+                         f"training and {n_val} held-out images; at least 1 and 3 are needed")
+    held_out = np.zeros(n, bool)
+    held_out[val] = True
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
 @dataclass(frozen=True)
