@@ -227,6 +227,11 @@ def test_regenerated_weights_are_the_recorded_ones(dpiqa_student):
 @pytest.mark.slow
 def test_scores_equal_the_published_student_code(dpiqa_student):
     # One image per pass, as the published numbers were computed, on the path of `dgiqa score --model dpiqa-student`.
+    # The numbers hold for the recorded weights only: weights regenerated with another thread count differ in the
+    # last bits of their BatchNorm statistics, which moves the scores by up to about 3e-4.
+    if hashlib.sha256(dpiqa_student.read_bytes()).hexdigest() != GOLDEN["weights"]["sha256"]:
+        pytest.skip(f"the regenerated weights are not the recorded ones ({torch.get_num_threads()} torch threads, "
+                    f"recorded with {GOLDEN['environment']['torch_threads']})")
     scorer = make_scorer(ScorerConfig(weights=str(dpiqa_student), model="dpiqa-student", device="cpu",
                                       crop_batch=1))
     expected = {entry["name"]: entry["score"] for entry in GOLDEN["images"]}
