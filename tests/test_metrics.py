@@ -162,12 +162,49 @@ def test_bootstrap_intervals_contain_the_estimate_narrow_with_data_and_repeat_wi
                                                                    "high": None}
 
 
-def test_bootstrap_coverage_matches_the_confidence_level():
+def test_a_higher_confidence_level_gives_wider_intervals():
     """A wider confidence level gives wider intervals around the same point estimate."""
     x, y = _tied_data(n=200, seed=8)
     narrow = compute_metrics(x, y, bootstrap=300, confidence=0.5, seed=3)
     wide = compute_metrics(x, y, bootstrap=300, confidence=0.99, seed=3)
     assert wide.srocc.low < narrow.srocc.low < narrow.srocc.high < wide.srocc.high
+
+
+def test_bootstrap_intervals_hold_the_true_correlation_in_about_the_stated_share_of_samples(monkeypatch):
+    """Coverage, simulated: 200 samples of 60 bivariate-normal pairs with correlation 0.6.
+
+    The population values are known: PLCC is rho, SROCC is ``(6 / pi) * asin(rho / 2)``. Each sample's 90 % and
+    50 % intervals should hold them in about 90 % and 50 % of the samples. The bounds are the level plus or minus
+    three binomial standard deviations over 200 samples, ``3 * sqrt(p (1 - p) / 200)``: 0.064 at 90 %, 0.106 at
+    50 %. Quantiles taken at the wrong places (``alpha`` for ``alpha / 2``: 80 % intervals) or a level ignored
+    (95 % intervals at a 50 % level) fall outside them.
+
+    PLCC's lower bounds allow 0.05 more: the percentile bootstrap under-covers Pearson's r at n = 60, whose
+    sampling distribution is skewed at rho = 0.6 (1,000 simulated samples, bootstrap 100, measured 0.857 at 90 %
+    and 0.475 at 50 %; SROCC 0.889 and 0.502).
+
+    The logistic refit of every resample (most of the run time) does not enter SROCC or PLCC, so a fixed map
+    stands in for it and the test stays within seconds.
+    """
+    monkeypatch.setattr(metrics, "fit_logistic", lambda x, y, p0=None, tolerance=None: metrics.ScaleMapping(
+        "linear", (1.0, 0.0), "coverage test"))
+    rho, n, samples, resamples = 0.6, 60, 200, 100
+    truth = {"srocc": 6 / math.pi * math.asin(rho / 2), "plcc": rho}
+    known_under_coverage = {"srocc": 0.0, "plcc": 0.05}
+    levels = (0.9, 0.5)
+    held = {(level, name): 0 for level in levels for name in truth}
+    rng = np.random.default_rng(12)
+    for k in range(samples):
+        x, y = rng.multivariate_normal([0, 0], [[1, rho], [rho, 1]], n).T
+        for level in levels:
+            result = compute_metrics(x, y, bootstrap=resamples, confidence=level, seed=k)
+            for name, value in truth.items():
+                estimate = getattr(result, name)
+                held[(level, name)] += estimate.low <= value <= estimate.high
+    shares = {key: count / samples for key, count in held.items()}
+    for (level, name), share in shares.items():
+        margin = 3 * math.sqrt(level * (1 - level) / samples)
+        assert level - margin - known_under_coverage[name] <= share <= level + margin, shares
 
 
 def _numeric_overlap(a: GaussianFit, b: GaussianFit) -> float:
