@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -12,9 +11,14 @@ import ray
 
 from pipeline.job import JobConfig, run_job
 from pipeline.output import RESULT_SCHEMA
+from pipeline.preprocess import PreprocessConfig
 from pipeline.sample import write_random_dgiqa
+from pipeline.scorer import Scorer, ScorerConfig
 
 FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 0}
+# A job row's score against the same image scored alone: both run fp32 on the CPU and differ by rounding only, but
+# the job's actor puts several images' crops into one forward pass, which reorders sums (measured: 1.5e-5).
+PAIRING_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,6 +42,30 @@ def bucket(tmp_path, photo_paths):
     return tmp_path / "bucket"
 
 
+@pytest.fixture(scope="module")
+def direct_scorer(checkpoints) -> Scorer:
+    """The CLI's scorer with the job's settings (1 crop, 70 px depth input), built here rather than by the job.
+
+    It scores one image at a time in this process, where the job decodes in Ray tasks, batches images in an actor
+    and writes rows through Parquet: a row paired with the wrong image shows as a score that is off.
+    """
+    config = ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]), device="cpu",
+                          preprocess=PreprocessConfig(num_crops=1, depth_lower_bound=70))
+    return Scorer(config)
+
+
+def _assert_each_row_scores_its_own_image(rows: dict[str, float], images: dict[str, bytes],
+                                          scorer: Scorer) -> None:
+    """Each row's score is its image's direct score, and the images' scores lie far apart, so a swap would show."""
+    assert sorted(rows) == sorted(images)
+    direct = {uri: scorer.score_bytes(data).score for uri, data in images.items()}
+    for uri, score in rows.items():
+        assert score == pytest.approx(direct[uri], abs=PAIRING_TOLERANCE), uri
+    values = sorted(direct.values())
+    closest = min(b - a for a, b in zip(values, values[1:], strict=False))
+    assert closest > 20 * PAIRING_TOLERANCE, direct
+
+
 def _read(output) -> pa.Table:
     return pads.dataset(str(output), format="parquet", partitioning="hive").to_table()
 
@@ -58,7 +86,7 @@ def test_every_actor_gets_the_jobs_model_options():
                   attention="flash").scorer_config()
 
 
-def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, bucket, tmp_path):
+def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, bucket, tmp_path, direct_scorer):
     outside = tmp_path / "elsewhere.jpg"
     outside.write_bytes((bucket / "images" / "coffee.png").read_bytes())
     manifest = bucket / "manifest.csv"
@@ -91,6 +119,11 @@ def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, buc
         assert rows[key]["status"] == "rejected" and "outside the allowed prefixes" in rows[key]["error"]
         assert rows[key]["score"] is None
     assert summary["status_counts"] == {"ok": 3, "error": 2, "rejected": 3}
+    # Three images in batches of two: rows of one batch swapped, or a batch's scores shifted, fail here.
+    _assert_each_row_scores_its_own_image(
+        {rows[label]["uri"]: rows[label]["score"] for label in ("person", "food", "cat")},
+        {f"file://{bucket}/images/{name}": (bucket / "images" / name).read_bytes()
+         for name in ("astronaut.png", "coffee.png", "chelsea.png")}, direct_scorer)
     # Reading and decoding ran as CPU tasks of their own, not fused into the scoring actor (on this 2-core
     # machine both ask for one CPU, which is when Ray would fuse them).
     actor_ops = [op for op in summary["ray_operators"] if "ScoreActor" in op]
@@ -143,7 +176,7 @@ def test_incremental_runs_score_only_what_is_new_or_changed(checkpoints, bucket,
     assert set(per_night.column("uri_count").to_pylist()) == {1}
 
 
-def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths):
+def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths, direct_scorer):
     fs, options = s3
     fs.mkdir("photos")
     fs.mkdir("other")
@@ -170,7 +203,9 @@ def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths):
     assert by_id[1]["size_bytes"] is None and 0 < by_id[2]["score"] < 1
     assert by_id[3]["status"] == by_id[4]["status"] == "rejected"
     assert not [p for p in fs.find("photos/scores") if "_staging" in p]
-    assert np.isclose(sum(r["score"] for r in table.to_pylist() if r["score"]), by_id[1]["score"] + by_id[2]["score"])
+    _assert_each_row_scores_its_own_image(
+        {by_id[i]["uri"]: by_id[i]["score"] for i in (1, 2)},
+        {f"s3://photos/library/{path.name}": path.read_bytes() for path in photo_paths[:2]}, direct_scorer)
 
 
 def test_cluster_without_gpus_scores_on_cpu_with_a_warning(caplog):
