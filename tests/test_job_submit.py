@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -12,6 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.conftest import S3_ENV, _free_port
+from tests.processes import stop_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -19,25 +22,51 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory, s3_server):
-    """``ray start --head`` on 127.0.0.1 with its job server (the dashboard) on a free port.
+    """``ray start --head --block`` on 127.0.0.1, in a process group of its own, on ports no other Ray holds.
+
+    The ports Ray would otherwise take at fixed numbers (GCS 6379, dashboard 8265, client server 10001, dashboard
+    agent 52365, workers 10002-19999) are free ports or ports the OS picks, so another Ray on the machine is
+    neither disturbed nor in the way. Ready when the job server answers; stopped by signalling its own process
+    group and the processes it spawned, never by ``ray stop`` (which stops every Ray on the host).
 
     Started after the S3 server, so the cluster's processes find the (fake) credentials in their environment,
     as nodes of a real cluster find their instance role.
     """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    gcs, dashboard = _free_port(), _free_port()
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, client, agent = (_free_port() for _ in range(4))
     temp_dir = tmp_path_factory.mktemp("ray")
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                            "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert start.returncode == 0, start.stdout + start.stderr
+    log = (temp_dir / "head.log").open("wb")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        _wait_for_job_server(head, address, temp_dir / "head.log")
+        yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_process_tree(head)
+        log.close()
+
+
+def _wait_for_job_server(head: subprocess.Popen, address: str, log: Path, timeout_s: float = 600) -> None:
+    """Return once the head's job server answers; fail at once, with the head's output, if the head exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert head.poll() is None, f"ray start exited with {head.returncode}:\n{log.read_text()[-5000:]}"
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the job server at {address} did not answer in {timeout_s:.0f}s:\n"
+                         f"{log.read_text()[-5000:]}")
 
 
 @pytest.mark.slow
