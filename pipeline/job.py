@@ -214,7 +214,7 @@ def _run_key(config: JobConfig, reader: ManifestReader, model_id: str, run_date:
 
 def _result_rows(batch: pa.Table, info: ModelInfo, run_id: str, scored_at: dt.datetime,
                  schema: pa.Schema) -> pa.Table:
-    """Output rows (plus ``row_index`` and ``shard``) from a batch of the plan or of the scoring pool.
+    """Output rows (plus ``row_index``, ``shard``, ``read_retries``) from a batch of the plan or the scoring pool.
 
     Columns the batch lacks (scores of rows decided on the driver) are nulls; the run's constants are filled in.
     """
@@ -229,7 +229,9 @@ def _result_rows(batch: pa.Table, info: ModelInfo, run_id: str, scored_at: dt.da
         else:
             columns[f.name] = pa.nulls(n, f.type)
     table = pa.Table.from_pydict(columns, schema=schema)
-    return table.add_column(0, "shard", batch.column("shard")).add_column(0, "row_index", batch.column("row_index"))
+    retries = batch.column("read_retries") if "read_retries" in batch.column_names else pa.nulls(n, pa.int32())
+    return (table.add_column(0, "shard", batch.column("shard")).add_column(0, "row_index", batch.column("row_index"))
+            .append_column("read_retries", retries))
 
 
 class _ShardWriter:
@@ -245,6 +247,7 @@ class _ShardWriter:
         self.written = np.zeros(len(shard_rows), bool)
         self.written[list(done)] = True
         self.dropped = 0  # result rows of retried work that were already in
+        self.read_retries = 0  # transient read errors the written rows' reads recovered from
 
     def add(self, table: pa.Table) -> None:
         shards = table.column("shard")
@@ -274,7 +277,8 @@ class _ShardWriter:
             self.buffers[k], self.buffered[k] = [rows], rows.num_rows
             return
         del self.buffered[k]
-        self.out.write_shard(k, rows.drop_columns(["shard"]))
+        self.read_retries += int(pc.sum(rows.column("read_retries")).as_py() or 0)
+        self.out.write_shard(k, rows.drop_columns(["shard", "read_retries"]))
         self.written[k] = True
 
     def missing(self) -> int:
@@ -407,6 +411,7 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         "rows_written": plan.rows_to_write,
         "resumed_rows": sum(finished.values()),
         "duplicate_results_dropped": writer.dropped,
+        "read_retries": writer.read_retries,
         "status_counts": {s: statuses.get(s, 0) for s in STATUSES},
         "error_reasons": reasons,
         "model": config.model,

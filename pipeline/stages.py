@@ -5,9 +5,9 @@ that fails gets ``status="error"`` and an ``error`` message and is passed on unt
 per-image failure ever raises, because in Ray Data one exception fails the whole dataset.
 
 Columns travelling between stages: ``row_index`` and ``uri`` from the manifest, ``status``/``error``, then
-``data`` (encoded bytes) after fetching, then the prepared arrays after decoding, then the scores. Any other
-column (the plan's shard, the manifest's ETag, size and extra columns) passes through every stage as it is,
-so the rows that come out of the pool are whole output rows and the driver joins nothing back.
+``data`` (encoded bytes) and ``read_retries`` after fetching, then the prepared arrays after decoding, then the
+scores. Any other column (the plan's shard, the manifest's ETag, size and extra columns) passes through every
+stage as it is, so the rows that come out of the pool are whole output rows and the driver joins nothing back.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import io
 import logging
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import fsspec
 import numpy as np
@@ -64,8 +64,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def read_object(uri: str, storage_options: Mapping | None = None, attempts: int = 4,
-                backoff_s: float = 0.5) -> bytes:
+                backoff_s: float = 0.5, on_retry: Callable[[BaseException], None] | None = None) -> bytes:
     """Read one object, retrying transient errors with exponential backoff and jitter.
+
+    ``on_retry`` gets each transient error before its retry, so the job can count the errors it recovered from.
 
     Raises:
         The last error, once ``attempts`` are used up or at once for a permanent error (missing, forbidden).
@@ -82,6 +84,8 @@ def read_object(uri: str, storage_options: Mapping | None = None, attempts: int 
             delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
             logger.warning("transient error reading %s (attempt %d/%d), retrying in %.1fs: %s", uri, attempt,
                            attempts, delay, exc)
+            if on_retry is not None:
+                on_retry(exc)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -105,6 +109,9 @@ def read_image_bytes(uri: str, storage_options: Mapping | None = None, attempts:
 def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempts: int = 4) -> pa.Table:
     """Read each row's object into a ``data`` column; a failed read is an error row.
 
+    A ``read_retries`` column counts the transient errors each row's read recovered from (retries that ended in
+    a successful read); it travels with the row to the driver, which sums it into the run summary.
+
     Args:
         batch: Rows with ``row_index``, ``uri``, ``status``, ``error``.
         storage_options: fsspec options; credentials come from the worker's environment.
@@ -112,11 +119,14 @@ def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempt
     """
     statuses, errors = batch.column("status").to_pylist(), batch.column("error").to_pylist()
     data: list[bytes | None] = []
+    recovered = [0] * batch.num_rows
     for i, uri in enumerate(batch.column("uri").to_pylist()):
         payload = None
         if statuses[i] == STATUS_OK:
+            retried: list[BaseException] = []
             try:
-                payload = read_object(uri, storage_options, attempts)
+                payload = read_object(uri, storage_options, attempts, on_retry=retried.append)
+                recovered[i] = len(retried)
             except FileNotFoundError:
                 statuses[i], errors[i] = STATUS_ERROR, f"object not found: {uri}"
             except Exception as exc:  # noqa: BLE001 - storage errors of any backend become this row's error
@@ -125,7 +135,8 @@ def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempt
         data.append(payload)
     return (batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
             .set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
-            .append_column("data", pa.array(data, pa.large_binary())))
+            .append_column("data", pa.array(data, pa.large_binary()))
+            .append_column("read_retries", pa.array(recovered, pa.int32())))
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -18,6 +18,19 @@ from urllib.parse import urlsplit
 Policy = Callable[[str, str, int], str | None]
 
 
+def s3fs_retries_off() -> None:
+    """Make s3fs try each S3 call once (its own retry loop takes ``retries`` tries; the default is 5).
+
+    s3fs retries throttling (``SlowDown``) and dropped connections by itself, nested twice around a ranged read,
+    so without this a fault injected here may never reach the layer a test means to test. The setting is a
+    class attribute, not a constructor option: Ray workers get it from a worker set-up hook.
+    """
+    import s3fs
+
+    s3fs.S3FileSystem.retries = 1
+    s3fs.core.S3File.retries = 1
+
+
 class FaultyProxy:
     def __init__(self, upstream: str, policy: Policy):
         self.upstream = urlsplit(upstream)

@@ -6,7 +6,6 @@ Each test checks the row accounting: one output row per manifest row, none dupli
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from PIL import Image
 from pipeline.job import JobConfig, run_job
 from pipeline.sample import synthetic_photo
 from pipeline.stages import ScoreActor
+from tests import s3proxy
+from tests.processes import kill_process_tree
 from tests.s3proxy import FaultyProxy
 
 FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 1, "log_every_s": 0}
@@ -30,8 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
+    """A Ray of this test's own whose workers run s3fs with its retries off (see ``s3fs_retries_off``).
+
+    The flaky-S3 test's faults then reach the job's own retry layer; the other tests here read local files.
+    """
+    ray.cloudpickle.register_pickle_by_value(s3proxy)  # the hook runs before the workers can import ``tests``
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", runtime_env={"worker_process_setup_hook": s3proxy.s3fs_retries_off})
     yield
     ray.shutdown()
 
@@ -58,6 +64,9 @@ def test_flaky_s3_is_retried_and_counts_close(local_ray, s3, checkpoints):
     rows = [f"img/{i}.jpg" for i in range(6)] + ["s3://other/secret.jpg", "s3://lib/../other/secret.jpg"]
     fs.pipe("lib/manifest.csv", ("uri\n" + "\n".join(rows) + "\n").encode())
     kinds = ["503", "throttle", "reset"]
+    # aiohttp re-sends an idempotent request once, by itself, when the connection drops before a response
+    # (RFC 9112 9.3.1), so the job sees one error for every two resets.
+    drops_per_error = {"503": 1, "throttle": 1, "reset": 2}
 
     def policy(method, path, seen):
         if method != "GET" or not path.startswith("/lib/img/"):
@@ -65,25 +74,30 @@ def test_flaky_s3_is_retried_and_counts_close(local_ray, s3, checkpoints):
         number = int(path.rsplit("/", 1)[1].split(".")[0])
         if number == 5:
             return "503"  # never recovers
-        return kinds[number % 3] if seen < 2 else None  # fails twice, then succeeds
+        kind = kinds[number % 3]
+        return kind if seen < 2 * drops_per_error[kind] else None  # the job sees two errors, then a read
 
     with FaultyProxy(options["client_kwargs"]["endpoint_url"], policy) as proxy:
-        # botocore's own retries are switched off, so the job's retry layer is what is tested.
+        # botocore's retries are off here (one attempt in all; its ``max_attempts`` counts retries only), s3fs's
+        # in the workers (local_ray): the job's retry layer is what is tested.
         flaky = {"client_kwargs": {"endpoint_url": proxy.url},
-                 "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+                 "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
         summary = run_job(JobConfig(manifest="s3://lib/manifest.csv", output="s3://lib/scores",
                                     weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
                                     storage_options=flaky, run_date="2026-11-22", **FAST_JOB))
     handler = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     table = pads.dataset("lib/scores", filesystem=handler, format="parquet", partitioning="hive").to_table()
     assert summary["status_counts"] == {"ok": 5, "error": 1, "rejected": 2}
-    assert sum(proxy.faults.values()) >= 5 * 2 + 4
+    # Every fault reached the job's retry layer, none was absorbed by s3fs or botocore: images 0-4 give the job
+    # two errors each and are read on its third try (10 retries it counts), image 5 fails all its 4 tries.
+    assert dict(proxy.faults) == {"503": 2 * 2 + 4, "throttle": 2 * 2, "reset": 2 * 2}
+    assert summary["read_retries"] == 5 * 2
     assert not any("/other/" in p for p in proxy.paths())  # rejected URIs were never requested
     _counts_close(table, 8)
     failed = [r for r in table.to_pylist() if r["status"] == "error"]
     assert failed[0]["uri"] == "s3://lib/img/5.jpg" and "after 4 attempts" in failed[0]["error"]
-    print(f"\nflaky S3: faults injected {dict(proxy.faults)}, rows in 8, rows out {table.num_rows}, "
-          f"duplicates 0, lost 0")
+    print(f"\nflaky S3: faults injected {dict(proxy.faults)}, retried by the job {summary['read_retries']}, "
+          f"rows in 8, rows out {table.num_rows}, duplicates 0, lost 0")
 
 
 class DyingScoreActor(ScoreActor):
@@ -131,18 +145,31 @@ def _jpeg_bucket(folder: Path, n: int) -> Path:
 JOB_ENV = {**os.environ, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
 
 
-def _kill_after_staged_shards(command: list[str], output: Path, shards: int) -> None:
-    """Start the job in a process group of its own; SIGKILL the driver and its local Ray once ``shards``
-    shards are staged, with no chance to clean up."""
-    proc = subprocess.Popen(command, env=JOB_ENV, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(output.glob("_staging/*/shard-*.parquet"))) < shards:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    assert len(list(output.glob("_staging/*/shard-*.parquet"))) >= shards, "the run never reached the kill point"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def _kill_after_staged_shards(command: list[str], output: Path, shards: int, timeout_s: float = 900) -> None:
+    """Start the job in a process group of its own; SIGKILL the driver and its local Ray (its process group and
+    every process it spawned, Ray's workers included) once ``shards`` shards are staged, with no chance to clean up.
+
+    The kill point is an event (staged shard files), not a time, so a slow or busy machine only makes the wait
+    longer; ``timeout_s`` is a generous bound for a run that never gets there. The job's output goes to a file
+    beside ``output``, not a pipe that nobody reads while it runs (a full pipe would stall the job).
+    """
+    log = output.with_name(output.name + "-killed-run.log")
+
+    def staged() -> int:
+        return len(list(output.glob("_staging/*/shard-*.parquet")))
+
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(command, env=JOB_ENV, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and staged() < shards:
+                assert proc.poll() is None, (f"the job exited ({proc.returncode}) before staging {shards} shards:\n"
+                                             f"{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+            assert staged() >= shards, (f"the job staged {staged()} of {shards} shards in {timeout_s:.0f}s, so it "
+                                        f"never reached the kill point:\n{log.read_text()[-3000:]}")
+        finally:
+            kill_process_tree(proc)
 
 
 @pytest.mark.slow
