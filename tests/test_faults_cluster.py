@@ -1,7 +1,9 @@
 """Node loss: a head and two worker nodes on this machine (``ray.cluster_utils.Cluster``); one is removed mid-run."""
 
 import json
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,12 +22,16 @@ GATE_TIMEOUT_S = 900
 
 
 @pytest.fixture()
-def cluster(s3_server):
+def cluster(s3_server, monkeypatch):
     # Nodes listen on this machine's own address (cluster_utils' nodes must share one); nothing leaves it.
     # Two logical CPUs a worker: after one worker is lost, the other still fits the restarted scoring actor
     # beside the fetch and decode tasks. No dashboard, and every port Ray would take at a fixed number (the
     # dashboard agent's 52365 on each node) is a free one, so another Ray on the machine is never in the way;
-    # the other ports are the OS's pick (cluster_utils' default).
+    # the other ports are the OS's pick (cluster_utils' default). A Ray temp dir of its own (short: it holds
+    # Unix sockets) keeps its sessions and the address file cluster_utils writes, which an address-less
+    # ``ray.init()`` on this machine would follow, away from /tmp/ray.
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)
     node = {"object_store_memory": 150 * 2**20, "num_cpus": 2}
     cluster = Cluster(initialize_head=True, head_node_args={
         **node, "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": _free_port()})
@@ -36,6 +42,7 @@ def cluster(s3_server):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class GatedScoreActor(ScoreActor):
