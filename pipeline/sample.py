@@ -6,6 +6,7 @@ real pipeline (and let tests run with no network). Files written here say ``rand
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from safetensors.torch import save_file
 from torchvision.ops import StochasticDepth
 
 from pipeline.models.depth_anything import build_depth_anything
-from pipeline.models.dgiqa import build_dgiqa
+from pipeline.models.dgiqa import CROP_SIZE, build_dgiqa
+from pipeline.preprocess import normalize_to_tensor
 
 DGIQA_RANDOM = "dgiqa_random.safetensors"
 
@@ -31,9 +33,44 @@ def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 def write_random_dgiqa(path: Path, seed: int = 0) -> Path:
-    """Save a DGIQA checkpoint with PyTorch's default random initialisation."""
+    """Save a random DGIQA checkpoint whose scores spread across [0, 1] from image to image.
+
+    With PyTorch's default initialisation every image scores within about 1e-3 of 0.5: a test tolerance
+    could then hide two images' scores swapped, crops cut in the wrong place or a broken depth path. So the
+    network keeps its seeded default weights, and only the final linear layer is replaced by one along the
+    first principal direction of the pooled features of a few generated crops, centred and scaled to a logit
+    standard deviation of 1 (the test photographs then score from about 0.17 to 0.95). The calibration runs in
+    float64 and the layer is rounded to float16 values, so the file is the same bit for bit wherever it is
+    made; the tests record its SHA-256 beside the published code's scores for it.
+    """
     torch.manual_seed(seed)
-    return _save(build_dgiqa().state_dict(), path)
+    model = build_dgiqa()
+    weight, bias = _spread_head(model, seed)
+    state = model.state_dict()
+    state["fc.weight"], state["fc.bias"] = weight, bias
+    return _save(state, path)
+
+
+def _spread_head(model: torch.nn.Module, seed: int, crops: int = 6, logit_std: float = 1.0,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fc`` weight and bias that spread the scores of ``model`` (see ``write_random_dgiqa``)."""
+    photos = [synthetic_photo(CROP_SIZE, CROP_SIZE, seed=seed + 1000 + i) for i in range(crops)]
+    rgb = torch.stack([normalize_to_tensor(p) for p in photos]).double()
+    # A stand-in depth map (darker is farther): enough to make the depth branch's features vary too.
+    depth = torch.stack([normalize_to_tensor((255 - p.mean(axis=2)).astype(np.uint8)) for p in photos]).double()
+    pooled = []
+    twin = copy.deepcopy(model).double()
+    twin.global_pool.register_forward_hook(lambda module, args, output: pooled.append(output.flatten(1)))
+    with torch.no_grad():
+        twin(rgb, depth)
+    features = pooled[0]
+    mean = features.mean(0)
+    direction = torch.linalg.svd(features - mean, full_matrices=False).Vh[0]
+    direction = direction * direction[direction.abs().argmax()].sign()  # SVD's sign is arbitrary: fix it
+    weight = direction * (logit_std / ((features - mean) @ direction).std())
+    bias = -(weight @ mean)
+    return (weight.to(torch.float16).float().reshape(1, -1).contiguous(),
+            bias.to(torch.float16).float().reshape(1).contiguous())
 
 
 def write_random_depth_anything(path: Path, encoder: str = "vits", seed: int = 0) -> Path:
