@@ -1,4 +1,4 @@
-"""Benchmark: the published algorithm (a), this project's scorer (b) and the full Ray job (c), side by side.
+"""Benchmark: the published algorithm as rewritten here (a, `baseline.py`), the scorer (b) and the Ray job (c).
 
     python bench/bench_scoring.py [--count 2] [--sizes 4000x3000,1024x768] [--encoder vits] [--crops 20]
                                   [--weights URI --depth-weights URI] [--variants fp32,bf16,fp32+draft]
