@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _processes() -> dict[int, tuple[int, int, int]]:
-    """Process id -> (parent process id, process group, start time in clock ticks) for every process here."""
+    """Process id -> (parent process id, process group, start time in clock ticks) for every live process here."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -25,7 +25,8 @@ def _processes() -> dict[int, tuple[int, int, int]]:
         except OSError:  # the process ended while we looked
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # fields from the third (state) on
-        found[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[19]))
+        if fields[0] != "Z":  # a zombie has ended; only its parent's wait is missing
+            found[int(entry.name)] = (int(fields[1]), int(fields[2]), int(fields[19]))
     return found
 
 
