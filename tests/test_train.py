@@ -3,12 +3,10 @@
 One run is shared by the module: the job script is started as a subprocess, SIGKILLed once its first epoch is
 committed, and run again to the end (small depth input, frozen backbones, one crop per held-out image).
 
-The set: eight photographs (each a different scene), each distorted by one of blur, noise or JPEG at a level
-0..3 and labelled ``1 - level / 3``, and each cut three times with windows 16 px apart. The windows of one scene
-are near-duplicates, so the held-out images are mostly scenes the model has seen at the same distortion: what
-the test can learn in a few CPU epochs is to fit the labels, and the held-out SROCC measures that fit through the
-whole pipeline (labels -> targets -> crops -> steps -> checkpoints -> inference protocol). Generalising to unseen
-scenes needs far more steps than a CPU test affords.
+The set: eight photographs (each a different scene), each distorted by one kind (blur, noise or JPEG, by scene)
+at every level 0..3 and labelled ``1 - level / 3``. The label file's ``group`` column names the scene, so the
+split keeps the four versions of a scene together: the held-out images show scenes no training step saw, and
+the held-out SROCC measures whether the model learned to rank distortion levels, not whether it remembers scenes.
 """
 
 import contextlib
@@ -56,7 +54,7 @@ SCENES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
           "hubble_deep_field.jpg", "ihc.png"]
 KINDS = ("blur", "noise", "jpeg")
 LEVELS = 3
-SHIFTS = (0, 16, 32)
+SCENE_LEVELS = range(LEVELS + 1)  # every scene at every level of its distortion
 DEPTH_INPUT = 70
 EPOCHS = 4
 
@@ -75,25 +73,27 @@ def _distort(image: Image.Image, kind: str, level: int, seed: int) -> Image.Imag
 
 
 def write_distortion_set(folder: Path) -> Path:
-    """Images and a generic CSV (uri,mos) with one corrupt and one missing image; returns the CSV."""
+    """Images and a generic CSV (uri,mos,group) with one corrupt and one missing image; returns the CSV.
+
+    The group is the scene (the photograph), so all of a scene's distortion levels land on one side of a split.
+    """
     images = folder / "images"
     images.mkdir(parents=True)
-    rows = ["uri,mos"]
+    rows = ["uri,mos,group"]
     for k, name in enumerate(SCENES):
         photo = Image.open(SKIMAGE_DATA / name).convert("RGB")
         width, height = photo.size
         crop_w = int(min(width, height * 4 / 3) * 0.8)
         crop_h = crop_w * 3 // 4
-        x0, y0 = (width - crop_w - SHIFTS[-1]) // 2, (height - crop_h - SHIFTS[-1]) // 2
-        kind, level = KINDS[k % len(KINDS)], k % (LEVELS + 1)
-        for shift in SHIFTS:
-            window = photo.crop((x0 + shift, y0 + shift, x0 + shift + crop_w, y0 + shift + crop_h))
-            distorted = _distort(window.resize((320, 240), Image.BICUBIC), kind, level, seed=k)
-            path = images / f"{Path(name).stem}_{shift}_{kind}{level}.png"
-            distorted.save(path)
-            rows.append(f"images/{path.name},{1 - level / LEVELS}")
+        x0, y0 = (width - crop_w) // 2, (height - crop_h) // 2
+        window = photo.crop((x0, y0, x0 + crop_w, y0 + crop_h)).resize((320, 240), Image.BICUBIC)
+        kind, scene = KINDS[k % len(KINDS)], Path(name).stem
+        for level in SCENE_LEVELS:
+            path = images / f"{scene}_{kind}{level}.png"
+            _distort(window, kind, level, seed=k).save(path)
+            rows.append(f"images/{path.name},{1 - level / LEVELS},{scene}")
     (images / "corrupt.png").write_bytes((images / path.name).read_bytes()[:300])
-    rows += ["images/corrupt.png,0.5", "images/missing.png,0.5"]
+    rows += ["images/corrupt.png,0.5,", "images/missing.png,0.5,"]
     (folder / "labels.csv").write_text("\n".join(rows) + "\n")
     return folder / "labels.csv"
 
@@ -164,10 +164,12 @@ def trained(local_ray, dataset, checkpoints, tmp_path_factory) -> Run:
     env = {**os.environ, **FAST_RAY_TRAIN, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
     killed = subprocess.Popen([sys.executable, str(JOB), *args], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
+    # The kill waits for the event (epoch 1's weights, written after its commit), not for a time; the deadline only
+    # ends a hung run, and is generous for a busy 2-core machine.
+    deadline = time.monotonic() + 1800
     while not (output / "last.pth").exists():
         assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no epoch finished in time"
+        assert time.monotonic() < deadline, "no epoch finished in 30 minutes"
         time.sleep(0.2)
     os.killpg(killed.pid, signal.SIGKILL)  # the job script's driver and the Ray it started
     killed.wait(timeout=60)
@@ -184,12 +186,71 @@ def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
-def _held_out(config: TrainConfig) -> tuple[list[str], list[float]]:
+def _split(config: TrainConfig) -> tuple[Labels, np.ndarray, np.ndarray]:
+    """The run's labels and its (train, val) row indices, as ``run_training`` draws them: grouped by scene."""
     labels = read_labels(config.labels.path, "generic", config.labels.images_prefix)
+    return labels, *split_indices(len(labels), config.recipe.val_fraction, config.recipe.seed, labels.groups)
+
+
+def _usable(uri: str) -> bool:
+    return Path(uri).exists() and "corrupt" not in uri
+
+
+def _held_out(config: TrainConfig) -> tuple[list[str], list[float]]:
+    labels, _, val = _split(config)
     uris, targets = labels.table.column("uri").to_pylist(), labels.table.column("label").to_pylist()
-    _, val = split_indices(len(uris), config.recipe.val_fraction, config.recipe.seed)
-    kept = [i for i in val if Path(uris[i]).exists() and "corrupt" not in uris[i]]
+    kept = [i for i in val if _usable(uris[i])]
     return [uris[i] for i in kept], [targets[i] for i in kept]
+
+
+def test_no_held_out_image_shows_a_scene_the_run_trained_on(trained):
+    labels, train, val = _split(trained.config)
+    uris = labels.table.column("uri").to_pylist()
+    assert labels.groups == tuple(Path(u).stem.rsplit("_", 1)[0] for u in uris[:-2]) + (None, None)
+    scene = {uri: group for uri, group in zip(uris, labels.groups, strict=True)}
+    trained_scenes = {scene[uris[i]] for i in train if _usable(uris[i])}
+    held_out_scenes = {scene[uris[i]] for i in val if _usable(uris[i])}
+    assert held_out_scenes and trained_scenes and not held_out_scenes & trained_scenes
+    # Every usable image of a held-out scene is held out: all its levels, not a sample of them.
+    split = trained.summary["splits"][0]
+    assert split["val_images"] == len(SCENE_LEVELS) * len(held_out_scenes)
+    assert split["train_images"] == len(SCENE_LEVELS) * len(trained_scenes)
+    # The run used this split: the held-out SROCC it logged is reproduced on exactly these images
+    # (test_training_lowers_the_loss_...), and a crop-level split of the same rows would hold out other counts.
+    ungrouped = split_indices(len(labels), trained.config.recipe.val_fraction, trained.config.recipe.seed)[1]
+    assert {scene[uris[i]] for i in ungrouped if _usable(uris[i])} & trained_scenes
+
+
+def test_label_files_name_each_rows_group(tmp_path):
+    """The generic layout's optional ``group`` column (an empty cell: a group of its own), KADID-10k's ``ref_img``."""
+    generic = tmp_path / "labels.csv"
+    generic.write_text("uri,mos,group\na.png,1,7\nb.png,2,\nc.png,3,7\n")
+    assert read_labels(str(generic), "generic").groups == ("7", None, "7")
+    plain = tmp_path / "plain.csv"
+    plain.write_text("uri,mos\na.png,1\nb.png,2\n")
+    assert read_labels(str(plain), "generic").groups is None
+    kadid = tmp_path / "dmos.csv"
+    kadid.write_text("dist_img,ref_img,dmos,var\nI01_01_01.png,I01.png,4.57,0.5\nI02_01_01.png,I02.png,4.3,0.6\n"
+                     "I01_01_02.png,I01.png,4.1,0.4\n")
+    assert read_labels(str(kadid), "kadid", "/data/kadid").groups == ("I01.png", "I02.png", "I01.png")
+
+
+def test_the_split_keeps_groups_whole_and_repeats_with_its_seed():
+    groups = [f"scene{i // 4}" for i in range(40)] + [None] * 4  # 10 scenes of 4, and 4 rows of no scene
+    for seed in range(5):
+        train, val = split_indices(44, 0.2, seed, groups)
+        assert sorted([*train, *val]) == list(range(44))
+        assert not {groups[i] for i in train} & {groups[i] for i in val} - {None}
+        assert 9 <= len(val) < 9 + 4  # round(44 * 0.2) = 9, overshot by less than one group
+        again = split_indices(44, 0.2, seed, groups)
+        assert np.array_equal(again[0], train) and np.array_equal(again[1], val)
+    assert not np.array_equal(split_indices(44, 0.2, 0, groups)[1], split_indices(44, 0.2, 1, groups)[1])
+    # Without groups the split is the row shuffle it always was, so runs begun before groups existed resume.
+    order = np.random.default_rng(4).permutation(10)
+    assert np.array_equal(split_indices(10, 0.3, 4)[1], np.sort(order[:3]))
+    assert np.array_equal(split_indices(10, 0.3, 4, [None] * 10)[1], np.sort(order[:3]))
+    with pytest.raises(ValueError, match=r"5 labelled images \(1 groups\) .* give 0 training and 5 held-out"):
+        split_indices(5, 0.5, 0, ["one"] * 5)
 
 
 def test_a_killed_run_resumes_after_its_last_finished_epoch(trained):
@@ -205,16 +266,14 @@ def test_a_killed_run_resumes_after_its_last_finished_epoch(trained):
     assert [r["epoch"] for r in state["history"]] == list(range(EPOCHS + 1))
 
 
-def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_images(trained, checkpoints):
+def test_training_lowers_the_loss_and_best_pth_ranks_the_held_out_images_as_logged(trained, checkpoints):
     log = _metrics(trained.output)
     assert log[0]["train_loss"] is None and log[0]["label_map"]["rule"].startswith("generic mos: min-max")
     losses = [r["train_loss"] for r in log[1:]]
     assert losses[-1] < losses[0], losses
     assert [r["lr"] for r in log[1:]] == sorted((r["lr"] for r in log[1:]), reverse=True)  # cosine
     split = trained.summary["splits"][0]
-    assert split["train_images"] + split["val_images"] == 24 and split["val_images"] >= 6
-    # After the cosine has cooled down, not at a lucky epoch: the last epoch ranks the held-out images well.
-    assert split["last"]["val_srocc"] > max(0.5, split["baseline"]["val_srocc"] + 0.5), log
+    assert split["train_images"] + split["val_images"] == len(SCENES) * len(SCENE_LEVELS) and split["val_images"] >= 8
     assert split["best"]["val_srocc"] >= split["last"]["val_srocc"]
 
     # The held-out images scored by the product's own scorer (inference protocol, depth model run afresh): best.pth
@@ -226,6 +285,26 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model_on_held_out_imag
     scores = [scorer.score_bytes(Path(uri).read_bytes()).score for uri in val_uris]
     assert len(scores) == split["val_images"]
     assert srocc(scores, targets) == pytest.approx(split["best"]["val_srocc"], abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="on scenes it never saw, 4 CPU epochs from the test's spread random weights "
+                                       "do not learn to rank distortions (measured: held-out SROCC -0.02 untrained, "
+                                       "-0.24 and -0.45 after 4 epochs in two runs); the bar is kept (issue #15)")
+def test_training_beats_the_untrained_model_on_held_out_scenes(trained):
+    """The trained model ranks unseen scenes' distortion levels well; the untrained one does not.
+
+    The bar (SROCC above 0.5 and 0.5 above the untrained model's), judged after the cosine has cooled down rather
+    than at a lucky epoch, is one that neither the untrained model nor one trained on shuffled labels can clear by
+    remembering scenes, since no held-out scene was trained on. A run on shuffled labels is not made: the module's
+    one run (killed and resumed) takes about 10 minutes on a busy 2-core machine (45-70 s an epoch), and a second
+    would double that.
+
+    Marked as a strict expected failure: since the split holds out whole scenes, the short CPU run does not reach
+    the bar (before, it was reached on held-out crops of trained scenes). Strict, so the mark must go once a
+    recipe or data set that generalises makes it pass.
+    """
+    split = trained.summary["splits"][0]
+    assert split["last"]["val_srocc"] > max(0.5, split["baseline"]["val_srocc"] + 0.5), _metrics(trained.output)
 
 
 def test_checkpoints_are_published_layout_state_dicts_that_dgiqa_score_loads(trained, checkpoints, capsys):
@@ -240,7 +319,7 @@ def test_checkpoints_are_published_layout_state_dicts_that_dgiqa_score_loads(tra
     assert sidecar["label_map"]["lo"] == 0 and sidecar["label_map"]["hi"] == 1
     assert sidecar["init"]["kind"] == "dgiqa" and sidecar["depth_model"].startswith("depth-anything-v1-vits@")
     assert json.loads((output / "last.json").read_text())["epoch"] == EPOCHS
-    image = next((Path(trained.summary["labels"]).parent / "images").glob("astronaut_0_*.png"))
+    image = next((Path(trained.summary["labels"]).parent / "images").glob("astronaut_*0.png"))
     capsys.readouterr()
     assert main(["score", str(image), "--weights", str(output / "best.pth"), "--depth-weights",
                  str(checkpoints["depth"]), "--crops", "1", "--device", "cpu", "--json"]) == 0
@@ -249,14 +328,14 @@ def test_checkpoints_are_published_layout_state_dicts_that_dgiqa_score_loads(tra
 
 
 def test_unreadable_images_are_skipped_and_counted(trained):
-    assert trained.summary["images"] == {"labelled": 26, "usable": 24, "skipped": 2,
+    assert trained.summary["images"] == {"labelled": 34, "usable": 32, "skipped": 2,
                                          "skipped_reasons": {"corrupt": 1, "missing": 1}}
 
 
 def test_depth_maps_are_computed_once_and_reused_by_reruns(trained):
-    assert len(trained.maps) == 24  # written by the killed attempt
+    assert len(trained.maps) == 32  # written by the killed attempt
     resumed = trained.summary["depth_cache"]
-    assert resumed["computed"] == 0 and resumed["reused"] == 24 and resumed["depth_forward_passes"] == 0
+    assert resumed["computed"] == 0 and resumed["reused"] == 32 and resumed["depth_forward_passes"] == 0
     assert Path(resumed["folder"]).is_relative_to(Path(trained.config.labels.path).parent / "depth_cache")
 
     again = run_training(trained.config)  # every epoch done: nothing to train, no map to compute
@@ -391,9 +470,6 @@ def test_consistency_loss_compares_a_crop_with_its_mirror_and_epochs_split_evenl
     seen = np.bincount(sum(shares, []), minlength=7)
     assert {len(s) for s in shares} == {5} and sorted(seen) == [2] * 6 + [3]  # one entry repeats as padding
     assert epoch_order(7, 2, (0, 0, 1), 0, 3) == shares[0] != epoch_order(7, 2, (0, 0, 2), 0, 3)
-    train, val = split_indices(10, 0.3, seed=4)
-    assert len(val) == 3 and sorted([*train, *val]) == list(range(10))
-    assert np.array_equal(split_indices(10, 0.3, seed=4)[1], val)
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -449,7 +525,7 @@ def test_dgiqa_train_has_the_documented_defaults():
 def test_two_workers_repeated_splits_and_everything_on_s3(local_ray, dataset, checkpoints, s3, capsys):
     """Labels, images, depth cache and output in a bucket; 2 DDP workers; the paper's repeated random splits.
 
-    12 of the images (4 scenes, one per distortion level) keep the two Ray Train runs short.
+    12 of the images (3 scenes at 4 distortion levels) keep the two Ray Train runs short; one scene is held out.
     """
     from jobs.train_dgiqa import main
     from pipeline.cli import main as dgiqa
