@@ -36,6 +36,9 @@ LARGE = "generated_12mp.jpg"
 SMALL = [name for name in GOLDEN["images"] if name != LARGE]
 # Float32 everywhere, the published explicit attention products against the fused kernel: measured up to 6e-6.
 FP32_TOLERANCE = 1e-5
+# The Ray job's actor runs its models on one thread, where the depth model's float32 sums round a few more depth-map
+# pixels across a level: measured 9.4e-6.
+JOB_TOLERANCE = 2e-5
 # bf16 autocast on the CPU: measured up to 6.7e-2 on these weights (a random network's features vary little from
 # image to image, so bf16 rounding weighs more than it does in trained weights).
 BF16_TOLERANCE = 7.5e-2
@@ -87,7 +90,7 @@ def test_the_test_weights_are_the_ones_the_published_code_ran(checkpoints):
 def test_recorded_scores_spread_ten_times_beyond_every_tolerance():
     scores = [record["score"] for record in GOLDEN["images"].values()]
     spread = max(scores) - min(scores)
-    for tolerance in (FP32_TOLERANCE, BF16_TOLERANCE, DRAFT_TOLERANCE):
+    for tolerance in (FP32_TOLERANCE, JOB_TOLERANCE, BF16_TOLERANCE, DRAFT_TOLERANCE):
         assert spread >= 10 * tolerance
     # The crops of one image differ too, so crops cut at other places would show.
     assert all(np.ptp(record["crop_scores"]) > 100 * FP32_TOLERANCE for record in GOLDEN["images"].values())
@@ -188,6 +191,6 @@ def test_the_ray_job_writes_the_published_scores(local_ray, checkpoints, tmp_pat
               zip(table.column("uri").to_pylist(), table.column("score").to_pylist(), strict=True)}
     assert sorted(scores) == sorted(SMALL)
     for name in SMALL:
-        assert scores[name] == pytest.approx(_published(name, 2), abs=FP32_TOLERANCE), name
+        assert scores[name] == pytest.approx(_published(name, 2), abs=JOB_TOLERANCE), name
     worst = max(abs(scores[name] - _published(name, 2)) for name in SMALL)
     print(f"\nRay job vs published (2 crops): max |delta score| = {worst:.1e}")
