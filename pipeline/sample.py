@@ -90,13 +90,24 @@ _DPIQA_RAW_CENTRE = 0.037
 _DPIQA_SCORE_GAIN = 80.0
 
 
+def _on_grid(values: torch.Tensor, step: float = 2.0**-20) -> torch.Tensor:
+    """``values`` rounded to multiples of ``step`` (about 1e-6).
+
+    A float64 sum's last-place differences (another thread count adds in another order, and a mean that is zero
+    comes out as noise of 1e-15) vanish in the rounding, so a file made from the result is the same bit for bit
+    on any machine.
+    """
+    return torch.round(values / step) * step + 0.0  # + 0.0 turns -0.0 (a rounded tiny negative) into 0.0
+
+
 def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
     """Save a DP-IQA student checkpoint (a bare state dict, the authors' layout) with random weights.
 
     With default initialisation and fresh BatchNorm statistics EfficientNet-B7's features all but vanish and
     every image gets the same score; the running statistics are therefore set from two generated photos and
-    two noise images (one forward pass in training mode, stochastic depth off). Channels that are nearly
-    constant on those four images would then be divided by almost nothing and explode on real photographs
+    two noise images (one forward pass in training mode, stochastic depth off, in float64 and rounded to
+    multiples of 2^-20, so the statistics, and the file, do not depend on the thread count). Channels that are
+    nearly constant on those four images would then be divided by almost nothing and explode on real photographs
     (scores in the thousands that move with the last float bit), so each BatchNorm's variances are floored at
     their median. Last, the score layer gets a fixed gain and offset that spread the test photographs over
     about [0.2, 0.8] with seed 0, so that a test tolerance of 1e-5 is far below the image-to-image differences.
@@ -112,15 +123,18 @@ def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
     side = INPUT_SIZE // 2  # the statistics are per channel: a smaller picture gives them at a quarter of the cost
     photos = np.stack([synthetic_photo(side, side, seed=seed + i) for i in range(2)]
                       + [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(2)])
-    model.train()
+    model.train().double()
     for module in model.modules():
         if isinstance(module, StochasticDepth):
             module.eval()  # every block on, as in inference, or the statistics would not fit the eval network
     with torch.no_grad():
-        model(torch.from_numpy(photos).permute(0, 3, 1, 2).float().div(255))
+        model(torch.from_numpy(photos).permute(0, 3, 1, 2).double().div(255))
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_var.clamp_(min=float(module.running_var.median()))
+                module.running_mean.copy_(_on_grid(module.running_mean))
+                module.running_var.copy_(_on_grid(module.running_var))
+        model.float()
         model.fc3.weight.mul_(_DPIQA_SCORE_GAIN)
         model.fc3.bias.sub_(_DPIQA_RAW_CENTRE).mul_(_DPIQA_SCORE_GAIN).add_(0.5)
     return _save(model.eval().state_dict(), path)
