@@ -34,15 +34,15 @@ from tests.conftest import DATA, SKIMAGE_DATA
 GOLDEN = json.loads((DATA / "dgiqa_published_scores.json").read_text())
 LARGE = "generated_12mp.jpg"
 SMALL = [name for name in GOLDEN["images"] if name != LARGE]
-# Float32 everywhere, the published explicit attention products against the fused kernel: measured up to 6e-6.
+# Float32 everywhere, the published explicit attention products against the fused kernel: measured up to 8.2e-6.
 FP32_TOLERANCE = 1e-5
 # The Ray job's actor runs its models on one thread, where the depth model's float32 sums round a few more depth-map
 # pixels across a level: measured 9.4e-6.
 JOB_TOLERANCE = 2e-5
-# bf16 autocast on the CPU: measured up to 6.7e-2 on these weights (a random network's features vary little from
+# bf16 autocast on the CPU: measured up to 7.1e-2 on these weights (a random network's features vary little from
 # image to image, so bf16 rounding weighs more than it does in trained weights).
 BF16_TOLERANCE = 7.5e-2
-# JPEG draft-mode decode of the 12 MP photo: measured 8e-3.
+# JPEG draft-mode decode of the 12 MP photo: measured 1.1e-2.
 DRAFT_TOLERANCE = 2e-2
 
 
