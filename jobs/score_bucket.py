@@ -19,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
 from pipeline.allowlist import redact_uri  # noqa: E402
-from pipeline.argtypes import int_range, json_object, positive_int  # noqa: E402
+from pipeline.argtypes import byte_size, int_range, json_object, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.models.attention import ATTENTION_MODES  # noqa: E402
 from pipeline.models.registry import get_scorer, scorer_names  # noqa: E402
+from pipeline.objects import DEFAULT_MAX_BYTES  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
 from pipeline.scorer import ENCODER_CHOICES, PRECISIONS  # noqa: E402
 from pipeline.weights import WeightsError  # noqa: E402
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="score only the first N manifest rows (trial runs)")
     p.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                    help="refuse images with more pixels (%(default)s)")
+    p.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                   help="refuse objects larger than this, unread where the size is known (256MiB)")
     p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                    help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, see README)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models in each actor")
@@ -106,7 +109,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
-        max_pixels=args.max_pixels, shard_rows=args.shard_rows, precision=args.precision, compile=args.compile,
+        max_pixels=args.max_pixels, max_bytes=args.max_bytes, shard_rows=args.shard_rows,
+        precision=args.precision, compile=args.compile,
         attention=args.attention, draft_decode=args.draft_decode, model=args.model,
         plan_memory_mb=args.plan_memory_mb, spill_dir=args.spill_dir)
 

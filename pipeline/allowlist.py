@@ -3,7 +3,11 @@
 A manifest is user data, and a nightly job runs with broad storage credentials, so a row must not be able to
 make the job read another bucket, the worker's own files (``file:///etc/passwd``), or an HTTP address such as
 the cloud metadata service. URIs are compared after normalisation; any ``.`` or ``..`` path segment, also in
-percent-encoded form, is refused outright rather than resolved.
+percent-encoded form, is refused outright rather than resolved, and so is ``::`` (fsspec's URL chaining, which
+would let ``s3://allowed/x::http://elsewhere`` open a second file system).
+
+Secrets never reach a log, a summary or an error row: ``redact_uri`` and ``redact_text`` replace passwords in
+``user:password@`` and every query value (presigned S3 and GCS URLs, Azure SAS tokens) with ``***``.
 """
 
 from __future__ import annotations
@@ -41,13 +45,15 @@ def normalize_uri(uri: str) -> str:
     if not isinstance(uri, str) or not uri.strip():
         raise RejectedURI("empty URI")
     if _CONTROL.search(uri) or "\\" in uri:
-        raise RejectedURI(f"URI has control characters or backslashes: {uri!r}")
+        raise RejectedURI(f"URI has control characters or backslashes: {redact_uri(uri)!r}")
+    if "::" in uri:
+        raise RejectedURI(f"URI chains file systems with '::': {redact_uri(uri)}")
     parts = urlsplit(uri)
     scheme = _SCHEME_ALIASES.get(parts.scheme.lower(), parts.scheme.lower())
     if len(parts.scheme) == 1:  # a Windows drive letter, not a scheme
         raise RejectedURI(f"unsupported URI: {uri!r}")
     if parts.query or parts.fragment:
-        raise RejectedURI(f"URI has a query or fragment: {uri!r}")
+        raise RejectedURI(f"URI has a query or fragment: {redact_uri(uri)!r}")
     path = parts.path
     segments = unquote(path).split("/")
     if any(s in (".", "..") for s in segments):
@@ -83,6 +89,17 @@ class Allowlist:
         if not self.prefixes:
             raise ValueError("at least one allowed prefix is needed")
 
+    def allows_resolved(self, uri: str) -> bool:
+        """Whether a resolved local URI (symlinks followed) lies under an allowed prefix, itself resolved.
+
+        An allowed folder reached through a symlink (``/data`` -> ``/mnt/disk1/data``) still admits its files;
+        a symlink inside it that points elsewhere does not.
+        """
+        resolved = tuple(p if not p.startswith("file://") else
+                         "file://" + os.path.join(os.path.realpath(p[len("file://"):]), "")
+                         for p in self.prefixes)
+        return any(uri.startswith(p) for p in resolved + self.prefixes)
+
     def check(self, uri: str) -> str:
         """Return the normalised URI if it lies under an allowed prefix.
 
@@ -103,6 +120,7 @@ class Allowlist:
         uris = uris.cast(pa.string())
         canonical = pc.and_(pc.fill_null(pc.match_substring_regex(uris, _CANONICAL), False),
                             pc.invert(pc.fill_null(pc.match_substring_regex(uris, _DOT_SEGMENT), True)))
+        canonical = pc.and_(canonical, pc.invert(pc.fill_null(pc.match_substring(uris, "::"), True)))
         allowed = pa.array([False] * len(uris)) if not len(self.prefixes) else None
         for prefix in self.prefixes:
             under = pc.fill_null(pc.starts_with(uris, prefix), False)
@@ -128,9 +146,27 @@ class Allowlist:
         return f"Allowlist({list(self.prefixes)!r})"
 
 
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
 def redact_uri(uri: str) -> str:
-    """The URI with any ``user:password@`` part removed, for logs and summaries."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+    """The URI without secrets, for logs, summaries and error rows.
+
+    ``user:password@`` becomes ``***@`` and every query value becomes ``***`` (names are kept, so a reader
+    still sees that a URL was presigned: ``X-Amz-Signature=***``).
+    """
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable URI>"
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        query = "&".join(p.split("=", 1)[0] + "=***" if p else p for p in parts.query.split("&"))
+        parts = parts._replace(query=query)
+    return parts.geturl()
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URI in it passed through ``redact_uri`` (error messages of storage libraries)."""
+    return _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)

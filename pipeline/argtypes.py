@@ -75,3 +75,20 @@ def iso_date(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
     return text
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
+          "g": 1000**3, "gb": 1000**3, "gib": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """A positive number of bytes: ``268435456``, ``256MiB``, ``300MB``, ``1GiB``."""
+    number = text.strip().rstrip("BbIiKkMmGg")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 256MiB or 268435456, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return int(value)

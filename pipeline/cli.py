@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import evaluate, report, train
-from pipeline.allowlist import redact_uri
-from pipeline.argtypes import comma_list, float_pair, json_object, positive_int
+from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, redact_uri
+from pipeline.argtypes import byte_size, comma_list, float_pair, json_object, positive_int
 from pipeline.models.attention import ATTENTION_MODES
 from pipeline.models.registry import scorer_names
+from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.preprocess import ImageError, PreprocessConfig
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, ScorerConfig, make_scorer
 from pipeline.stages import read_image_bytes
@@ -40,15 +42,19 @@ def _score_command(args: argparse.Namespace) -> int:
         compile=args.compile,
         model=args.model,
     )
+    allowlist = Allowlist(args.allow_prefix or _folders_of(args.images))
     scorer = make_scorer(config)
     failed = 0
     for uri in args.images:
         row = {"uri": uri, "score": None, "score_std": None, "num_crops": None, "width": None, "height": None,
                "status": "ok", "error": None, "model_id": scorer.model_id}
         try:
-            result = scorer.score_bytes(read_image_bytes(uri, args.storage_options))
+            data = read_image_bytes(uri, args.storage_options, allowlist=allowlist, max_bytes=args.max_bytes)
+            result = scorer.score_bytes(data)
             row.update(score=result.score, score_std=result.score_std, num_crops=result.num_crops,
                        width=result.width, height=result.height)
+        except RejectedURI as exc:
+            row.update(status="rejected", error=str(exc))
         except ImageError as exc:
             row.update(status="error", error=str(exc))
         except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
@@ -61,6 +67,21 @@ def _score_command(args: argparse.Namespace) -> int:
         else:
             print(f"{uri}\terror: {row['error']}", flush=True)
     return EXIT_IMAGE_FAILED if failed else 0
+
+
+def _folders_of(uris: Sequence[str]) -> list[str]:
+    """The default allowlist of ``dgiqa score``: the folder or prefix of each image the user named.
+
+    The command line is the user's own request, not data, so what it names is allowed; a symlink in one of those
+    folders that leads elsewhere, ``..`` and ``::`` are still refused.
+    """
+    folders = []
+    for uri in uris:
+        try:
+            folders.append(posixpath.dirname(normalize_prefix(uri).rstrip("/")) + "/")
+        except RejectedURI:
+            continue
+    return folders or ["/nonexistent-allowlist/"]
 
 
 def _make_sample_command(args: argparse.Namespace) -> int:
@@ -147,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto, cpu or cuda (auto)")
     score.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                        help="refuse images with more pixels than this (%(default)s)")
+    score.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
+                       help="prefix images may be read from (repeatable; default: the folder of each image named)")
+    score.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                       help="refuse objects larger than this (256MiB)")
     score.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                        help="fp32 (the published numbers) or bf16/fp16 autocast (faster, scores move slightly)")
     score.add_argument("--compile", action="store_true",

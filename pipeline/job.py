@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.allowlist import Allowlist, redact_uri
 from pipeline.manifest import ManifestReader, open_manifest
+from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, output_schema
 from pipeline.plan import Plan, PlannerConfig, make_plan
 from pipeline.preprocess import PreprocessConfig
@@ -61,6 +62,7 @@ class JobConfig:
     run_date: str | None = None
     incremental: bool = True
     allow_prefixes: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
     storage_options: Mapping = field(default_factory=dict)
     limit: int | None = None
     log_every_s: float = 30.0
@@ -87,6 +89,8 @@ class JobConfig:
             raise ValueError("--batch-size, --crops and --shard-rows must be at least 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must not be negative")
+        if self.max_bytes < 1:
+            raise ValueError("--max-bytes must be at least 1")
         if self.plan_memory_mb < 64:
             raise ValueError("--plan-memory-mb must be at least 64")
 
@@ -141,7 +145,7 @@ class _Progress:
 
 
 def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo, cluster: tuple,
-                   operators: list[str]) -> Iterator[pa.Table]:
+                   allowlist: Allowlist, operators: list[str]) -> Iterator[pa.Table]:
     """The scored rows, streamed from the cluster; ``operators`` gets Ray Data's operator names at the end."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -163,7 +167,8 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
     # (the same CPU every time). The job reports the operators Ray ran (``ray_operators`` in the summary).
     ds = ds.map_batches(prepare_plan_files, batch_format="pyarrow", batch_size=1,
                         fn_kwargs={"config": config.scorer_config(), "fs": fs, "batch_size": batch,
-                                   "storage_options": dict(config.storage_options)},
+                                   "storage_options": dict(config.storage_options), "allowlist": allowlist,
+                                   "max_bytes": config.max_bytes},
                         ray_remote_args_fn=_decode_task_resources)
     ds = ds.map_batches(
         config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=batch,
@@ -203,6 +208,7 @@ def _run_key(config: JobConfig, reader: ManifestReader, model_id: str, run_date:
     """
     job = {"manifest": reader.source, "run_date": run_date, "model_id": model_id, "crops": config.crops,
            "depth_input_size": config.depth_input_size, "max_pixels": config.max_pixels,
+           "max_bytes": config.max_bytes,
            "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
            "shard_rows": config.shard_rows, "precision": config.precision, "draft_decode": config.draft_decode,
            "limit": config.limit}
@@ -391,7 +397,7 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         block = _block_rows(to_score, _batch_size(config, cluster[0]))
         plan_files = _write_plan_files(out, plan.rows(scored=True, skip_shards=finished), block)
         progress = _Progress(to_score, config.log_every_s)
-        for batch in _scored_stream(config, plan_files, out.fs, info, cluster, operators):
+        for batch in _scored_stream(config, plan_files, out.fs, info, cluster, allowlist, operators):
             rows = _result_rows(batch, info, run_id, scored_at, schema)
             writer.add(rows)
             progress.update(rows.num_rows, int(pc.sum(pc.equal(rows.column("status"), STATUS_ERROR)).as_py() or 0))

@@ -166,7 +166,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError(f"not a recognised image format ({len(data)} bytes, starting {data[:8]!r})") from None
+        raise ImageError(f"not a recognised image format ({len(data)} bytes)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image refused: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error

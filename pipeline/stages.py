@@ -12,12 +12,9 @@ stage as it is, so the rows that come out of the pool are whole output rows and 
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
-import random
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import fsspec
 import numpy as np
@@ -25,7 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.output import STATUS_ERROR, STATUS_OK
+from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
+from pipeline.objects import DEFAULT_MAX_BYTES, ObjectTooLarge, read_object
+from pipeline.output import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from pipeline.preprocess import ImageError
 from pipeline.scorer import ScorerConfig, make_scorer, prepare_item
 
@@ -42,72 +41,33 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
 
 
-_TRANSIENT_WORDS = ("slowdown", "slow down", "throttl", "unavailable", "internalerror", "internal error",
-                    "timeout", "timed out", "connection", "disconnect", "reset by peer", "broken pipe",
-                    "remote end closed", "(503)", "(500)", "(502)", "(504)", " 503", " 500", " 502", " 504")
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-# s3fs reports 503 / SlowDown as EBUSY; the others are the network's own transient errors.
-_TRANSIENT_ERRNOS = {errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
-                     errno.EAGAIN, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a storage error is worth retrying: throttling, 5xx, timeouts, dropped connections."""
-    if isinstance(exc, _PERMANENT):
-        return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(word in text for word in _TRANSIENT_WORDS)
-
-
-def read_object(uri: str, storage_options: Mapping | None = None, attempts: int = 4,
-                backoff_s: float = 0.5, on_retry: Callable[[BaseException], None] | None = None) -> bytes:
-    """Read one object, retrying transient errors with exponential backoff and jitter.
-
-    ``on_retry`` gets each transient error before its retry, so the job can count the errors it recovered from.
+def read_image_bytes(uri: str, storage_options: Mapping | None = None, *, allowlist: Allowlist,
+                     max_bytes: int = DEFAULT_MAX_BYTES, attempts: int = 4) -> bytes:
+    """``read_object`` for one image outside the job (CLI, training, report): failures become ``ImageError``.
 
     Raises:
-        The last error, once ``attempts`` are used up or at once for a permanent error (missing, forbidden).
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-                return f.read()
-        except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
-                if attempt > 1:
-                    exc.add_note(f"after {attempt} attempts")
-                raise
-            delay = backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
-            logger.warning("transient error reading %s (attempt %d/%d), retrying in %.1fs: %s", uri, attempt,
-                           attempts, delay, exc)
-            if on_retry is not None:
-                on_retry(exc)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def read_image_bytes(uri: str, storage_options: Mapping | None = None, attempts: int = 4) -> bytes:
-    """``read_object`` for one image outside the job (CLI, training): failures become ``ImageError``.
-
-    Raises:
-        ImageError: Missing, a folder, or unreadable after the retries, with the reason in one line.
+        RejectedURI: Not allowed (no request was made).
+        ImageError: Missing, a folder, over the byte limit or unreadable after the retries, in one line.
     """
     try:
-        return read_object(uri, storage_options, attempts)
+        return read_object(uri, storage_options, allowlist=allowlist, max_bytes=max_bytes, attempts=attempts)
     except FileNotFoundError:
-        raise ImageError(f"no such file or object: {uri}") from None
+        raise ImageError(f"no such file or object: {redact_uri(uri)}") from None
     except IsADirectoryError:
-        raise ImageError(f"{uri} is a folder, not an image") from None
+        raise ImageError(f"{redact_uri(uri)} is a folder, not an image") from None
+    except ObjectTooLarge as exc:
+        raise ImageError(str(exc)) from None
     except OSError as exc:
-        raise ImageError(f"cannot read {uri}: {exc}") from None
+        raise ImageError(f"cannot read {redact_uri(uri)}: {redact_text(str(exc))}") from None
 
 
-def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempts: int = 4) -> pa.Table:
-    """Read each row's object into a ``data`` column; a failed read is an error row.
+def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempts: int = 4, *,
+                allowlist: Allowlist, max_bytes: int = DEFAULT_MAX_BYTES) -> pa.Table:
+    """Read each row's object into a ``data`` column; a failed read is an error row, a refused one ``rejected``.
+
+    The driver's plan has already refused URIs outside the allowlist; the check is made again here, where a
+    local path can be resolved (a symlink leading out of the allowed folders is refused on the worker that
+    would follow it). A ``size_bytes`` column (from the manifest) over ``max_bytes`` is refused unread.
 
     A ``read_retries`` column counts the transient errors each row's read recovered from (retries that ended in
     a successful read); it travels with the row to the driver, which sums it into the run summary.
@@ -116,8 +76,12 @@ def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempt
         batch: Rows with ``row_index``, ``uri``, ``status``, ``error``.
         storage_options: fsspec options; credentials come from the worker's environment.
         attempts: Tries per object for transient errors (throttling, 5xx, timeouts, resets).
+        allowlist: Where reads may go.
+        max_bytes: The byte limit per object.
     """
     statuses, errors = batch.column("status").to_pylist(), batch.column("error").to_pylist()
+    sizes = (batch.column("size_bytes").to_pylist() if "size_bytes" in batch.column_names
+             else [None] * batch.num_rows)
     data: list[bytes | None] = []
     recovered = [0] * batch.num_rows
     for i, uri in enumerate(batch.column("uri").to_pylist()):
@@ -125,13 +89,19 @@ def fetch_batch(batch: pa.Table, storage_options: Mapping | None = None, attempt
         if statuses[i] == STATUS_OK:
             retried: list[BaseException] = []
             try:
-                payload = read_object(uri, storage_options, attempts, on_retry=retried.append)
+                payload = read_object(uri, storage_options, allowlist=allowlist, max_bytes=max_bytes,
+                                      known_size=sizes[i], attempts=attempts, on_retry=retried.append)
                 recovered[i] = len(retried)
+            except RejectedURI as exc:
+                statuses[i], errors[i] = STATUS_REJECTED, str(exc)
+            except ObjectTooLarge as exc:
+                statuses[i], errors[i] = STATUS_ERROR, str(exc)
             except FileNotFoundError:
-                statuses[i], errors[i] = STATUS_ERROR, f"object not found: {uri}"
+                statuses[i], errors[i] = STATUS_ERROR, f"object not found: {redact_uri(uri)}"
             except Exception as exc:  # noqa: BLE001 - storage errors of any backend become this row's error
                 notes = " ".join(getattr(exc, "__notes__", []))
-                statuses[i], errors[i] = STATUS_ERROR, f"cannot read {uri}: {_describe(exc)} {notes}".strip()
+                reason = redact_text(f"cannot read {uri}: {_describe(exc)} {notes}".strip())
+                statuses[i], errors[i] = STATUS_ERROR, reason
         data.append(payload)
     return (batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
             .set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
@@ -186,13 +156,15 @@ def with_passthrough(out: pa.Table, batch: pa.Table, drop: tuple[str, ...]) -> p
     return out
 
 
-def fetch_and_prepare_batch(batch: pa.Table, config: ScorerConfig, storage_options: Mapping | None = None) -> pa.Table:
+def fetch_and_prepare_batch(batch: pa.Table, config: ScorerConfig, storage_options: Mapping | None = None, *,
+                            allowlist: Allowlist, max_bytes: int = DEFAULT_MAX_BYTES) -> pa.Table:
     """``fetch_batch`` then ``prepare_batch`` in one task: an image's bytes never leave the task that read them."""
-    return prepare_batch(fetch_batch(batch, storage_options), config)
+    return prepare_batch(fetch_batch(batch, storage_options, allowlist=allowlist, max_bytes=max_bytes), config)
 
 
 def prepare_plan_files(batch: pa.Table, config: ScorerConfig, fs: fsspec.AbstractFileSystem, batch_size: int,
-                       storage_options: Mapping | None = None) -> Iterator[pa.Table]:
+                       storage_options: Mapping | None = None, *, allowlist: Allowlist,
+                       max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[pa.Table]:
     """Read the job's plan files named in ``batch`` (a ``path`` column); yield their rows fetched and prepared.
 
     ``batch_size`` rows at a time, each batch as ``fetch_and_prepare_batch`` returns it.
@@ -203,7 +175,8 @@ def prepare_plan_files(batch: pa.Table, config: ScorerConfig, fs: fsspec.Abstrac
     for path in batch.column("path").to_pylist():
         with fs.open(path, "rb") as f:
             for rows in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size):
-                yield fetch_and_prepare_batch(pa.Table.from_batches([rows]), config, storage_options)
+                yield fetch_and_prepare_batch(pa.Table.from_batches([rows]), config, storage_options,
+                                              allowlist=allowlist, max_bytes=max_bytes)
 
 
 def _unpack(row: dict, prepared_type: type):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.allowlist import Allowlist
 from pipeline.cli import main as dgiqa
 from pipeline.models.dpiqa import build_dpiqa_student
 from pipeline.sample import write_random_dgiqa
@@ -15,6 +16,8 @@ from pipeline.scorer import ScorerConfig, check_models, make_scorer
 from pipeline.single_pass import PreparedPixels, SinglePassScorer
 from pipeline.stages import ScoreActor, fetch_batch, prepare_batch
 from pipeline.weights import WeightsError
+
+EVERYWHERE = Allowlist(["/"])  # these tests read their own temporary files
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def test_actor_and_cli_give_the_same_scores(scorer, student, photo_paths, tmp_pa
 
     batch = pa.table({"row_index": pa.array([0, 1], pa.int64()), "uri": uris,
                       "status": ["ok", "ok"], "error": pa.array([None, None], pa.string())})
-    prepared = prepare_batch(fetch_batch(batch), scorer.config)
+    prepared = prepare_batch(fetch_batch(batch, allowlist=EVERYWHERE), scorer.config)
     out = ScoreActor(scorer.config, scorer.model_id)(prepared).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok"] and all(r["num_crops"] == 1 for r in out)
     code = dgiqa(["score", "--model", "dpiqa-student", "--weights", str(student), "--json",

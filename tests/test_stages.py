@@ -6,9 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.allowlist import Allowlist
 from pipeline.preprocess import PreparedImage, decode_image, prepare_image
 from pipeline.stages import ScoreActor, _unpack, fetch_batch, prepare_batch
 from tests.conftest import FAST
+
+EVERYWHERE = Allowlist(["/"])  # these tests read their own temporary files
 
 
 def _batch(uris, statuses=None):
@@ -25,7 +28,7 @@ def files(tmp_path, photo_paths):
 
 
 def test_fetch_keeps_rows_and_reports_missing_objects(files):
-    out = fetch_batch(_batch(files, ["ok", "ok", "ok", "rejected"]))
+    out = fetch_batch(_batch(files, ["ok", "ok", "ok", "rejected"]), allowlist=EVERYWHERE)
     assert out.column("row_index").to_pylist() == [0, 1, 2, 3]
     assert out.column("status").to_pylist() == ["ok", "error", "ok", "rejected"]
     assert "object not found" in out.column("error")[1].as_py()
@@ -35,7 +38,7 @@ def test_fetch_keeps_rows_and_reports_missing_objects(files):
 
 
 def test_prepare_round_trips_the_arrays(files, fast_scorer):
-    out = prepare_batch(fetch_batch(_batch(files)), fast_scorer.config)
+    out = prepare_batch(fetch_batch(_batch(files), allowlist=EVERYWHERE), fast_scorer.config)
     assert out.column("status").to_pylist() == ["ok", "error", "error", "ok"]
     assert "truncated or corrupt" in out.column("error")[2].as_py()
     row = out.slice(0, 1).to_pylist()[0]
@@ -59,7 +62,7 @@ def test_actor_rows_carry_their_own_images_scores(files, fast_scorer):
     assert abs(direct[files[0]].score - direct[files[3]].score) > 20 * tolerance
     actor = ScoreActor(fast_scorer.config, fast_scorer.model_id)
     for order in (files, files[::-1]):
-        out = actor(prepare_batch(fetch_batch(_batch(order)), fast_scorer.config))
+        out = actor(prepare_batch(fetch_batch(_batch(order), allowlist=EVERYWHERE), fast_scorer.config))
         assert out.num_rows == 4 and out.column("uri").to_pylist() == order
         rows = {r["uri"]: r for r in out.to_pylist()}
         for uri, expected in direct.items():
