@@ -413,6 +413,8 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         "run_date": run_date,
         "manifest": redact_uri(reader.source),
         "manifest_rows": plan.manifest_rows,
+        "allowed_prefixes": list(allowlist.prefixes),
+        "max_bytes": config.max_bytes,
         "skipped_done_before": plan.done_before,
         "rows_written": plan.rows_to_write,
         "resumed_rows": sum(finished.values()),
