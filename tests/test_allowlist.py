@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, normalize_uri, redact_uri
+from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, normalize_uri, redact_text, redact_uri
 
 
 @pytest.mark.parametrize(("uri", "expected"), [
@@ -187,6 +187,30 @@ def test_redact_uri_hides_credentials():
     assert redact_uri("https://u:p%40ss@host.example/a.jpg") == "https://***@host.example/a.jpg"
 
 
+@pytest.mark.parametrize("uri", [
+    "s3://bucket/photos/a.jpg::http://169.254.169.254/latest/meta-data/",
+    "simplecache::s3://bucket/photos/a.jpg",
+    "/data/lib/a.jpg::https://elsewhere.example/x",
+])
+def test_fsspec_url_chaining_is_refused(uri):
+    allow = Allowlist(["s3://bucket/", "/data/lib"])
+    with pytest.raises(RejectedURI):
+        allow.check(uri)
+
+
+@pytest.mark.parametrize(("uri", "secret"), [
+    ("https://bucket.s3.amazonaws.com/m.csv?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIAEXAMPLE%2F2026"
+     "&X-Amz-Signature=5f1e2d3c&X-Amz-Security-Token=FwoGZXIvYXdz", ("AKIAEXAMPLE", "5f1e2d3c", "FwoGZXIvYXdz")),
+    ("https://storage.googleapis.com/b/m.csv?X-Goog-Signature=0badc0de&X-Goog-Credential=sa%40p", ("0badc0de",)),
+    ("https://acct.blob.core.windows.net/c/m.csv?sv=2024-01-01&sig=AzureSAS%3D&se=2026", ("AzureSAS",)),
+])
+def test_redact_uri_hides_signed_url_query_values(uri, secret):
+    redacted = redact_uri(uri)
+    assert not any(s in redacted for s in secret), redacted
+    assert redacted.split("?")[0] == uri.split("?")[0] and "=***" in redacted
+    assert not any(s in redact_text(f"GET {uri} failed: 403") for s in secret)
+
+
 @pytest.mark.parametrize("uri", ["s3://bucket/k", "s3://bucket/a@b.jpg", "file:///data/lib/a.jpg", "/data/x.jpg"])
 def test_redact_uri_leaves_uris_without_credentials_alone(uri):
     assert redact_uri(uri) == uri
@@ -204,6 +228,7 @@ BULK_URIS = [
     "file://otherhost/data/lib/a.jpg", "file:///data/library/a.jpg", "file:///data/lib/../../etc/passwd",
     "/data/lib/a.jpg", "data/lib/a.jpg", "c:/data/lib/a.jpg", "gs://bucket/photos/a.jpg",
     "https://CDN.example.com/x.jpg", "http://169.254.169.254/latest/meta-data/", "", "   ", None,
+    "s3://bucket/photos/a.jpg::http://169.254.169.254/x", "s3://bucket/photos/simplecache::s3://other/x.jpg",
 ]
 
 
