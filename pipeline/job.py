@@ -35,6 +35,8 @@ from pipeline.plan import Plan, PlannerConfig, make_plan
 from pipeline.preprocess import PreprocessConfig
 from pipeline.resources import PeakRss, peak_rss_bytes, rss_bytes
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
+from pipeline.stages import WEIGHTS_CHANGED
+from pipeline.weights import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,10 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
                 cpus, _batch_size(config, gpus))
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 1800 if gpus else 600
+    # An actor that dies in __init__ is replaced at most twice in a row, then the run fails (Ray re-raises the
+    # actor's error). A transient death (a node lost while loading) is survived; an actor that refuses its
+    # weights (changed since the driver checked them) ends the run in seconds, not after wait_for_min_actors_s.
+    ctx.max_consecutive_actor_init_deaths = 2
     batch = _batch_size(config, gpus)
     # One decode task per plan file (see _write_plan_files); Ray's Parquet reader would merge small files.
     ds = ray.data.from_items([{"path": p} for p in plan_files], override_num_blocks=len(plan_files))
@@ -344,7 +350,8 @@ def run_job(config: JobConfig) -> dict:
 
     Raises:
         ManifestError: The manifest cannot be used.
-        WeightsError: The weights cannot be used (checked before any work).
+        WeightsError: The weights cannot be used (checked before any work), or they changed under the scoring
+            actors during the run (nothing was committed).
         JobError: The run did not produce every row; nothing was committed.
     """
     started = time.monotonic()
@@ -397,10 +404,19 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         block = _block_rows(to_score, _batch_size(config, cluster[0]))
         plan_files = _write_plan_files(out, plan.rows(scored=True, skip_shards=finished), block)
         progress = _Progress(to_score, config.log_every_s)
-        for batch in _scored_stream(config, plan_files, out.fs, info, cluster, allowlist, operators):
-            rows = _result_rows(batch, info, run_id, scored_at, schema)
-            writer.add(rows)
-            progress.update(rows.num_rows, int(pc.sum(pc.equal(rows.column("status"), STATUS_ERROR)).as_py() or 0))
+        try:
+            for batch in _scored_stream(config, plan_files, out.fs, info, cluster, allowlist, operators):
+                rows = _result_rows(batch, info, run_id, scored_at, schema)
+                writer.add(rows)
+                progress.update(rows.num_rows,
+                                int(pc.sum(pc.equal(rows.column("status"), STATUS_ERROR)).as_py() or 0))
+        except Exception as exc:
+            # Ray wraps the actor's own error in its actor-death errors; the message is what survives.
+            reason = re.search(rf"{WEIGHTS_CHANGED}[^\n]*", str(exc))
+            if reason:
+                raise WeightsError(f"{reason.group(0)}; nothing was committed (rerun once the weights at "
+                                   f"{redact_uri(config.weights)} are final)") from None
+            raise
         logger.info("Ray Data operators: %s", " | ".join(operators))
 
     if writer.missing():

@@ -27,6 +27,7 @@ from pipeline.objects import DEFAULT_MAX_BYTES, ObjectTooLarge, read_object
 from pipeline.output import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from pipeline.preprocess import ImageError
 from pipeline.scorer import ScorerConfig, make_scorer, prepare_item
+from pipeline.weights import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,13 @@ def prepare_plan_files(batch: pa.Table, config: ScorerConfig, fs: fsspec.Abstrac
                                               allowlist=allowlist, max_bytes=max_bytes)
 
 
+WEIGHTS_CHANGED = "weights changed since the job started"
+
+
+class WeightsChanged(WeightsError):
+    """An actor read other weights than the driver checked: the job stops rather than mix two models in a run."""
+
+
 def _unpack(row: dict, prepared_type: type):
     return prepared_type.from_arrays(unpack_arrays(row["prepared"]), row["height"], row["width"])
 
@@ -197,8 +205,8 @@ class ScoreActor:
             torch.set_num_threads(num_threads)
         self.scorer = make_scorer(config)
         if self.scorer.model_id != expected_model_id:
-            raise RuntimeError(f"weights changed since the job started: expected {expected_model_id}, "
-                               f"read {self.scorer.model_id}")
+            raise WeightsChanged(f"{WEIGHTS_CHANGED}: the driver checked {expected_model_id}, this actor read "
+                                 f"{self.scorer.model_id}")
         logger.info("scoring actor ready on %s with %s", self.scorer.device, self.scorer.model_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.allowlist import Allowlist
 from pipeline.preprocess import PreparedImage, decode_image, prepare_image
-from pipeline.stages import ScoreActor, _unpack, fetch_batch, prepare_batch
+from pipeline.stages import ScoreActor, WeightsChanged, _unpack, fetch_batch, prepare_batch
 from tests.conftest import FAST
 
 EVERYWHERE = Allowlist(["/"])  # these tests read their own temporary files
@@ -74,5 +74,5 @@ def test_actor_rows_carry_their_own_images_scores(files, fast_scorer):
 
 
 def test_actor_refuses_other_weights(fast_scorer):
-    with pytest.raises(RuntimeError, match="weights changed since the job started"):
+    with pytest.raises(WeightsChanged, match="weights changed since the job started"):
         ScoreActor(fast_scorer.config, "dgiqa@something-else")
