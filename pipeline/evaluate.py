@@ -10,6 +10,12 @@ without opinion scores: Gaussian fits, their overlap coefficient and d', and an 
 
 URIs are compared in the job's normalised form (``pipeline.allowlist.normalize_uri``; local paths become
 ``file:///...``), so labels written with plain local paths match the scores the job wrote.
+
+Scoring now reads images the label file names, and a label file is data: the job reads them through an allowlist
+of ``--allow-prefix``, or by default the ``--images-prefix`` (else the label file's folder), never one derived
+from the file's own URIs (a hostile row would allow itself), with the ``--max-bytes`` limit. A refused URI is a
+``rejected`` row of the run, never a request; the result lists every image that got no score with its status and
+reason (redacted: no ``user:password@``, no signed-URL query values).
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import posixpath
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -27,11 +33,19 @@ from functools import partial
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from pipeline.allowlist import RejectedURI, normalize_uri
+from pipeline.allowlist import RejectedURI, normalize_uri, redact_text, redact_uri
 from pipeline.argtypes import json_object, non_negative_int, positive_int
-from pipeline.labels import Labels, add_label_arguments, read_labels
+from pipeline.labels import (
+    Labels,
+    absolute_uri,
+    add_label_arguments,
+    add_read_limit_arguments,
+    default_allow_prefixes,
+    read_labels,
+)
 from pipeline.metrics import (
     METRIC_LABELS,
     METRICS,
@@ -42,6 +56,7 @@ from pipeline.metrics import (
     density_separation,
     separation_svg,
 )
+from pipeline.objects import DEFAULT_MAX_BYTES
 
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1
@@ -60,11 +75,14 @@ class ScoreSet:
         table: ``uri`` (string) and ``score`` (float64), one row per image.
         model_id: The model that gave them.
         source: Where they were read from (a job output URI).
+        failures: The images the scoring run gave no score, each ``{"uri", "status", "error"}`` (redacted);
+            empty when the scores were read from an earlier output.
     """
 
     table: pa.Table
     model_id: str | None
     source: str | None = None
+    failures: tuple[dict, ...] = ()
 
 
 def join_key(uri: str) -> str:
@@ -106,27 +124,28 @@ def read_scores(output: str, model_id: str | None = None, storage_options: Mappi
     return ScoreSet(pa.table({"uri": table.column("uri"), "score": scores}), model_id or models[0], output)
 
 
-def _allowed_prefixes(uris: Sequence[str]) -> tuple[str, ...]:
-    """The deepest common folder of the URIs in each bucket (or of all local ones): what the run may read."""
-    groups: dict[str, list[str]] = {}
-    for uri in uris:
-        try:
-            uri = normalize_uri(uri)
-        except RejectedURI:
-            continue  # the job refuses it and reports it as a rejected row
-        scheme, _, rest = uri.partition("://")
-        root, _, path = rest.partition("/")
-        groups.setdefault(f"{scheme}://{root}/", []).append("/" + posixpath.dirname(path))
-    return tuple(home + posixpath.commonpath(paths).lstrip("/") for home, paths in groups.items())
+def _run_failures(output: str, run_id: str, storage_options: Mapping | None) -> tuple[dict, ...]:
+    """The rows of one run that have no score (``error``, ``rejected``), URIs and messages redacted."""
+    from pipeline import query
+
+    dataset = query.open_scores(output, storage_options)
+    table = dataset.to_table(columns=["uri", "status", "error"],
+                             filter=(pc.field("run_id") == run_id) & (pc.field("status") != "ok"))
+    rows = sorted(table.to_pylist(), key=lambda r: (r["uri"] or ""))
+    return tuple({"uri": redact_uri(r["uri"] or ""), "status": r["status"], "error": redact_text(r["error"] or "")}
+                 for r in rows)
 
 
 def score_labels(labels: Labels, weights: str, depth_weights: str, *, output: str | None = None, crops: int = 20,
-                 depth_input_size: int = 518, storage_options: Mapping | None = None, **job_options) -> ScoreSet:
+                 depth_input_size: int = 518, storage_options: Mapping | None = None,
+                 allow_prefixes: Sequence[str] = (), max_bytes: int = DEFAULT_MAX_BYTES, **job_options) -> ScoreSet:
     """Score the labelled images with a model, through the same job as the nightly runs, and read them back.
 
-    The labelled URIs are written to a CSV manifest in a temporary folder; the run may read only below their
-    common folder in each bucket. Without ``output`` the scores go to a temporary folder removed afterwards;
-    with one they are kept, and a rerun with the same weights scores only images not scored ``ok`` before.
+    The labelled URIs are written to a CSV manifest in a temporary folder (relative local paths made absolute,
+    nothing resolved, so ``..`` reaches the allowlist and is refused). The run may read only below
+    ``allow_prefixes``, by default ``pipeline.labels.default_allow_prefixes``: what the user named, never the
+    label file's own URIs. Without ``output`` the scores go to a temporary folder removed afterwards; with one
+    they are kept, and a rerun with the same weights scores only images not scored ``ok`` before.
 
     Args:
         labels: The labelled images.
@@ -136,6 +155,8 @@ def score_labels(labels: Labels, weights: str, depth_weights: str, *, output: st
         crops: Random 224x224 crops per image.
         depth_input_size: Lower bound of the depth model's input side (518 as published).
         storage_options: fsspec options for images, weights and output.
+        allow_prefixes: Where images may be read from (``--allow-prefix``).
+        max_bytes: The byte limit per image (``--max-bytes``).
         **job_options: Further ``pipeline.job.JobConfig`` fields (``actors``, ``batch_size``, ``run_date``...).
 
     Raises:
@@ -143,19 +164,23 @@ def score_labels(labels: Labels, weights: str, depth_weights: str, *, output: st
     """
     from pipeline.job import JobConfig, run_job
 
-    uris = [join_key(u) for u in labels.table.column("uri").to_pylist()]
-    prefixes = _allowed_prefixes(uris)
-    if not prefixes:
-        raise EvaluationError(f"none of the {len(uris)} labelled URIs is a usable object address (e.g. {uris[0]!r})")
+    uris = [absolute_uri(u.strip()) for u in labels.table.column("uri").to_pylist()]
+    prefixes = tuple(allow_prefixes) or default_allow_prefixes(labels)
     with tempfile.TemporaryDirectory(prefix="dgiqa-evaluate-") as folder:
         manifest = os.path.join(folder, "manifest.csv")
         pacsv.write_csv(pa.table({"uri": pa.array(uris, pa.string())}), manifest)
         target = output or os.path.join(folder, "scores")
         summary = run_job(JobConfig(manifest=manifest, output=target, weights=weights, depth_weights=depth_weights,
                                     crops=crops, depth_input_size=depth_input_size,
-                                    allow_prefixes=prefixes, storage_options=dict(storage_options or {}),
-                                    **job_options))
-        return replace(read_scores(target, summary["model_id"], storage_options), source=output)
+                                    allow_prefixes=prefixes, max_bytes=max_bytes,
+                                    storage_options=dict(storage_options or {}), **job_options))
+        failures = _run_failures(target, summary["run_id"], storage_options)
+        try:
+            scores = read_scores(target, summary["model_id"], storage_options)
+        except EvaluationError:  # no ok score at all: the failures say why
+            scores = ScoreSet(pa.table({"uri": pa.array([], pa.string()), "score": pa.array([], pa.float64())}),
+                              summary["model_id"])
+        return replace(scores, source=output, failures=failures)
 
 
 @dataclass(frozen=True)
@@ -174,6 +199,8 @@ class EvaluationResult:
         labels_without_score: Labelled images with no ok score (left out).
         scores_without_label: Scored images with no label (left out).
         examples_without_score: A few labelled URIs that had no score.
+        failures: With ``--weights``: every image the run gave no score, with its status (``error``,
+            ``rejected``) and reason.
     """
 
     metrics: MetricsResult
@@ -187,6 +214,7 @@ class EvaluationResult:
     labels_without_score: int
     scores_without_label: int
     examples_without_score: list[str] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
 
     @property
     def matched(self) -> int:
@@ -236,6 +264,7 @@ def evaluate(labels: Labels, scores: ScoreSet | pa.Table, *, bootstrap: int = 10
                                       f"{', '.join(map(str, models))}")
             model_id = models[0] if models else None
         scores = ScoreSet(scores.select(["uri", "score"]), model_id)
+    failures = list(scores.failures)
     score_values = scores.table.column("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
     score_uris = scores.table.column("uri").to_pylist()
     usable = [i for i, v in enumerate(score_values) if v is not None and np.isfinite(v)]
@@ -252,8 +281,11 @@ def evaluate(labels: Labels, scores: ScoreSet | pa.Table, *, bootstrap: int = 10
         if missing and score_at:
             hint = (f"; labelled images look like {join_key(missing[0])!r}, scored ones like "
                     f"{next(iter(score_at))!r}: check --images-prefix")
+        if failures:
+            hint += "; not scored: " + "; ".join(f"{f['uri']} ({f['status']}: {f['error']})"
+                                                  for f in failures[:EXAMPLES])
         raise EvaluationError(f"only {len(pairs)} of {len(label_at)} labelled images have an ok score (at least "
-                              f"{MIN_PAIRS} are needed){hint}")
+                              f"{MIN_PAIRS} are needed){redact_text(hint)}")
     label_idx = np.array([p[0] for p in pairs])
     score_idx = np.array([p[1] for p in pairs])
     metrics = compute_metrics(score_values[score_idx], label_values[label_idx],
@@ -262,7 +294,8 @@ def evaluate(labels: Labels, scores: ScoreSet | pa.Table, *, bootstrap: int = 10
     return EvaluationResult(metrics=metrics, labels_source=labels.source, layout=labels.layout,
                             label_column=labels.label_column, scores_source=scores.source, model_id=scores.model_id,
                             labelled=len(label_at), scored=len(score_at), labels_without_score=len(missing),
-                            scores_without_label=len(score_at) - len(pairs), examples_without_score=missing[:EXAMPLES])
+                            scores_without_label=len(score_at) - len(pairs),
+                            examples_without_score=[redact_uri(u) for u in missing[:EXAMPLES]], failures=failures)
 
 
 @dataclass(frozen=True)
@@ -337,13 +370,20 @@ def format_result(result: EvaluationResult) -> str:
     m = result.metrics
     direction = "higher is better" if m.higher_is_better else "lower is better; correlations use negated labels"
     lines = [
-        f"labels   {result.layout}: {result.labels_source} ({result.label_column}, {direction})",
-        f"scores   {result.scores_source or 'scored now (temporary output)'}; model {result.model_id}",
+        f"labels   {result.layout}: {redact_uri(result.labels_source)} ({result.label_column}, {direction})",
+        f"scores   {redact_uri(result.scores_source or '') or 'scored now (temporary output)'}; model "
+        f"{result.model_id}",
         f"pairs    {m.n} matched; {result.labels_without_score} labelled images without an ok score, "
         f"{result.scores_without_label} scores without a label",
     ]
     if result.examples_without_score:
         lines.append(f"         e.g. no score for {', '.join(result.examples_without_score[:3])}")
+    if result.failures:
+        by_status = Counter(f["status"] for f in result.failures)
+        lines.append("not scored " + ", ".join(f"{n} {status}" for status, n in sorted(by_status.items())) + ":")
+        lines += [f"         {f['status']:<8} {f['uri']}: {f['error']}" for f in result.failures[:EXAMPLES]]
+        if len(result.failures) > EXAMPLES:
+            lines.append(f"         ... and {len(result.failures) - EXAMPLES} more (all in --json)")
     if not m.mapping.converged:
         lines.append(f"note     {m.mapping.message}: PLCC (logistic) and RMSE use a straight line instead")
     ci = f"{m.confidence:.0%} CI" if m.bootstrap else "CI"
@@ -369,7 +409,7 @@ def format_separation(result: SeparationResult) -> str:
 
 
 def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
-    print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+    print(f"{prog}: error: {redact_text(_one_line(exc))}", file=sys.stderr)
     return code
 
 
@@ -382,6 +422,8 @@ def _evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
             parser.error(f"{' and '.join(given)} apply only when scoring with --weights")
     elif args.model_id:
         parser.error("--model-id applies to --scores; with --weights the model is the one given")
+    if args.scores and args.allow_prefix:
+        parser.error("--allow-prefix applies only when scoring with --weights")
     try:
         labels = read_labels(args.labels, args.layout, args.images_prefix, label_column=args.label_column,
                              uri_column=args.uri_column, lower_is_better=args.lower_is_better,
@@ -393,7 +435,8 @@ def _evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
             try:
                 scores = score_labels(labels, args.weights, args.depth_weights, output=args.output, crops=args.crops,
-                                      depth_input_size=args.depth_input_size, storage_options=args.storage_options)
+                                      depth_input_size=args.depth_input_size, storage_options=args.storage_options,
+                                      allow_prefixes=args.allow_prefix, max_bytes=args.max_bytes)
             except JobError as exc:
                 return _fail(parser.prog, exc, EXIT_RUN_FAILED)
         result = evaluate(labels, scores, bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed)
@@ -438,6 +481,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--crops", type=positive_int, default=20, help="with --weights: crops per image (20)")
     ev.add_argument("--depth-input-size", type=positive_int, default=518,
                     help="with --weights: depth-model input side (518 as published)")
+    add_read_limit_arguments(ev, "with --weights: the --images-prefix, else the label file's folder")
     ev.add_argument("--model-id", help="with --scores: the model whose scores to use, when the output holds several")
     ev.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
                     help="bootstrap resamples for the confidence intervals; 0 for none (1000)")

@@ -23,6 +23,12 @@ Layouts:
   (default ``mos``); higher is better unless ``lower_is_better``. Relative URIs are joined onto the images
   prefix when one is given.
 
+Where images may be read from: a label file is data, and may name any URI (``file:///etc/passwd``, another
+bucket, the metadata service), so ``dgiqa train`` and ``dgiqa evaluate`` read every image through an allowlist
+that never comes from the label file's rows: ``--allow-prefix`` if given, else ``default_allow_prefixes`` (the
+images prefix, else the label file's own folder). Names are joined as they are (``join_uri`` resolves nothing),
+so ``../../etc/passwd`` after an images prefix keeps its ``..`` and the allowlist refuses it.
+
 Groups: images that show the same scene must not be split between training and held-out sets, or the held-out
 score measures remembered scenes. ``Labels.groups`` names each row's group for ``dgiqa train``'s split: the
 ``generic`` layout's optional ``group`` column (any text; an empty cell makes the row a group of its own) and
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +49,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+
+from pipeline.allowlist import redact_text, redact_uri
+from pipeline.argtypes import byte_size
+from pipeline.objects import DEFAULT_MAX_BYTES
 
 LAYOUTS = ("koniq", "kadid", "live-challenge", "spaq", "generic")
 DEFAULT_LABEL_COLUMN = {"koniq": "MOS_zscore", "kadid": "dmos", "spaq": "MOS", "generic": "mos"}
@@ -70,6 +81,8 @@ class Labels:
         label_column: The column (or MATLAB variable) the labels came from.
         groups: Each row's group (scene), in the table's order, for splits that keep a scene on one side;
             None (or a None entry) when each row is its own group.
+        images_prefix: The prefix image names were joined onto (``--images-prefix``, or live-challenge's
+            ``Images/`` folder); None when the names were used as written.
     """
 
     table: pa.Table
@@ -78,6 +91,7 @@ class Labels:
     layout: str
     label_column: str
     groups: tuple[str | None, ...] | None = None
+    images_prefix: str | None = None
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -92,18 +106,50 @@ def _is_absolute(uri: str) -> bool:
     return "://" in uri or uri.startswith("/")
 
 
+def absolute_uri(uri: str) -> str:
+    """A relative local path joined onto the working folder, nothing resolved (``..`` stays for the allowlist)."""
+    return uri if _is_absolute(uri) else join_uri(os.getcwd(), uri)
+
+
+def default_allow_prefixes(labels: Labels) -> tuple[str, ...]:
+    """Where the images of ``labels`` may be read from when no ``--allow-prefix`` is given.
+
+    The images prefix the names were joined onto, else the label file's own folder (or bucket): what the user
+    named on the command line, never a URI taken from the file's rows, which could otherwise allow themselves.
+    """
+    if labels.images_prefix:
+        return (labels.images_prefix,)
+    source = labels.source.rstrip("/")
+    if "://" in source:
+        return (posixpath.dirname(source) + "/",)
+    return (os.path.dirname(os.path.abspath(source)),)
+
+
+def add_read_limit_arguments(group, default_help: str) -> None:
+    """Add ``--allow-prefix`` and ``--max-bytes``, the limits on every image a command reads.
+
+    Args:
+        group: An ``argparse`` parser or argument group.
+        default_help: Where images may be read from when no ``--allow-prefix`` is given.
+    """
+    group.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
+                       help=f"prefix images may be read from (repeatable; default: {default_help})")
+    group.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                       help="refuse images larger than this (256MiB)")
+
+
 def _read_bytes(path: str, storage_options: Mapping | None) -> bytes:
     try:
         with fsspec.open(path, "rb", compression="infer", **(storage_options or {})) as f:
             data = f.read()
     except FileNotFoundError:
-        raise LabelError(f"no label file at {path}") from None
+        raise LabelError(f"no label file at {redact_uri(path)}") from None
     except IsADirectoryError:
-        raise LabelError(f"{path} is a folder, not a label file") from None
+        raise LabelError(f"{redact_uri(path)} is a folder, not a label file") from None
     except OSError as exc:
-        raise LabelError(f"cannot read label file {path}: {exc}") from None
+        raise LabelError(f"cannot read label file {redact_uri(path)}: {redact_text(str(exc))}") from None
     if not data.strip():
-        raise LabelError(f"label file {path} is empty")
+        raise LabelError(f"label file {redact_uri(path)} is empty")
     return data
 
 
@@ -223,7 +269,7 @@ def _named_table(path: str, layout: str, label_column: str | None, images_prefix
     _require(frame, (name_column, column), path, layout)
     describe = _sheet_row if _table_kind(path) == "excel" else _line
     table = _build(frame[name_column].tolist(), frame[column].tolist(), describe, path, column, uri_of)
-    return Labels(table, True, path, layout, column, _groups(frame, layout))
+    return Labels(table, True, path, layout, column, _groups(frame, layout), images_prefix)
 
 
 def read_koniq(path: str, images_prefix: str, label_column: str = "MOS_zscore",
@@ -271,7 +317,8 @@ def read_generic(path: str, images_prefix: str | None = None, uri_column: str = 
 
     describe = _line if _table_kind(path) == "csv" else _row
     table = _build(frame[uri_column].tolist(), frame[label_column].tolist(), describe, path, label_column, uri_of)
-    return Labels(table, not lower_is_better, path, "generic", label_column, _groups(frame, "generic"))
+    return Labels(table, not lower_is_better, path, "generic", label_column, _groups(frame, "generic"),
+                  images_prefix or None)
 
 
 def _mat_variable(data: bytes, name: str, path: str) -> np.ndarray:
@@ -333,7 +380,7 @@ def read_live_challenge(path: str, images_prefix: str | None = None, keep_traini
     values = [v.item() if isinstance(v, np.generic) else v for v in mos[start:]]
     table = _build(names[start:], values, lambda i: f"entry {start + i + 1}", mos_path, LIVE_MOS,
                    lambda name: join_uri(prefix, name))
-    return Labels(table, True, path, "live-challenge", LIVE_MOS)
+    return Labels(table, True, path, "live-challenge", LIVE_MOS, images_prefix=prefix)
 
 
 def read_labels(path: str, layout: str, images_prefix: str | None = None, *, label_column: str | None = None,

@@ -9,6 +9,13 @@ JSON of every checkpoint), flipped when lower is better. Depth maps are computed
 (Ray actors, or the driver with ``--depth-actors 0``) and cached next to the data, so reruns and later
 experiments skip the depth model; an image that cannot be read or decoded is skipped, logged and counted.
 
+Which images may be read: the label file is data, so every image URI in it is checked before any request
+(``pipeline.train_data.ImageAccess``) against ``--allow-prefix``, or by default the ``--images-prefix`` (else the
+label file's own folder), never against anything the file itself says. A refused URI (another bucket,
+``file:///etc/passwd``, an HTTP address, ``..``, ``::`` chaining, a symlink out) is skipped as ``rejected`` and
+counted with its reason; an image over ``--max-bytes`` is skipped as ``too large``. Logs and the summary carry
+URIs and messages redacted (no ``user:password@``, no signed-URL query values).
+
 Recipe (paper): per image and epoch, ``--crops-per-image`` random 224x224 crops, cut at the same place from the
 384-short-side image and its depth map (the sizes inference crops from), both flipped horizontally and
 vertically at random. Loss ``MSE(pred, label) + lambda * MSE(pred(crop), pred(hflip(crop)))``: the consistency
@@ -74,19 +81,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.allowlist import Allowlist, redact_text, redact_uri
 from pipeline.argtypes import float_pair, json_object, non_negative_int, positive_int
-from pipeline.labels import GROUP_COLUMN, add_label_arguments, read_labels
+from pipeline.labels import (
+    GROUP_COLUMN,
+    add_label_arguments,
+    add_read_limit_arguments,
+    default_allow_prefixes,
+    read_labels,
+)
 from pipeline.metrics import finite_or_none, plcc, srocc
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
+from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import atomic_target, is_local
 from pipeline.preprocess import PreprocessConfig
 from pipeline.scorer import ENCODER_CHOICES, read_depth_weights
 from pipeline.train_data import (
-    STATUS_FAILED,
+    UNUSABLE,
     CropDataset,
     DepthCache,
     DepthWorkers,
     EvalDataset,
+    ImageAccess,
     atomic_write,
     dumps,
     epoch_order,
@@ -329,6 +345,9 @@ class TrainConfig:
         depth_version: Depth Anything version.
         depth_cache: Depth-map cache root; None for ``depth_cache`` next to the labels (see ``cache_root``).
         storage_options: fsspec options for every URI.
+        allow_prefixes: Where images may be read from; empty for ``pipeline.labels.default_allow_prefixes``
+            (the images prefix, else the label file's folder), never the label file's own URIs.
+        max_bytes: The byte limit per image; a larger one is skipped unread.
     """
 
     labels: LabelSource
@@ -341,10 +360,14 @@ class TrainConfig:
     depth_version: str = "v1"
     depth_cache: str | None = None
     storage_options: Mapping | None = None
+    allow_prefixes: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self):
         if self.splits < 1:
             raise ValueError(f"--splits must be at least 1, got {self.splits}")
+        if self.max_bytes < 1:
+            raise ValueError("--max-bytes must be at least 1")
 
     @property
     def cache_root(self) -> str:
@@ -447,6 +470,7 @@ class WorkerPlan:
         settings: What a resumed run must agree with (compared on the driver, stored in the state).
         sidecar: Provenance written next to each checkpoint.
         resources: Threads and loader processes.
+        access: Where images may be read from (checked again where each image is read).
         storage_options: fsspec options.
     """
 
@@ -459,6 +483,7 @@ class WorkerPlan:
     settings: dict
     sidecar: dict
     resources: Resources
+    access: ImageAccess
     storage_options: Mapping | None = None
 
 
@@ -515,13 +540,13 @@ def _world():
 
 def evaluate(model: DGIQA, items: Sequence[tuple[str, float, str]], preprocess: PreprocessConfig,
              device: torch.device, rank: int = 0, world: int = 1, loader_workers: int = 0,
-             storage_options: Mapping | None = None) -> list[float]:
+             storage_options: Mapping | None = None, *, access: ImageAccess) -> list[float]:
     """Held-out scores by the inference protocol: the mean over ``num_crops`` crops at the fixed positions.
 
     Each worker scores every ``world``-th image from its rank; all workers get every score back.
     """
     model.eval()
-    dataset = EvalDataset(items, range(rank, len(items), world), preprocess, storage_options)
+    dataset = EvalDataset(items, range(rank, len(items), world), preprocess, storage_options, access=access)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=loader_workers)
     scores: dict[int, float] = {}
     with torch.inference_mode():
@@ -562,7 +587,8 @@ def _train_epoch(model: nn.Module, core: DGIQA, optimizer: torch.optim.Optimizer
     words = (recipe.seed, plan.split, epoch)
     torch.manual_seed(_seed(*words, rank))  # dropout masks: a resumed epoch draws what the first attempt drew
     order = epoch_order(len(plan.train_items), recipe.crops_per_image, words, rank, world)
-    dataset = CropDataset(plan.train_items, order, words, recipe.preprocess(), plan.storage_options)
+    dataset = CropDataset(plan.train_items, order, words, recipe.preprocess(), plan.storage_options,
+                          access=plan.access)
     per_worker = math.ceil(recipe.batch_size / world)
     loader = torch.utils.data.DataLoader(dataset, batch_size=per_worker, shuffle=False,
                                          num_workers=plan.resources.loader_workers,
@@ -646,7 +672,7 @@ def train_worker(loop_config: Mapping) -> None:
 
     def held_out() -> dict:
         predictions = evaluate(core, plan.val_items, preprocess, device, rank, world,
-                               plan.resources.loader_workers, plan.storage_options)
+                               plan.resources.loader_workers, plan.storage_options, access=plan.access)
         return _val_metrics(predictions, plan.val_items)
 
     if start == 1 and recipe.baseline and not history:
@@ -680,6 +706,14 @@ def train_worker(loop_config: Mapping) -> None:
                 store.copy_weights(LAST, BEST, sha256, _sidecar(plan, record))
             store.write_metrics(history, plan.label_map)
         ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float) and v is not None})
+
+
+def _init_ray() -> None:
+    """Start (or join) Ray only when work needs it: a run that refuses every image never starts a cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True)
 
 
 def _depth_workers(resources: Resources) -> DepthWorkers:
@@ -728,8 +762,8 @@ def _fit(plan: WorkerPlan, resources: Resources) -> None:
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types; reported in one line
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         cause = lines[-1] if lines else type(exc).__name__
-        raise TrainError(f"training split {plan.split} failed: {cause}. Finished epochs are kept in "
-                         f"{plan.folder}; rerun with the same --output to resume after them") from exc
+        raise TrainError(f"training split {plan.split} failed: {redact_text(cause)}. Finished epochs are kept in "
+                         f"{redact_uri(plan.folder)}; rerun with the same --output to resume after them") from exc
 
 
 def _split_summary(state: Mapping, plan: WorkerPlan, resumed_after: int | None, trained_now: bool) -> dict:
@@ -768,11 +802,14 @@ def run_training(config: TrainConfig) -> dict:
     labels = read_labels(source.path, source.layout, source.images_prefix, label_column=source.label_column,
                          uri_column=source.uri_column, lower_is_better=source.lower_is_better,
                          keep_training_images=source.keep_training_images, storage_options=options)
+    access = ImageAccess(Allowlist(config.allow_prefixes or default_allow_prefixes(labels)), config.max_bytes)
     label_map = label_map_for(labels, source.label_range)
     uris = labels.table.column("uri").to_pylist()
     raw = labels.table.column("label").to_pylist()
     targets = label_map.normalize(raw)
-    logger.info("%d labelled images from %s; labels -> targets: %s", len(uris), source.path, label_map.rule)
+    logger.info("%d labelled images from %s; labels -> targets: %s; images may be read from %s (at most %d bytes "
+                "each)", len(uris), redact_uri(source.path), label_map.rule, ", ".join(access.allowlist.prefixes),
+                access.max_bytes)
     if labels.groups is not None:
         n_groups = len(set(labels.groups) - {None}) + labels.groups.count(None)
         logger.info("splitting by the %s column: %d groups, each kept on one side", GROUP_COLUMN[labels.layout],
@@ -798,15 +835,14 @@ def run_training(config: TrainConfig) -> dict:
             raise ValueError(f"{stores[k].folder} holds a training run with other settings (changed: {changed}); "
                              "rerun with the same settings to resume it, or choose a new --output")
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+    workers = _depth_workers(config.resources)
+    if workers.actors:
+        _init_ray()
     cache = DepthCache(config.cache_root, depth_weights.label, preprocess, options)
-    depth, depth_stats = precompute_depth(uris, depth_weights, cache, _depth_workers(config.resources))
-    usable = {uri for uri, row in depth.items() if row["status"] != STATUS_FAILED}
+    depth, depth_stats = precompute_depth(uris, depth_weights, cache, workers, access=access)
+    usable = {uri for uri, row in depth.items() if row["status"] not in UNUSABLE}
 
-    sidecar_base = {"format": "dgiqa-train/1", "labels": source.path, "layout": labels.layout,
+    sidecar_base = {"format": "dgiqa-train/1", "labels": redact_uri(source.path), "layout": labels.layout,
                     "label_column": labels.label_column, "label_map": label_map.to_dict(), "init": init_info,
                     "depth_model": depth_weights.label, "preprocess": base_settings["preprocess"],
                     "recipe": asdict(recipe), "key_layout": "published DGIQA state_dict (dgiqa score --weights)"}
@@ -817,14 +853,15 @@ def run_training(config: TrainConfig) -> dict:
 
         train_items, val_items = items(train_idx), items(val_idx)
         if len(val_items) < 3 or not train_items:
+            skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(depth_stats["skipped_reasons"].items()))
             raise ValueError(f"split {k}: {len(train_items)} training and {len(val_items)} held-out images can be "
-                             "read; at least 1 and 3 are needed")
+                             f"read; at least 1 and 3 are needed (skipped: {skipped or 'none'})")
         settings = {**base_settings, "split": k, "split_seed": recipe.seed + k}
         plan = WorkerPlan(folder=stores[k].folder, split=k, recipe=recipe, train_items=train_items,
                           val_items=val_items, label_map=label_map.to_dict(), settings=settings,
                           sidecar={**sidecar_base, "split": k, "split_seed": recipe.seed + k,
                                    "train_images": len(train_items), "val_images": len(val_items)},
-                          resources=config.resources, storage_options=options)
+                          resources=config.resources, access=access, storage_options=options)
         state = states[k]
         resumed_after = state["epoch"] if state else None
         trained_now = state is None or state["epoch"] < recipe.epochs
@@ -834,6 +871,7 @@ def run_training(config: TrainConfig) -> dict:
             logger.info("split %d: %d training, %d held-out images; %s", k, len(train_items), len(val_items),
                         f"resuming after epoch {resumed_after}" if state else "starting")
             began = time.monotonic()
+            _init_ray()
             _fit(plan, config.resources)
             logger.info("split %d: trained in %.1f s", k, time.monotonic() - began)
         final = stores[k].read_state()
@@ -842,8 +880,9 @@ def run_training(config: TrainConfig) -> dict:
         split_summaries.append(_split_summary(final, plan, resumed_after, trained_now))
 
     summary = {
-        "output": config.output, "labels": source.path, "layout": labels.layout, "label_map": label_map.to_dict(),
-        "init": init_info, "depth_model": depth_weights.label,
+        "output": redact_uri(config.output), "labels": redact_uri(source.path), "layout": labels.layout,
+        "label_map": label_map.to_dict(), "init": init_info, "depth_model": depth_weights.label,
+        "allowed_prefixes": list(access.allowlist.prefixes), "max_bytes": access.max_bytes,
         "images": {"labelled": len(uris), "usable": len(usable), "skipped": len(uris) - len(usable),
                    "skipped_reasons": depth_stats["skipped_reasons"]},
         "depth_cache": depth_stats, "splits": split_summaries,
@@ -864,6 +903,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="map LO..HI to 0..1 (default: the layout's published scale; generic: min-max)")
     data.add_argument("--storage-options", type=json_object, default={},
                       help="fsspec options as JSON for every URI; credentials come from the environment")
+    add_read_limit_arguments(data, "the --images-prefix, else the label file's folder")
 
     out = parser.add_argument_group("models and output")
     out.add_argument("--output", required=True, metavar="URI",
@@ -944,7 +984,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(labels=labels, output=args.output, depth_weights=args.depth_weights, recipe=recipe,
                        resources=resources, splits=args.splits, encoder=args.encoder,
                        depth_version=args.depth_version, depth_cache=args.depth_cache,
-                       storage_options=args.storage_options or None)
+                       storage_options=args.storage_options or None, allow_prefixes=tuple(args.allow_prefix),
+                       max_bytes=args.max_bytes)
 
 
 def run_command(args: argparse.Namespace, prog: str = "dgiqa") -> int:

@@ -18,6 +18,13 @@ image's map is computed once and stored as a grayscale PNG at ``<cache>/<depth m
 name is the SHA-1 of the image URI and its version (S3 ETag, else modification time, and size), so a replaced
 image gets a new map and a rerun reuses every map it can. The PNG holds exactly what inference crops from: the
 map resized bilinearly to the image's 384-short-side size. PNG is lossless and a few tens of KB per image.
+
+Image reads: every image URI comes from a label file, which is data, so each one is checked against an
+``ImageAccess`` (an allowlist and a byte limit) before anything is asked about it, the metadata request of the
+depth cache included. A refused URI is skipped with status ``rejected`` and its reason, and no request is made;
+a local symlink leading out of the allowed folders is refused too, and an HTTP image is read once (redirects
+refused) rather than asked for its metadata, which would follow redirects. Messages are redacted
+(``pipeline.allowlist.redact_text``) so signed-URL query values never reach a log or a summary.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -36,8 +44,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.labels import LIVE_MOS, LabelError, Labels
+from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
+from pipeline.labels import LIVE_MOS, LabelError, Labels, absolute_uri
 from pipeline.metrics import finite_or_none
+from pipeline.objects import DEFAULT_MAX_BYTES, ObjectTooLarge
 from pipeline.output import atomic_target
 from pipeline.preprocess import (
     ImageError,
@@ -64,7 +74,45 @@ LABEL_RANGES: dict[tuple[str, str], tuple[float, float]] = {
 }
 # A label this far outside [0, 1] after normalisation means the range does not fit the data.
 RANGE_SLACK = 1e-9
-STATUS_CACHED, STATUS_COMPUTED, STATUS_FAILED = "cached", "computed", "failed"
+STATUS_CACHED, STATUS_COMPUTED, STATUS_FAILED, STATUS_REJECTED = "cached", "computed", "failed", "rejected"
+UNUSABLE = (STATUS_FAILED, STATUS_REJECTED)
+
+
+@dataclass(frozen=True)
+class ImageAccess:
+    """Where training images may be read from, and how large they may be; cheap to pickle to every worker.
+
+    Attributes:
+        allowlist: The allowed prefixes (``--allow-prefix``, else ``pipeline.labels.default_allow_prefixes``).
+        max_bytes: The byte limit per image (``--max-bytes``).
+    """
+
+    allowlist: Allowlist
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def check(self, uri: str) -> str:
+        """The normalised URI of an allowed image; a local path is resolved and must stay in the allowed folders.
+
+        Raises:
+            RejectedURI: Not allowed; nothing was requested.
+        """
+        target = self.allowlist.check(absolute_uri(uri))
+        if target.startswith("file://"):
+            path = target[len("file://"):]
+            resolved = os.path.realpath(path)
+            if resolved != path and not self.allowlist.allows_resolved("file://" + resolved):
+                raise RejectedURI(f"{target} is a link that leads outside the allowed prefixes")
+        return target
+
+    def read(self, uri: str, storage_options: Mapping | None = None) -> bytes:
+        """The image's bytes through ``pipeline.stages.read_image_bytes`` (allowlist, byte limit, retries).
+
+        Raises:
+            RejectedURI: Not allowed; nothing was requested.
+            ImageError: Missing, over the limit or unreadable, in one redacted line.
+        """
+        return read_image_bytes(self.check(uri), storage_options, allowlist=self.allowlist,
+                                max_bytes=self.max_bytes)
 
 
 @dataclass(frozen=True)
@@ -254,7 +302,8 @@ class DepthMapper:
     """Finds or computes the cached depth map of each image; the depth model is built only if one is missing.
 
     Runs on the driver or as a Ray actor (one model load, many chunks). A chunk whose maps are all cached never
-    builds the model, so a rerun costs one metadata request per image.
+    builds the model, so a rerun costs one metadata request per image (a read, for HTTP images). Each URI is
+    checked against ``access`` before that request.
 
     Args:
         weights: ``scorer.DepthWeights`` (read and hashed on the driver), or a one-element list holding its Ray
@@ -262,11 +311,13 @@ class DepthMapper:
         cache: Where the maps go.
         device: ``cpu`` or ``cuda``.
         batch: Same-size depth inputs per forward pass.
+        access: Where images may be read from and their byte limit.
     """
 
-    def __init__(self, weights, cache: DepthCache, device: str = "cpu", batch: int = 4):
+    def __init__(self, weights, cache: DepthCache, device: str = "cpu", batch: int = 4, *, access: ImageAccess):
         self.weights = weights
         self.cache = cache
+        self.access = access
         self.device = torch.device(device)
         self.batch = batch
         self.model = None
@@ -283,7 +334,7 @@ class DepthMapper:
         return self.model
 
     def run(self, uris: Sequence[str]) -> list[dict]:
-        """One result per URI: ``uri``, ``depth_path``, ``status`` (cached/computed/failed), ``error``."""
+        """One result per URI: ``uri``, ``depth_path``, ``status`` (cached/computed/failed/rejected), ``error``."""
         options = self.cache.storage_options
         results: list[dict] = []
         missing: list[tuple[int, str, object]] = []
@@ -291,17 +342,34 @@ class DepthMapper:
             row = {"uri": uri, "depth_path": None, "status": STATUS_FAILED, "error": None}
             results.append(row)
             try:
-                fs, path = fsspec.core.url_to_fs(uri, **(options or {}))
-                row["depth_path"] = self.cache.path(uri, image_version(fs.info(path)))
+                target = self.access.check(uri)
+                data = None
+                if target.startswith(("http://", "https://")):  # a HEAD would follow redirects: read once instead
+                    data = self.access.read(target, options)
+                    version = "sha1:" + hashlib.sha1(data).hexdigest()
+                else:
+                    fs, path = fsspec.core.url_to_fs(target, **(options or {}))
+                    info = fs.info(path)
+                    if info.get("size") is not None and info["size"] > self.access.max_bytes:
+                        raise ObjectTooLarge(target, info["size"], self.access.max_bytes)
+                    version = image_version(info)
+                row["depth_path"] = self.cache.path(uri, version)
                 if _exists(row["depth_path"], options):
                     row["status"] = STATUS_CACHED
                     continue
-                prepared = prepare_bytes(read_image_bytes(uri, options), self.cache.preprocess)
-            except FileNotFoundError:
-                row["error"] = f"no such file or object: {uri}"
+                prepared = prepare_bytes(data if data is not None else self.access.read(target, options),
+                                         self.cache.preprocess)
+            except RejectedURI as exc:
+                row["status"], row["error"] = STATUS_REJECTED, redact_text(str(exc))
                 continue
-            except (ImageError, OSError) as exc:
-                row["error"] = str(exc)
+            except FileNotFoundError:
+                row["error"] = f"no such file or object: {redact_uri(uri)}"
+                continue
+            except (ImageError, ObjectTooLarge) as exc:
+                row["error"] = redact_text(str(exc))
+                continue
+            except OSError as exc:
+                row["error"] = redact_text(f"cannot read {uri}: {exc}")
                 continue
             missing.append((len(results) - 1, row["depth_path"], prepared))
         self._compute(results, missing)
@@ -358,8 +426,8 @@ class DepthWorkers:
         return "cuda" if self.gpus > 0 else "cpu"
 
 
-def precompute_depth(uris: Sequence[str], weights, cache: DepthCache,
-                     workers: DepthWorkers = DepthWorkers()) -> tuple[dict[str, dict], dict]:
+def precompute_depth(uris: Sequence[str], weights, cache: DepthCache, workers: DepthWorkers = DepthWorkers(), *,
+                     access: ImageAccess) -> tuple[dict[str, dict], dict]:
     """Find or compute the cached depth map of every image, on Ray actors (or on the driver).
 
     Args:
@@ -367,17 +435,18 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache,
         weights: ``scorer.DepthWeights`` of the depth model (read and hashed once, on the driver).
         cache: Where the maps are.
         workers: Actors and their resources.
+        access: Where images may be read from; a refused image is skipped as ``rejected``, unread.
 
     Returns:
         Results by URI (``depth_path``, ``status``, ``error``) and the cache statistics for the summary.
     """
     actors = workers.actors
     parts = list(chunks(list(uris), DEPTH_CHUNK))
-    logger.info("depth maps of %d images in %s (%s)", len(uris), cache.folder,
+    logger.info("depth maps of %d images in %s (%s)", len(uris), redact_uri(cache.folder),
                 f"{min(actors, len(parts))} actors" if actors else "on the driver")
     results: list[dict] = []
     if actors == 0:
-        mapper = DepthMapper(weights, cache, workers.device, workers.batch)
+        mapper = DepthMapper(weights, cache, workers.device, workers.batch, access=access)
         for part in parts:
             results.extend(mapper.run(part))
         forwards = mapper.forwards
@@ -390,7 +459,7 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache,
             options["num_gpus"] = workers.gpus
         remote = ray.remote(DepthMapper).options(**options)
         weights_ref = ray.put(weights)
-        handles = [remote.remote([weights_ref], cache, workers.device, workers.batch)
+        handles = [remote.remote([weights_ref], cache, workers.device, workers.batch, access=access)
                    for _ in range(max(1, min(actors, len(parts))))]
         try:
             for done, part in enumerate(ActorPool(handles).map_unordered(lambda a, c: a.run.remote(c), parts), 1):
@@ -404,25 +473,28 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache,
     statuses = [r["status"] for r in results]
     stats = {"folder": cache.folder, "computed": statuses.count(STATUS_COMPUTED),
              "reused": statuses.count(STATUS_CACHED), "failed": statuses.count(STATUS_FAILED),
-             "depth_forward_passes": forwards, "skipped_reasons": describe_failures(results)}
-    logger.info("depth maps: %d computed, %d reused from the cache, %d images skipped", stats["computed"],
-                stats["reused"], stats["failed"])
+             "rejected": statuses.count(STATUS_REJECTED), "depth_forward_passes": forwards,
+             "skipped_reasons": describe_failures(results)}
+    logger.info("depth maps: %d computed, %d reused from the cache, %d images skipped (%d of them refused by the "
+                "allowlist)", stats["computed"], stats["reused"], stats["failed"] + stats["rejected"],
+                stats["rejected"])
     return {r["uri"]: r for r in results}, stats
 
 
-def load_pair(uri: str, depth_path: str, preprocess: PreprocessConfig,
-              storage_options: Mapping | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(uri: str, depth_path: str, preprocess: PreprocessConfig, storage_options: Mapping | None = None, *,
+              access: ImageAccess) -> tuple[np.ndarray, np.ndarray]:
     """An image at its 384-short-side size and its cached depth map, both uint8, ready to crop.
 
     Raises:
+        RejectedURI: The image is not allowed (the depth step skipped it already; checked again where read).
         ImageError: The image cannot be read, or its map does not match it (the image changed since).
     """
-    rgb, height, width = decode_for_scoring(read_image_bytes(uri, storage_options), preprocess)
+    rgb, height, width = decode_for_scoring(access.read(uri, storage_options), preprocess)
     small = resize_short_side(rgb, preprocess, (height, width))
     depth = read_png(depth_path, storage_options)
     if depth.shape != small.shape[:2]:
-        raise ImageError(f"cached depth map {depth_path} is {depth.shape[1]}x{depth.shape[0]} but {uri} resizes "
-                         f"to {small.shape[1]}x{small.shape[0]}; delete the map to recompute it")
+        raise ImageError(f"cached depth map {depth_path} is {depth.shape[1]}x{depth.shape[0]} but {redact_uri(uri)} "
+                         f"resizes to {small.shape[1]}x{small.shape[0]}; delete the map to recompute it")
     return small, depth
 
 
@@ -456,19 +528,20 @@ class CropDataset(torch.utils.data.Dataset):
         seed_words: Entropy of this epoch and split (seed, split, epoch).
         preprocess: Crop and resize sizes.
         storage_options: fsspec options for images and maps.
+        access: Where images may be read from.
     """
 
     def __init__(self, items: Sequence[tuple[str, float, str]], order: Sequence[int], seed_words: Sequence[int],
-                 preprocess: PreprocessConfig, storage_options: Mapping | None = None):
+                 preprocess: PreprocessConfig, storage_options: Mapping | None = None, *, access: ImageAccess):
         self.items, self.order, self.seed_words = items, list(order), tuple(seed_words)
-        self.preprocess, self.storage_options = preprocess, storage_options
+        self.preprocess, self.storage_options, self.access = preprocess, storage_options, access
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         uri, target, depth_path = self.items[self.order[k]]
-        rgb, depth = load_pair(uri, depth_path, self.preprocess, self.storage_options)
+        rgb, depth = load_pair(uri, depth_path, self.preprocess, self.storage_options, access=self.access)
         rng = np.random.default_rng([*self.seed_words, self.order[k], k])
         image, gray = random_crop_pair(rgb, depth, self.preprocess.crop_size, rng)
         return image, gray, torch.tensor(target, dtype=torch.float32)
@@ -482,12 +555,13 @@ class EvalDataset(torch.utils.data.Dataset):
         indices: Which of them this worker evaluates.
         preprocess: ``num_crops`` and the crop seed of the inference protocol.
         storage_options: fsspec options for images and maps.
+        access: Where images may be read from.
     """
 
     def __init__(self, items: Sequence[tuple[str, float, str]], indices: Sequence[int], preprocess: PreprocessConfig,
-                 storage_options: Mapping | None = None):
+                 storage_options: Mapping | None = None, *, access: ImageAccess):
         self.items, self.indices = items, list(indices)
-        self.preprocess, self.storage_options = preprocess, storage_options
+        self.preprocess, self.storage_options, self.access = preprocess, storage_options, access
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -495,7 +569,7 @@ class EvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         i = self.indices[k]
         uri, _, depth_path = self.items[i]
-        rgb, depth = load_pair(uri, depth_path, self.preprocess, self.storage_options)
+        rgb, depth = load_pair(uri, depth_path, self.preprocess, self.storage_options, access=self.access)
         image_crops, map_crops = quality_inputs(rgb, depth, self.preprocess)
         return i, image_crops, map_crops
 
@@ -519,15 +593,18 @@ def chunks(values: Sequence, size: int) -> Iterator[list]:
 
 
 def describe_failures(results: Sequence[Mapping], limit: int = 20) -> dict[str, int]:
-    """Log each skipped image with its reason (the first ``limit``), and count the reasons."""
+    """Log each skipped image with its reason (the first ``limit``), and count the reasons.
+
+    Refused images (``rejected``) count as ``rejected`` whatever their message; URIs are logged redacted.
+    """
     counts: dict[str, int] = {}
-    failed = [r for r in results if r["status"] == STATUS_FAILED]
+    failed = [r for r in results if r["status"] in UNUSABLE]
     for row in failed[:limit]:
-        logger.warning("skipping %s: %s", row["uri"], row["error"])
+        logger.warning("skipping %s (%s): %s", redact_uri(row["uri"]), row["status"], row["error"])
     if len(failed) > limit:
         logger.warning("... and %d more images skipped", len(failed) - limit)
     for row in failed:
-        reason = failure_reason(row["error"] or "")
+        reason = "rejected" if row["status"] == STATUS_REJECTED else failure_reason(row["error"] or "")
         counts[reason] = counts.get(reason, 0) + 1
     return counts
 
@@ -537,7 +614,8 @@ def failure_reason(message: str) -> str:
     lowered = message.lower()
     for needle, reason in (("no such file", "missing"), ("not a recognised image", "not an image"),
                            ("truncated or corrupt", "corrupt"), ("empty file", "empty"), ("cannot read", "unreadable"),
-                           ("refused", "too large"), ("pixels, over the limit", "too large"),
+                           ("(--max-bytes)", "too large"), ("refused", "too large"),
+                           ("pixels, over the limit", "too large"),
                            ("shorter side", "too small"), ("aspect ratio", "too elongated"), ("folder", "folder")):
         if needle in lowered:
             return reason
