@@ -11,9 +11,15 @@ Why it is built the way it is:
 * Every string from the data (URIs, error messages, model ids, summaries) is HTML-escaped, and the page carries
   a Content-Security-Policy that allows no script and no load from anywhere, so even a missed escape in a
   crafted URI cannot run code or call out.
-* Only ``ok`` rows' objects are read. ``rejected`` rows are URIs outside the allowed prefixes: reading them
-  would do what the allowlist exists to prevent. An ``ok`` image that can no longer be read gets a tile saying
-  why; the report never fails for one image.
+* Only ``ok`` rows' objects are read, and each is checked again before any request: a part file is data, and
+  whoever can write one under the output could otherwise make the report's host fetch any URI (another bucket,
+  ``file:///etc/passwd``, the metadata service). The allowlist is ``--allow-prefix``, else the union of the
+  ``allowed_prefixes`` that the selected runs recorded in their summaries; a row of a run that recorded none is
+  not read unless ``--allow-prefix`` is given. Reads go through ``pipeline.stages.read_image_bytes`` (no
+  ``..``, no ``::`` chaining, no redirects, ``--max-bytes``). ``rejected`` rows are never read. An image that is
+  refused or can no longer be read gets a tile saying why; the report never fails for one image.
+* URIs and messages on the page are redacted (``pipeline.allowlist.redact_uri``/``redact_text``: no
+  ``user:password@``, no signed-URL query values), and no message quotes the bytes of a fetched object.
 * The output is read through pyarrow filters: ``run_date`` prunes whole partitions, and the thumbnails' rows
   are found by two score thresholds, which row-group statistics of the score-sorted part files answer without
   reading most rows.
@@ -44,13 +50,15 @@ from PIL import Image
 from torch import nn
 
 from pipeline import svg
-from pipeline.allowlist import redact_uri
-from pipeline.argtypes import iso_date, json_object, non_negative_int
+from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
+from pipeline.argtypes import byte_size, iso_date, json_object, non_negative_int
 from pipeline.models import depth_anything as da
+from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import PARTITION, STATUS_ERROR, STATUS_OK, STATUS_REJECTED, STATUSES
 from pipeline.preprocess import PreparedImage, PreprocessConfig, decode_image, depth_to_map, prepare_image
 from pipeline.query import open_scores
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, read_depth_weights, resolve_device
+from pipeline.stages import read_image_bytes
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 THUMBNAIL_PX = 192
@@ -84,6 +92,9 @@ class ReportConfig:
         preprocess: Decode limits and depth-input size; the scoring defaults, so the depth map is the one
             DGIQA saw.
         storage_options: fsspec options for the output, the images and the weights.
+        allow_prefixes: Where thumbnails may be read from; empty for the ``allowed_prefixes`` the selected runs
+            recorded in their summaries (rows of runs that recorded none are then not read).
+        max_bytes: The byte limit per image read for a thumbnail.
     """
 
     output: str
@@ -98,6 +109,8 @@ class ReportConfig:
     device: str = "auto"
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage_options: Mapping | None = None
+    allow_prefixes: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self):
         for name in ("run_date", "date_from", "date_to"):
@@ -116,6 +129,8 @@ class ReportConfig:
             raise ReportError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         if self.depth_version not in da.VERSIONS:
             raise ReportError(f"depth_version must be one of {', '.join(da.VERSIONS)}, got {self.depth_version!r}")
+        if self.max_bytes < 1:
+            raise ReportError(f"max_bytes must be at least 1, got {self.max_bytes}")
 
 
 def _check_date(text: str, what: str) -> str:
@@ -227,6 +242,7 @@ def _error_groups(dataset: pads.Dataset, failed: pc.Expression) -> list[ErrorGro
         distinct = table.group_by(["status", "error"]).aggregate([("uri", "min"), ("uri", "count")])
         for status, message, uri, count in zip(*(distinct.column(c).to_pylist() for c in
                                                  ("status", "error", "uri_min", "uri_count")), strict=True):
+            message, uri = redact_text(message), redact_uri(uri)
             group = groups.setdefault((status, normalize_error(message)), [0, uri, message])
             group[0] += count
             if uri < group[1]:
@@ -293,20 +309,68 @@ def _describe(exc: Exception) -> str:
         return "no such file or object"
     if isinstance(exc, IsADirectoryError):
         return "a folder, not an image"
-    if isinstance(exc, ValueError):  # ImageError: the decoder's own one-line reason
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ValueError):  # ImageError: the reader's or the decoder's own one-line reason
+        return redact_text(str(exc))
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
-def _fetch(uri: str, config: ReportConfig, keep_depth_input: bool) -> tuple[str | None, PreparedImage | None, str]:
-    """Read, decode and shrink one image: ``(thumbnail, depth input or None, problem)``; never raises."""
+@dataclass(frozen=True)
+class ThumbnailAccess:
+    """Which thumbnails may be read: an allowlist, the runs it covers, and the byte limit.
+
+    Attributes:
+        allowlist: ``--allow-prefix``, else the union of the selected runs' recorded ``allowed_prefixes``;
+            None when neither exists (nothing is read).
+        runs: The ``run_id`` of every run whose rows the allowlist covers; None: every row (``--allow-prefix``).
+        max_bytes: The byte limit per image.
+    """
+
+    allowlist: Allowlist | None
+    runs: frozenset[str] | None
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def refusal(self, run_id: str | None) -> str | None:
+        """Why a row of ``run_id`` is not read at all, or None when its URI may be checked and read."""
+        if self.allowlist is not None and (self.runs is None or run_id in self.runs):
+            return None
+        return (f"not read: run {run_id or '(unnamed)'} recorded no allowed prefixes in its summary; give "
+                "--allow-prefix to show its images")
+
+
+def thumbnail_access(config: ReportConfig, summaries: Sequence[Mapping]) -> ThumbnailAccess:
+    """The allowlist of the report's reads, from ``--allow-prefix`` or from the runs' own summaries.
+
+    Never from the rows themselves: a part file written by anyone would allow its own URIs. A summary's prefixes
+    that are not plain prefixes are ignored, and a run with none usable counts as one that recorded none.
+    """
+    if config.allow_prefixes:
+        return ThumbnailAccess(Allowlist(config.allow_prefixes), None, config.max_bytes)
+    prefixes, runs = set(), set()
+    for summary in summaries:
+        recorded = summary.get("allowed_prefixes")
+        usable = []
+        for prefix in recorded if isinstance(recorded, list) else []:
+            try:
+                usable.append(Allowlist([prefix]).prefixes[0])
+            except (RejectedURI, TypeError, ValueError):
+                continue
+        if usable and isinstance(summary.get("run_id"), str):
+            prefixes.update(usable)
+            runs.add(summary["run_id"])
+    return ThumbnailAccess(Allowlist(prefixes) if prefixes else None, frozenset(runs), config.max_bytes)
+
+
+def _fetch(uri: str, config: ReportConfig, access: ThumbnailAccess,
+           keep_depth_input: bool) -> tuple[str | None, PreparedImage | None, str]:
+    """Check, read, decode and shrink one image: ``(thumbnail, depth input or None, problem)``; never raises."""
     try:
-        with fsspec.open(uri, "rb", **(config.storage_options or {})) as f:
-            data = f.read()
+        data = read_image_bytes(uri, config.storage_options, allowlist=access.allowlist, max_bytes=access.max_bytes)
         rgb = decode_image(data, config.preprocess)
         thumbnail = _data_uri(Image.fromarray(rgb))
         prepared = prepare_image(rgb, config.preprocess) if keep_depth_input else None
         return thumbnail, prepared, ""
+    except RejectedURI as exc:
+        return None, None, f"not read: {redact_text(str(exc))}"
     except Exception as exc:  # noqa: BLE001 - one unreadable image is a placeholder tile, never a failed report
         return None, None, f"cannot show this image: {_describe(exc)}"
 
@@ -317,11 +381,17 @@ def _depth_uri(model: nn.Module, device: torch.device, prepared: PreparedImage) 
     return _data_uri(Image.fromarray(depth_to_map(depth, prepared.height, prepared.width)))  # uint8 (H, W): gray
 
 
-def _tiles(rows: list[dict], config: ReportConfig, depth: tuple[nn.Module, torch.device] | None) -> list[Tile]:
-    """A tile per row, in order; each image is read (and its depth map computed) once however often it is shown."""
-    uris = sorted({row["uri"] for row in rows})
+def _tiles(rows: list[dict], config: ReportConfig, access: ThumbnailAccess,
+           depth: tuple[nn.Module, torch.device] | None) -> list[Tile]:
+    """A tile per row, in order; each image is read (and its depth map computed) once however often it is shown.
+
+    A row of a run the allowlist does not cover gets a placeholder and its URI is not read for it.
+    """
+    refusals = [access.refusal(row.get("run_id")) for row in rows]
+    uris = sorted({row["uri"] for row, refusal in zip(rows, refusals, strict=True) if refusal is None})
     with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
-        fetched = dict(zip(uris, pool.map(lambda u: _fetch(u, config, depth is not None), uris), strict=True))
+        fetched = dict(zip(uris, pool.map(lambda u: _fetch(u, config, access, depth is not None), uris),
+                           strict=True))
     shown: dict[str, tuple[str | None, str | None, str]] = {}
     for uri, (thumbnail, prepared, problem) in fetched.items():
         depth_uri = None
@@ -329,11 +399,14 @@ def _tiles(rows: list[dict], config: ReportConfig, depth: tuple[nn.Module, torch
             try:
                 depth_uri = _depth_uri(*depth, prepared)
             except Exception as exc:  # noqa: BLE001 - the photo is still shown
-                problem = f"no depth map: {type(exc).__name__}: {exc}"
+                problem = f"no depth map: {redact_text(f'{type(exc).__name__}: {exc}')}"
         shown[uri] = (thumbnail, depth_uri, problem)
-    return [Tile(uri=row["uri"], score=row["score"], run_date=row[PARTITION], model_id=row["model_id"],
-                 image=shown[row["uri"]][0], depth=shown[row["uri"]][1], problem=shown[row["uri"]][2] or None)
-            for row in rows]
+    tiles = []
+    for row, refusal in zip(rows, refusals, strict=True):
+        image, depth_map, problem = (None, None, refusal) if refusal is not None else shown[row["uri"]]
+        tiles.append(Tile(uri=redact_uri(row["uri"]), score=row["score"], run_date=row[PARTITION],
+                          model_id=row["model_id"], image=image, depth=depth_map, problem=problem or None))
+    return tiles
 
 
 def _extremes(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarray,
@@ -349,7 +422,7 @@ def _extremes(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarra
     ordered = np.sort(scores)
     low, high = float(ordered[n - 1]), float(ordered[-n])
     score = pc.field("score")
-    table = dataset.to_table(columns=["uri", "score", "model_id", PARTITION],
+    table = dataset.to_table(columns=["uri", "score", "model_id", "run_id", PARTITION],
                              filter=ok_filter & ((score <= low) | (score >= high)))
     rows = [r for r in table.to_pylist() if np.isfinite(r["score"])]
     lowest = sorted(rows, key=lambda r: (r["score"], r["uri"], r[PARTITION]))[:n]
@@ -553,7 +626,8 @@ def build_report(config: ReportConfig) -> str:
     ok_filter = selection & (pc.field("status") == STATUS_OK) & pc.field("score").is_valid()
     scores = _scores_by_date(dataset, ok_filter, dates)
     lowest, highest = _extremes(dataset, ok_filter, np.concatenate(list(scores.values())), config.thumbnails)
-    tiles = _tiles(lowest + highest, config, depth) if lowest else []
+    summaries = _run_summaries(config, dates)
+    tiles = _tiles(lowest + highest, config, thumbnail_access(config, summaries), depth) if lowest else []
     groups = _error_groups(dataset, selection & (pc.field("status") != STATUS_OK))
 
     several = len(model_ids) > 1
@@ -577,7 +651,7 @@ def build_report(config: ReportConfig) -> str:
                     f"</span>{status}</div>")
     body.append("</div>")
     body += _counts_section(counts, several)
-    body += _summaries_section(_run_summaries(config, dates))
+    body += _summaries_section(summaries)
     body += _scores_section(scores)
     body += _errors_section(groups)
     if depth_label:
@@ -607,7 +681,8 @@ def _report_command(args: argparse.Namespace) -> int:
     config = ReportConfig(output=args.output, run_date=args.run_date, date_from=args.date_from,
                           date_to=args.date_to, model_id=args.model_id, thumbnails=args.thumbnails,
                           depth_weights=args.depth_weights, encoder=args.encoder, depth_version=args.depth_version,
-                          device=args.device, storage_options=args.storage_options)
+                          device=args.device, storage_options=args.storage_options,
+                          allow_prefixes=tuple(args.allow_prefix), max_bytes=args.max_bytes)
     page = build_report(config)
     with fsspec.open(args.html, "w", encoding="utf-8", **args.storage_options) as f:
         f.write(page)
@@ -641,5 +716,10 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="where the depth model runs: auto, cpu or cuda (auto)")
     report.add_argument("--storage-options", type=json_object, default={},
                         help="fsspec options as JSON for the output, the images and the page")
+    report.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
+                        help="prefix thumbnails may be read from (repeatable; default: the allowed prefixes the "
+                             "shown runs recorded in their summaries; rows of runs without them are not read)")
+    report.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                        help="refuse images larger than this (256MiB)")
     report.set_defaults(run=_report_command)
     return report

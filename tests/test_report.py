@@ -17,7 +17,6 @@ from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -106,13 +105,17 @@ def library(tmp_path_factory):
         part.mkdir(parents=True)
         table = pa.Table.from_pylist([r for r in rows if r["night"] == night], schema=RESULT_SCHEMA)
         pq.write_table(table.sort_by([("score", "ascending")]), part / f"part-{night}.parquet")
+    # Night 1's run recorded the prefixes it read under (the report's default allowlist for its rows); night 2's
+    # summary is damaged and night 3 has none, so their thumbnails need --allow-prefix.
     (out / f"run_date={n1}" / "_summary-k1.json").write_text(json.dumps(
-        {"run_id": "run-night-one", "run_date": n1, "model_id": MODEL_A, "manifest": "s3://photos/manifest.csv",
+        {"run_id": f"run-{n1}", "run_date": n1, "model_id": MODEL_A, "manifest": "s3://photos/manifest.csv",
          "manifest_rows": 7, "rows_written": 7, "skipped_done_before": 0, "wall_time_s": 12.5,
-         "status_counts": {"ok": 4, "error": 2, "rejected": 1}, "images_per_s": 0.5}))
+         "status_counts": {"ok": 4, "error": 2, "rejected": 1}, "images_per_s": 0.5,
+         "allowed_prefixes": [f"file://{photos}/"], "max_bytes": 2**20}))
     (out / f"run_date={n2}" / "_summary-k2.json").write_text("{damaged")
     return {"out": str(out), "rows": rows, "img": img, "xss": str(xss), "rotated": str(rotated),
-            "broken": str(broken), "missing": str(missing), "outside": str(outside), "base": base}
+            "broken": str(broken), "missing": str(missing), "outside": str(outside), "base": base,
+            "allow": (str(photos),)}
 
 
 class Node:
@@ -178,9 +181,11 @@ def _run(*argv: str) -> int:
     return args.run(args)
 
 
-def _page(library, tmp_path, *argv: str) -> tuple[str, Node]:
+def _page(library, tmp_path, *argv: str, allow: bool = True) -> tuple[str, Node]:
+    """The page the command writes; with ``allow``, thumbnails may be read from the library's photo folder."""
     target = tmp_path / f"report-{secrets.token_hex(4)}.html"
-    assert _run(library["out"], "--html", str(target), *argv) == 0
+    allowed = [a for prefix in library["allow"] for a in ("--allow-prefix", prefix)] if allow else []
+    assert _run(library["out"], "--html", str(target), *allowed, *argv) == 0
     page = target.read_text(encoding="utf-8")
     return page, parse(page)
 
@@ -188,7 +193,7 @@ def _page(library, tmp_path, *argv: str) -> tuple[str, Node]:
 @pytest.fixture(scope="module")
 def all_dates(library):
     page = report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], date_to=NIGHTS[-1],
-                                                   thumbnails=3))
+                                                   thumbnails=3, allow_prefixes=library["allow"]))
     return page, parse(page)
 
 
@@ -264,14 +269,15 @@ def test_normalize_error(message, reason):
 
 def test_lowest_and_highest_are_the_right_images_in_order_and_only_ok_rows_are_read(library, tmp_path, monkeypatch):
     opened = []
-    real_open = fsspec.open
+    real_read = report.read_image_bytes
 
     def spy(uri, *args, **kwargs):
         opened.append(str(uri))
-        return real_open(uri, *args, **kwargs)
+        return real_read(uri, *args, **kwargs)
 
-    monkeypatch.setattr(report.fsspec, "open", spy)
-    page = report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=3))
+    monkeypatch.setattr(report, "read_image_bytes", spy)
+    page = report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=3,
+                                                   allow_prefixes=library["allow"]))
     tree = parse(page)
     lowest, highest = _tiles(tree, "lowest"), _tiles(tree, "highest")
     assert [t.attrs["data-uri"] for t in lowest] == [library["xss"], library["broken"], library["img"][7]]
@@ -300,9 +306,10 @@ def test_lowest_and_highest_are_the_right_images_in_order_and_only_ok_rows_are_r
 
 def test_every_ok_row_in_score_order_each_image_read_once(library, monkeypatch):
     opened = []
-    real_open = fsspec.open
-    monkeypatch.setattr(report.fsspec, "open", lambda uri, *a, **k: opened.append(uri) or real_open(uri, *a, **k))
-    tree = parse(report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=50)))
+    real_read = report.read_image_bytes
+    monkeypatch.setattr(report, "read_image_bytes", lambda uri, *a, **k: opened.append(uri) or real_read(uri, *a, **k))
+    tree = parse(report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=50,
+                                                         allow_prefixes=library["allow"])))
     ok = sorted((r for r in library["rows"] if r["status"] == "ok"), key=lambda r: r["score"])
     shown = [(t.attrs["data-uri"], float(t.attrs["data-score"])) for t in _tiles(tree, "lowest")]
     assert shown == [(r["uri"], pytest.approx(r["score"])) for r in ok]
@@ -356,7 +363,7 @@ def test_selection_by_date_and_model(library, tmp_path, argv, nights, model):
 def test_run_summaries_shown_when_present_and_damaged_ones_ignored(library, tmp_path):
     _, tree = _page(library, tmp_path, "--thumbnails", "0", "--from", NIGHTS[0])
     summaries = tree.find_all("tr", **{"class": "summary"})
-    assert len(summaries) == 1 and "run-night-one" in summaries[0].all_text()
+    assert len(summaries) == 1 and f"run-{NIGHTS[0]}" in summaries[0].all_text()
     assert "ok 4, error 2, rejected 1" in summaries[0].all_text()
     _, tree = _page(library, tmp_path, "--thumbnails", "0", "--run-date", NIGHTS[1])
     assert not tree.find_all("tr", **{"class": "summary"})
@@ -545,7 +552,7 @@ def depth_weights(tmp_path_factory) -> Path:
 def depth_page(library, depth_weights) -> str:
     return report.build_report(report.ReportConfig(library["out"], run_date=NIGHTS[1], thumbnails=1,
                                                    depth_weights=str(depth_weights), device="cpu",
-                                                   preprocess=SMALL_DEPTH))
+                                                   preprocess=SMALL_DEPTH, allow_prefixes=library["allow"]))
 
 
 def test_depth_maps_beside_thumbnails_match_the_scoring_preprocessing(library, depth_weights, depth_page):
@@ -598,11 +605,54 @@ def test_output_images_and_page_on_s3_with_storage_options(s3, library):
             _row("s3://lib/photos/gone.jpg", "ok", 0.5), _row("s3://elsewhere/x.jpg", "rejected", error="outside")]
     with fs.open(f"lib/scores/run_date={NIGHTS[0]}/part-k.parquet", "wb") as f:
         pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), f)
-    fs.pipe(f"lib/scores/run_date={NIGHTS[0]}/_summary-k.json", json.dumps({"run_id": "run-on-s3"}).encode())
+    fs.pipe(f"lib/scores/run_date={NIGHTS[0]}/_summary-k.json",  # the run's own record is the allowlist
+            json.dumps({"run_id": f"run-{NIGHTS[0]}", "allowed_prefixes": ["s3://lib/photos/"]}).encode())
     assert _run("s3://lib/scores", "--html", "s3://lib/report.html", "--thumbnails", "1",
                 "--storage-options", json.dumps(options)) == 0
     tree = parse(fs.cat("lib/report.html").decode())
     lowest, highest = _tiles(tree, "lowest"), _tiles(tree, "highest")
     assert [t.attrs["data-uri"] for t in lowest + highest] == ["s3://lib/photos/low.jpg", "s3://lib/photos/high.png"]
     assert all(len(t.find_all("img")) == 1 for t in lowest + highest)
-    assert "run-on-s3" in tree.find_all("tr", **{"class": "summary"})[0].all_text()
+    assert f"run-{NIGHTS[0]}" in tree.find_all("tr", **{"class": "summary"})[0].all_text()
+
+
+def test_thumbnails_are_read_only_under_the_prefixes_the_runs_recorded(library, tmp_path, monkeypatch):
+    """No --allow-prefix: night 1's run recorded its allowed prefixes, so its images are shown; nights 2 and 3
+    recorded none (a damaged summary, no summary), so their rows get a placeholder and are never read."""
+    opened = []
+    real_read = report.read_image_bytes
+    monkeypatch.setattr(report, "read_image_bytes", lambda uri, *a, **k: opened.append(uri) or real_read(uri, *a, **k))
+    _, tree = _page(library, tmp_path, "--from", NIGHTS[0], "--thumbnails", "50", allow=False)
+    ok = sorted((r for r in library["rows"] if r["status"] == "ok"), key=lambda r: r["score"])
+    night_one = {r["uri"] for r in ok if r["night"] == NIGHTS[0]}
+    assert sorted(opened) == sorted(night_one)
+    tiles = _tiles(tree, "lowest")
+    assert [t.attrs["data-uri"] for t in tiles] == [r["uri"] for r in ok]
+    for row, tile in zip(ok, tiles, strict=True):
+        placeholder = tile.find_all("div", **{"class": "placeholder"})
+        if row["night"] == NIGHTS[0]:
+            assert not placeholder and tile.find_all("img")
+        else:  # img_0's night-3 row too, though its night-1 row was read: a row is shown under its own run's rules
+            assert f"run run-{row['night']} recorded no allowed prefixes" in placeholder[0].all_text()
+
+
+def test_over_the_byte_limit_and_signed_urls_are_told_without_secrets(library, tmp_path):
+    page, tree = _page(library, tmp_path, "--run-date", NIGHTS[1], "--thumbnails", "1", "--max-bytes", "100")
+    for tile in _tiles(tree, "lowest") + _tiles(tree, "highest"):
+        text = tile.find_all("div", **{"class": "placeholder"})[0].all_text()
+        assert "over the limit of 100 bytes (--max-bytes)" in text and not tile.find_all("img")
+
+    out = tmp_path / "signed"
+    secret = "X-Amz-Signature=deadbeefcafe"
+    signed = f"https://user:hunter2@bucket.s3.amazonaws.com/a.jpg?X-Amz-Credential=AKIA123&{secret}"
+    rows = [_row(signed, "ok", 0.5), _row(signed.replace("a.jpg", "b.jpg"), "error", error=f"HTTP 403 from {signed}"),
+            _row(signed.replace("a.jpg", "c.jpg"), "rejected", error=f"{signed} has a query")]
+    (out / f"run_date={NIGHTS[0]}").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), out / f"run_date={NIGHTS[0]}" / "part-s.parquet")
+    target = tmp_path / "signed.html"
+    assert _run(str(out), "--html", str(target), "--allow-prefix", "https://bucket.s3.amazonaws.com/") == 0
+    page = target.read_text()
+    assert "hunter2" not in page and "deadbeefcafe" not in page and "AKIA123" not in page
+    assert "X-Amz-Signature=***" in page
+    tile = parse(page).find_all("figure")[0]
+    assert "not read: URI has a query or fragment" in tile.all_text()  # refused before any request
