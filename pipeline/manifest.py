@@ -30,7 +30,7 @@ import os
 import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 import fsspec
 import fsspec.asyn
@@ -39,6 +39,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+
+from pipeline.allowlist import redact_text, redact_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif")
 TABLE_EXTENSIONS = (".csv", ".csv.gz", ".parquet", ".jsonl", ".ndjson", ".json", ".jsonl.gz")
@@ -131,7 +133,8 @@ def _guarded(source: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Reco
     except ManifestError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line naming the manifest, whatever the cause
-        raise ManifestError(f"cannot read manifest {source}: {type(exc).__name__}: {exc}") from None
+        raise ManifestError(f"cannot read manifest {redact_uri(source)}: {type(exc).__name__}: "
+                            f"{redact_text(str(exc))}") from None
 
 
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:
@@ -148,6 +151,10 @@ def _home(fs: fsspec.AbstractFileSystem, path: str, is_dir: bool) -> str:
     if _protocol(fs) == "file":
         folder = path if is_dir else posixpath.dirname(path)
         return f"file://{folder.rstrip('/')}/"
+    if _protocol(fs) in ("http", "https"):  # a (presigned) URL: its folder, without the query
+        parts = urlsplit(path)
+        folder = parts.path if is_dir else posixpath.dirname(parts.path)
+        return f"{parts.scheme}://{parts.netloc}{folder.rstrip('/')}/"
     return f"{_protocol(fs)}://{path.split('/', 1)[0]}/"
 
 
@@ -269,7 +276,8 @@ def normalize_batch(batch: pa.RecordBatch | pa.Table, source: str, home: str) ->
     """
     names = batch.schema.names
     if "uri" not in names:
-        raise ManifestError(f"manifest {source} has no 'uri' column (columns: {', '.join(names) or 'none'})")
+        raise ManifestError(f"manifest {redact_uri(source)} has no 'uri' column "
+                            f"(columns: {', '.join(names) or 'none'})")
     n = batch.num_rows
     errors = batch.column(ROW_ERROR).to_pylist() if ROW_ERROR in names else None
     columns = {}
@@ -439,7 +447,7 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         is_dir = fs.isdir(path)
         if not is_dir and not fs.exists(path):
-            raise ManifestError(f"no manifest at {uri}")
+            raise ManifestError(f"no manifest at {redact_uri(uri)}")
         home = _home(fs, path, is_dir)
         if is_dir:
             root = path.rstrip("/")
@@ -465,7 +473,8 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
     except ManifestError:
         raise
     except Exception as exc:  # noqa: BLE001 - storage errors of any backend, reported with the URI
-        raise ManifestError(f"cannot read manifest {uri}: {type(exc).__name__}: {exc}") from None
+        raise ManifestError(f"cannot read manifest {redact_uri(uri)}: {type(exc).__name__}: "
+                            f"{redact_text(str(exc))}") from None
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
