@@ -23,7 +23,7 @@ from pipeline.argtypes import byte_size, int_range, json_object, positive_int  #
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
 from pipeline.models.attention import ATTENTION_MODES  # noqa: E402
-from pipeline.models.registry import get_scorer, scorer_names  # noqa: E402
+from pipeline.models.registry import SCORER_OPTIONS, get_scorer, resolve_options, scorer_names, used_by  # noqa: E402
 from pipeline.objects import DEFAULT_MAX_BYTES  # noqa: E402
 from pipeline.preprocess import PreprocessConfig  # noqa: E402
 from pipeline.scorer import ENCODER_CHOICES, PRECISIONS  # noqa: E402
@@ -41,14 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dgiqa", choices=scorer_names(),
                    help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
     p.add_argument("--weights", help="URI of the scorer's checkpoint (DGIQA by default)")
-    p.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint")
-    p.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
-                   help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
-    p.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
-    p.add_argument("--crops", type=positive_int, default=20, help="random 224x224 crops per image (20)")
-    p.add_argument("--depth-input-size", type=positive_int, default=518,
+    # Model-specific options default to None, so that one given for a model that does not use it is refused.
+    p.add_argument("--depth-weights", help=f"URI of the Depth Anything checkpoint ({used_by('depth_weights')}, "
+                                           "required there)")
+    p.add_argument("--encoder", choices=ENCODER_CHOICES,
+                   help=f"Depth Anything encoder; auto reads it from the checkpoint ({used_by('encoder')}; auto)")
+    p.add_argument("--depth-version", choices=("v1", "v2"),
+                   help=f"Depth Anything version ({used_by('depth_version')}; v1)")
+    p.add_argument("--crops", type=positive_int, help=f"random 224x224 crops per image ({used_by('crops')}; 20)")
+    p.add_argument("--depth-input-size", type=positive_int,
                    help="lower bound of the depth-model input side (518 as published; other values change "
-                        "the scores)")
+                        f"the scores; {used_by('depth_input_size')})")
+    p.add_argument("--exif-transpose", action="store_true", default=None,
+                   help="rotate images upright by their EXIF orientation before resizing (off as in the authors' "
+                        f"code; {used_by('exif_transpose')}: dgiqa always applies it)")
     p.add_argument("--actors", type=int_range, help="scoring actors: N, or MIN,MAX to autoscale "
                                                    "(default: 1 to the number of GPUs; 1 on CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the Ray cluster has GPUs, else 0")
@@ -74,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile both models in each actor")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
                    help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
-    p.add_argument("--draft-decode", action="store_true",
-                   help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see README)")
+    p.add_argument("--draft-decode", action="store_true", default=None,
+                   help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see README; "
+                        f"{used_by('draft_decode')})")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
     p.add_argument("--shard-rows", type=positive_int, default=1000,
                    help="rows per staged shard: the unit a killed run resumes from (1000)")
@@ -89,8 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
-    fields = {"manifest": args.manifest, "output": args.output, "weights": args.weights,
-              "depth_weights": args.depth_weights}
+    """The run's config from the arguments.
+
+    Raises:
+        ValueError: A model-specific option was given that ``--model`` does not use (checked before ``--demo``
+            writes anything); ``main`` prints it as one line.
+    """
+    options = resolve_options(args.model, {name: getattr(args, name) for name in SCORER_OPTIONS})
+    fields = {"manifest": args.manifest, "output": args.output, "weights": args.weights}
+    if get_scorer(args.model).needs_depth:
+        fields["depth_weights"] = options["depth_weights"]
     if args.demo:
         from pipeline.sample import write_demo_bucket
 
@@ -98,20 +113,19 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobCon
         logger.warning("demo run in %s with RANDOM weights: the scores mean nothing. Pass --weights and "
                        "--depth-weights with the published checkpoints for real scores.", args.demo)
         fields = {k: v or str(demo[k]) for k, v in fields.items()}
-    if not get_scorer(args.model).needs_depth and not fields["depth_weights"]:
-        fields.pop("depth_weights")
     missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if not v]
     if missing:
         parser.error(f"missing {', '.join(missing)} (or use --demo)")
     return JobConfig(
-        **fields, encoder=args.encoder, depth_version=args.depth_version, crops=args.crops,
-        depth_input_size=args.depth_input_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        **fields, encoder=options["encoder"], depth_version=options["depth_version"], crops=options["crops"],
+        depth_input_size=options["depth_input_size"], exif_transpose=options["exif_transpose"],
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
         storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
         max_pixels=args.max_pixels, max_bytes=args.max_bytes, shard_rows=args.shard_rows,
         precision=args.precision, compile=args.compile,
-        attention=args.attention, draft_decode=args.draft_decode, model=args.model,
+        attention=args.attention, draft_decode=options["draft_decode"], model=args.model,
         plan_memory_mb=args.plan_memory_mb, spill_dir=args.spill_dir)
 
 

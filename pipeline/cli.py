@@ -18,7 +18,7 @@ from pipeline import evaluate, report, train
 from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, redact_uri
 from pipeline.argtypes import byte_size, comma_list, float_pair, json_object, positive_int
 from pipeline.models.attention import ATTENTION_MODES
-from pipeline.models.registry import scorer_names
+from pipeline.models.registry import SCORER_OPTIONS, resolve_options, scorer_names, used_by
 from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.preprocess import ImageError, PreprocessConfig
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, ScorerConfig, make_scorer
@@ -29,18 +29,22 @@ EXIT_USAGE = 2
 
 
 def _score_command(args: argparse.Namespace) -> int:
+    # Model-specific flags default to None so that one given for a model that does not use it is refused here.
+    options = resolve_options(args.model, {name: getattr(args, name, None) for name in SCORER_OPTIONS})
     config = ScorerConfig(
         weights=args.weights,
-        depth_weights=args.depth_weights,
-        encoder=args.encoder,
-        depth_version=args.depth_version,
+        depth_weights=options["depth_weights"],
+        encoder=options["encoder"],
+        depth_version=options["depth_version"],
         device=args.device,
-        preprocess=PreprocessConfig(num_crops=args.crops, max_pixels=args.max_pixels, draft=args.draft_decode),
+        preprocess=PreprocessConfig(num_crops=options["crops"], max_pixels=args.max_pixels,
+                                    draft=options["draft_decode"]),
         storage_options=args.storage_options,
         precision=args.precision,
         attention=args.attention,
         compile=args.compile,
         model=args.model,
+        exif_transpose=options["exif_transpose"],
     )
     allowlist = Allowlist(args.allow_prefix or _folders_of(args.images))
     scorer = make_scorer(config)
@@ -104,17 +108,20 @@ def _filter_command(args: argparse.Namespace) -> int:
         min_score=args.min_score, max_score=args.max_score, top=args.top, bottom=args.bottom,
         quantiles=args.quantiles, date_from=args.date_from, date_to=args.date_to, model_id=args.model_id,
         statuses=tuple(args.status) if args.status else None, latest=args.latest)
+    fmt = args.format or ("csv" if not args.out else None)
+    if not args.out and fmt == "parquet" and sys.stdout.isatty():
+        # Checked before reading the scores: binary on a terminal is never what was meant.
+        raise ValueError("--format parquet writes binary data: use --out FILE.parquet or redirect standard output")
     dataset = query.open_scores(args.output, args.storage_options)
     columns = query.selection_columns(dataset, args.columns)
     table, stats = query.select(dataset, flt, columns=columns)
     if args.out:
-        fmt = query.write_selection(table, args.out, args.format, args.storage_options)
+        fmt = query.write_selection(table, args.out, fmt, args.storage_options)
         print(f"{stats.describe()}; wrote {fmt} to {redact_uri(args.out)}", file=sys.stderr)
     else:
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(table, sys.stdout.buffer)
         sys.stdout.flush()
+        query.write_stream(table, sys.stdout.buffer, fmt)
+        sys.stdout.buffer.flush()
         print(stats.describe(), file=sys.stderr)
     return 0
 
@@ -126,8 +133,10 @@ def _add_filter_parser(commands) -> None:
                     "row per image and model. Writes uri, score and the manifest's columns as a manifest.")
     flt.add_argument("output", metavar="OUTPUT_URI", help="the job's --output (folder or s3:// prefix)")
     flt.add_argument("--out", metavar="URI", help="write the selection here (.parquet/.csv/.jsonl); default: "
-                     "CSV on stdout")
-    flt.add_argument("--format", choices=FILTER_FORMATS, help="output format when the extension does not say")
+                     "standard output")
+    flt.add_argument("--format", choices=FILTER_FORMATS,
+                     help="output format: with --out, when the extension does not say; on standard output csv "
+                          "(default), jsonl, or parquet when standard output is redirected (not to a terminal)")
     flt.add_argument("--min-score", type=float, help="keep scores >= this")
     flt.add_argument("--max-score", type=float, help="keep scores <= this")
     ranked = flt.add_mutually_exclusive_group()
@@ -160,11 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
     score.add_argument("--weights", required=True,
                        help="URI of the scorer's checkpoint (.pth/.pt/.safetensors/folder; DGIQA by default)")
-    score.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint (required for dgiqa)")
-    score.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
-                       help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
-    score.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
-    score.add_argument("--crops", type=positive_int, default=20, help="random 224x224 crops per image (20)")
+    score.add_argument("--depth-weights", help=f"URI of the Depth Anything checkpoint ({used_by('depth_weights')}, "
+                                               "required there)")
+    score.add_argument("--encoder", choices=ENCODER_CHOICES,
+                       help=f"Depth Anything encoder; auto reads it from the checkpoint ({used_by('encoder')}; auto)")
+    score.add_argument("--depth-version", choices=("v1", "v2"),
+                       help=f"Depth Anything version ({used_by('depth_version')}; v1)")
+    score.add_argument("--crops", type=positive_int,
+                       help=f"random 224x224 crops per image ({used_by('crops')}; 20)")
     score.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto, cpu or cuda (auto)")
     score.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
                        help="refuse images with more pixels than this (%(default)s)")
@@ -178,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile both models (pays off over many images of a few sizes)")
     score.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
                        help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
-    score.add_argument("--draft-decode", action="store_true",
-                       help="decode large JPEGs at reduced scale (faster; scores move slightly)")
+    score.add_argument("--draft-decode", action="store_true", default=None,
+                       help="decode large JPEGs at reduced scale (faster; scores move slightly; "
+                            f"{used_by('draft_decode')})")
+    score.add_argument("--exif-transpose", action="store_true", default=None,
+                       help="rotate images upright by their EXIF orientation before resizing (off as in the authors' "
+                            f"code, which scores a sideways-stored photo sideways; {used_by('exif_transpose')}: "
+                            "dgiqa always applies it)")
     score.add_argument("--storage-options", type=json_object, default={},
                        help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
     score.add_argument("--json", action="store_true", help="one JSON object per line instead of uri<TAB>score")

@@ -131,13 +131,23 @@ def to_tensor(batch: np.ndarray | Sequence[np.ndarray], device: torch.device | s
     return tensor.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
 
 
-def prepare_for_scoring(data: bytes, config: PreprocessConfig) -> PreparedPixels:
+def prepare_for_scoring(data: bytes, config: PreprocessConfig, exif_transpose: bool = False) -> PreparedPixels:
     """The scorer registry's preprocessing step: the authors' input, with the job's size limits.
 
-    EXIF orientation is not applied (the authors' behaviour; see ``DpiqaPreprocessConfig``).
+    Of ``config`` only the size limits apply: crops, depth input size and draft decoding are DGIQA's, and the
+    registry refuses them for this scorer (``uses_options`` below).
+
+    Args:
+        data: The encoded image.
+        config: The job's or the command's limits.
+        exif_transpose: Rotate the image upright by its EXIF orientation first (``--exif-transpose``). Off by
+            default, as in the authors' code; see ``DpiqaPreprocessConfig``.
 
     Raises:
         ImageError: The bytes are not a scorable image.
     """
-    pixels, height, width = prepare_dpiqa(data, DpiqaPreprocessConfig.from_preprocess(config))
+    pixels, height, width = prepare_dpiqa(data, DpiqaPreprocessConfig.from_preprocess(config, exif_transpose))
     return PreparedPixels(pixels=pixels, height=height, width=width)
+
+
+prepare_for_scoring.uses_options = frozenset({"exif_transpose"})  # read by pipeline.models.registry

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.allowlist import Allowlist, redact_uri
 from pipeline.manifest import ManifestReader, open_manifest
+from pipeline.models.registry import SCORER_OPTIONS, changed_options, check_options, get_scorer
 from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, output_schema
 from pipeline.plan import Plan, PlannerConfig, make_plan
@@ -75,6 +76,7 @@ class JobConfig:
     attention: str = "sdpa"  # rounding-level like compile, so neither enters the run key
     draft_decode: bool = False
     model: str = "dgiqa"
+    exif_transpose: bool = False  # the DP-IQA student's option; see ScorerConfig
     plan_memory_mb: int = PlannerConfig.memory_mb
     spill_dir: str | None = None
     actor_class: type | None = None  # the scoring actor; None -> pipeline.stages.ScoreActor (tests swap it)
@@ -95,6 +97,8 @@ class JobConfig:
             raise ValueError("--max-bytes must be at least 1")
         if self.plan_memory_mb < 64:
             raise ValueError("--plan-memory-mb must be at least 64")
+        # A model-specific option set for a scorer that ignores it would still enter the run key: refused here.
+        check_options(self.model, changed_options({name: getattr(self, name) for name in SCORER_OPTIONS}))
 
     def scorer_config(self) -> ScorerConfig:
         """The scorer's config: the same on the driver's check and in every actor."""
@@ -102,6 +106,7 @@ class JobConfig:
             weights=self.weights, depth_weights=self.depth_weights, encoder=self.encoder,
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
             precision=self.precision, compile=self.compile, attention=self.attention, model=self.model,
+            exif_transpose=self.exif_transpose,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_lower_bound=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 
@@ -208,16 +213,21 @@ def _operator_names(stats: str) -> list[str]:
 def _run_key(config: JobConfig, reader: ManifestReader, model_id: str, run_date: str, plan: Plan) -> str:
     """``<job>-<rows>``: the job part names manifest, model and options; the rows part the work itself.
 
+    Of the model-specific options only those the scorer uses enter the job part (and of those, only those
+    ``model_id`` does not already name): a student run is the same run whatever DGIQA's ``--crops`` says, so a
+    resume never misses its staged shards over an option nothing read. DGIQA's keys hold the same fields as
+    before the options were declared per scorer, so DGIQA runs resume across that change.
+
     The rows part hashes the manifest files' versions (ETags, or sizes and modification times) and the
     fingerprint of every row to write, so a manifest replaced at the same URI after a killed attempt starts
     staging afresh instead of reusing shards of the old one (which the commit then removes, as the same job's).
     """
-    job = {"manifest": reader.source, "run_date": run_date, "model_id": model_id, "crops": config.crops,
-           "depth_input_size": config.depth_input_size, "max_pixels": config.max_pixels,
+    job = {"manifest": reader.source, "run_date": run_date, "model_id": model_id, "max_pixels": config.max_pixels,
            "max_bytes": config.max_bytes,
            "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
-           "shard_rows": config.shard_rows, "precision": config.precision, "draft_decode": config.draft_decode,
-           "limit": config.limit}
+           "shard_rows": config.shard_rows, "precision": config.precision, "limit": config.limit}
+    job.update({name: getattr(config, name) for name in get_scorer(config.model).options
+                if not SCORER_OPTIONS[name].in_model_id})
     job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     rows = {"files": [list(f) for f in reader.files], "plan": plan.fingerprint}
     rows_key = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]

@@ -19,6 +19,7 @@ import math
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -309,10 +310,24 @@ def write_selection(table: pa.Table, uri: str, fmt: str | None = None,
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
     with fsspec.open(uri, "wb", **(storage_options or {})) as f:
-        if fmt == "parquet":
-            pq.write_table(table, f)
-        elif fmt == "csv":
-            pacsv.write_csv(table, f)
-        else:
-            f.write(table.to_pandas().to_json(orient="records", lines=True, date_format="iso").encode())
+        write_stream(table, f, fmt)
     return fmt
+
+
+def write_stream(table: pa.Table, stream: BinaryIO, fmt: str) -> None:
+    """Write selected rows to an open binary stream (a file, or standard output) in one of ``FORMATS``.
+
+    The one writer of both ``write_selection`` and ``dgiqa filter`` without ``--out``, so a selection printed and
+    a selection saved are the same bytes. Parquet is written front to back (pyarrow never seeks), so a pipe works.
+
+    Raises:
+        QueryError: ``fmt`` is not one of ``FORMATS``.
+    """
+    if fmt == "parquet":
+        pq.write_table(table, stream)
+    elif fmt == "csv":
+        pacsv.write_csv(table, stream)
+    elif fmt == "jsonl":
+        stream.write(table.to_pandas().to_json(orient="records", lines=True, date_format="iso").encode())
+    else:
+        raise QueryError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")

@@ -19,7 +19,7 @@ from pipeline.models import depth_anything as da
 from pipeline.models.attention import ATTENTION_MODES, set_attention
 from pipeline.models.dgiqa import build_dgiqa
 from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
-from pipeline.models.registry import get_scorer, resolve
+from pipeline.models.registry import changed_options, check_options, get_scorer, resolve
 from pipeline.preprocess import (
     PreparedImage,
     PreprocessConfig,
@@ -58,6 +58,12 @@ class ScorerConfig:
         preprocess: Resize, crop and safety limits.
         storage_options: fsspec options for reading the weights.
         model: Registered scorer name (``pipeline.models.registry``): ``dgiqa`` or ``dpiqa-student``.
+        exif_transpose: Rotate images upright by their EXIF orientation before the DP-IQA student's resize (off
+            as in the authors' code; see ``pipeline.dpiqa_preprocess``). DGIQA always applies the orientation, as
+            ``cv2.imread`` does, and refuses the option.
+
+    Model-specific settings (``options()``) that ``model`` does not use must keep their defaults: a config that
+    asks for something its scorer would ignore is refused rather than recorded as if honoured.
     """
 
     weights: str
@@ -73,9 +79,11 @@ class ScorerConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     storage_options: Mapping | None = None
     model: str = "dgiqa"
+    exif_transpose: bool = False
 
     def __post_init__(self):
         spec = get_scorer(self.model)
+        check_options(self.model, changed_options(self.options()))
         if spec.needs_depth and not self.depth_weights:
             raise ValueError(f"--depth-weights is required for --model {self.model}")
         if self.encoder not in ENCODER_CHOICES:
@@ -91,6 +99,12 @@ class ScorerConfig:
         if (self.crop_batch is not None and self.crop_batch < 1) or self.depth_batch < 1:
             raise ValueError(f"crop_batch and depth_batch must be at least 1, got {self.crop_batch}, "
                              f"{self.depth_batch}")
+
+    def options(self) -> dict[str, object]:
+        """The model-specific settings by their ``SCORER_OPTIONS`` name (the job's field names)."""
+        return {"depth_weights": self.depth_weights, "encoder": self.encoder, "depth_version": self.depth_version,
+                "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_lower_bound,
+                "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose}
 
 
 @dataclass(frozen=True)
@@ -228,10 +242,16 @@ def make_scorer(config: ScorerConfig):
 def prepare_item(data: bytes, config: ScorerConfig):
     """The CPU-side preprocessing of ``config.model`` for one encoded image.
 
+    The preprocessing gets ``config.preprocess`` and, as keyword arguments, the options it declares it uses
+    (the DP-IQA student's ``exif_transpose``).
+
     Raises:
         ImageError: The bytes are not a scorable image.
     """
-    return resolve(get_scorer(config.model).preprocessing)(data, config.preprocess)
+    spec = get_scorer(config.model)
+    values = config.options()
+    options = {name: values[name] for name in spec.preprocessing_options}
+    return resolve(spec.preprocessing)(data, config.preprocess, **options)
 
 
 class Scorer:
@@ -246,6 +266,9 @@ class Scorer:
     """
 
     prepared_type = PreparedImage
+    # The options of the depth model, and of the DGIQA preprocessing this runner feeds its PreprocessConfig to.
+    uses_options = frozenset({"depth_weights", "encoder", "depth_version", "crops", "depth_input_size",
+                              "draft_decode"})
 
     def __init__(self, config: ScorerConfig):
         self.config = config

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.models.attention import set_attention
 from pipeline.models.registry import ScorerSpec, get_scorer, resolve
-from pipeline.scorer import PRECISIONS, ImageScore, ModelInfo, ScorerConfig, resolve_device
+from pipeline.scorer import PRECISIONS, ImageScore, ModelInfo, ScorerConfig, prepare_item, resolve_device
 from pipeline.weights import check_fits, load_strict, read_checkpoint
 
 
@@ -53,13 +53,17 @@ class SinglePassScorer:
     """Loads one single-pass scorer once; scores batches of prepared images.
 
     Args:
-        config: ``config.model`` names the scorer; ``weights`` its checkpoint. Depth settings are unused.
+        config: ``config.model`` names the scorer; ``weights`` its checkpoint. Depth and crop settings are
+            refused by ``ScorerConfig`` (this runner uses none).
 
     Raises:
         WeightsError: The checkpoint cannot be read or does not fit the architecture.
     """
 
     prepared_type = PreparedPixels
+    # Depth, crops and the DGIQA decode settings mean nothing to a whole-image pass; options of the scorer's own
+    # preprocessing are declared by that function.
+    uses_options = frozenset()
 
     def __init__(self, config: ScorerConfig):
         self.config = config
@@ -116,4 +120,4 @@ class SinglePassScorer:
         Raises:
             ImageError: The bytes are not a scorable image.
         """
-        return self.score_prepared([resolve(self.spec.preprocessing)(data, self.config.preprocess)])[0]
+        return self.score_prepared([prepare_item(data, self.config)])[0]

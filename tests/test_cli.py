@@ -94,3 +94,28 @@ def test_make_sample_then_score_as_in_the_readme(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3
     assert all(0 < float(line.split("\t")[1]) < 1 for line in lines)
+
+
+STUDENT_OWN = "(its own options are --exif-transpose)"
+DGIQA_OWN = "(its own options are --depth-weights, --encoder, --depth-version, --crops, --depth-input-size, " \
+            "--draft-decode)"
+
+
+@pytest.mark.parametrize(("model", "option"), [
+    ("dpiqa-student", ["--crops", "20"]),  # the default value, given explicitly, is still refused
+    ("dpiqa-student", ["--encoder", "auto"]),
+    ("dpiqa-student", ["--depth-version", "v1"]),
+    ("dpiqa-student", ["--draft-decode"]),
+    ("dpiqa-student", ["--depth-weights", "d.pth"]),
+    ("dgiqa", ["--exif-transpose"]),
+])
+def test_an_option_the_model_does_not_use_is_a_one_line_error(model, option, images, capsys):
+    from pipeline.cli import main
+
+    depth = ["--depth-weights", "d.pth"] if model == "dgiqa" else []
+    # Refused before any weights are read: these paths do not exist.
+    code = main(["score", images["good"], "--model", model, "--weights", "w.pth", *depth, *option])
+    captured = capsys.readouterr()
+    own = STUDENT_OWN if model == "dpiqa-student" else DGIQA_OWN
+    assert code == 2 and captured.out == ""
+    assert captured.err.splitlines() == [f"dgiqa: error: {option[0]} is not used by --model {model} {own}"]

@@ -1,6 +1,8 @@
 """The scoring job end to end on a local Ray: local folders and an S3 server on 127.0.0.1 as the bucket."""
 
+import copy
 import json
+import os
 import shutil
 
 import pyarrow as pa
@@ -86,26 +88,71 @@ def test_every_actor_gets_the_jobs_model_options():
                   attention="flash").scorer_config()
 
 
+def _key(config: JobConfig | None = None, **kw) -> str:
+    """The job's run key for a fixed manifest, plan and model_id; of ``config``, or of JobConfig fields ``kw``."""
+    from types import SimpleNamespace
+
+    from pipeline.job import _run_key
+
+    config = config or JobConfig(**{"manifest": "s3://b/manifest.csv", "output": "out", "weights": "w.pth", **kw})
+    reader = SimpleNamespace(source="s3://b/manifest.csv", files=[("s3://b/manifest.csv", "etag-1")])
+    return _run_key(config, reader, "some-model@sha", "2026-11-21", SimpleNamespace(fingerprint="f" * 16))
+
+
+def test_dgiqa_run_keys_are_those_of_earlier_versions():
+    # Computed with the run key of commit 11faf7c, before options were declared per scorer: DGIQA runs staged by
+    # it resume after the upgrade.
+    assert _key(depth_weights="d.pth") == "ee4223c157b8-c0b6b05c4a09"
+    assert _key(depth_weights="d.pth", crops=3, depth_input_size=70, draft_decode=True, encoder="vits",
+                depth_version="v2") == "77a9f70d48c6-c0b6b05c4a09"
+
+
+def test_dgiqa_options_that_change_rows_change_the_run_key():
+    keys = {_key(depth_weights="d.pth"), _key(depth_weights="d.pth", crops=3),
+            _key(depth_weights="d.pth", depth_input_size=70), _key(depth_weights="d.pth", draft_decode=True)}
+    assert len(keys) == 4
+
+
+def test_the_students_run_key_ignores_dgiqa_options_and_names_its_exif_option():
+    student = JobConfig(manifest="s3://b/manifest.csv", output="out", weights="w.pth", model="dpiqa-student")
+    with pytest.raises(ValueError, match="--crops is not used by --model dpiqa-student"):
+        JobConfig(manifest="m.csv", output="out", weights="w.pth", model="dpiqa-student", crops=3)
+    # JobConfig refuses DGIQA's options for the student; were one set anyway (bypassing the check), the run key
+    # would still not see it, as nothing reads it.
+    for name, value in {"crops": 3, "depth_input_size": 70, "draft_decode": True, "encoder": "vits",
+                        "depth_version": "v2", "depth_weights": "d.pth"}.items():
+        forced = copy.copy(student)
+        object.__setattr__(forced, name, value)
+        assert _key(forced) == _key(student), name
+    assert _key(model="dpiqa-student", exif_transpose=True) != _key(student)
+
+
 def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, bucket, tmp_path, direct_scorer):
     outside = tmp_path / "elsewhere.jpg"
     outside.write_bytes((bucket / "images" / "coffee.png").read_bytes())
+    (bucket / "images" / "link.jpg").symlink_to(outside)  # inside the allowed folder, pointing out of it
+    (bucket / "images" / "huge.jpg").write_bytes(os.urandom(3_000_000))  # over the job's max_bytes below
+    shutil.copy(bucket / "images" / "chelsea.png", bucket / "images" / "stated.png")
     manifest = bucket / "manifest.csv"
     manifest.write_text("\n".join([
-        "uri,label",
-        "images/astronaut.png,person",
-        "images/coffee.png,food",
-        "images/chelsea.png,cat",
-        "images/missing.jpg,none",
-        "images/corrupt.jpg,broken",
-        f"{outside},outside",
-        "file:///etc/passwd,hostile",
-        "http://169.254.169.254/latest/meta-data/,hostile",
+        "uri,label,size_bytes",
+        "images/astronaut.png,person,",
+        "images/coffee.png,food,",
+        "images/chelsea.png,cat,",
+        "images/missing.jpg,none,",
+        "images/corrupt.jpg,broken,",
+        f"{outside},outside,",
+        "file:///etc/passwd,hostile,",
+        "http://169.254.169.254/latest/meta-data/,hostile,",
+        "images/link.jpg,link,",
+        "images/huge.jpg,huge,",
+        "images/stated.png,stated,5000000000",  # the manifest says 5 GB: refused unread
     ]) + "\n")
     output = tmp_path / "out"
-    summary = run_job(_job(checkpoints, manifest, output, run_date="2026-11-20"))
+    summary = run_job(_job(checkpoints, manifest, output, run_date="2026-11-20", max_bytes=2_000_000))
 
     table = _read(output)
-    assert table.num_rows == 8 == summary["rows_written"]
+    assert table.num_rows == 11 == summary["rows_written"]
     assert table.schema.names[:len(RESULT_SCHEMA)] == RESULT_SCHEMA.names
     rows = {r["label"] if r["label"] != "hostile" else r["uri"]: r for r in table.to_pylist()}
     for label in ("person", "food", "cat"):
@@ -118,7 +165,10 @@ def test_every_manifest_row_gives_one_row_with_the_right_status(checkpoints, buc
     for key in ("outside", "file:///etc/passwd", "http://169.254.169.254/latest/meta-data/"):
         assert rows[key]["status"] == "rejected" and "outside the allowed prefixes" in rows[key]["error"]
         assert rows[key]["score"] is None
-    assert summary["status_counts"] == {"ok": 3, "error": 2, "rejected": 3}
+    assert rows["link"]["status"] == "rejected" and "link that leads outside" in rows["link"]["error"]
+    assert rows["huge"]["status"] == "error" and "over the limit of 2000000 bytes" in rows["huge"]["error"]
+    assert rows["stated"]["status"] == "error" and "is 5000000000 bytes" in rows["stated"]["error"]
+    assert summary["status_counts"] == {"ok": 3, "error": 4, "rejected": 4}
     # Three images in batches of two: rows of one batch swapped, or a batch's scores shifted, fail here.
     _assert_each_row_scores_its_own_image(
         {rows[label]["uri"]: rows[label]["score"] for label in ("person", "food", "cat")},

@@ -22,7 +22,7 @@ def test_help_lists_the_options_users_expect():
     for flag in ("--manifest", "--output", "--weights", "--depth-weights", "--encoder", "--crops", "--actors",
                  "--gpus-per-actor", "--batch-size", "--run-date", "--incremental", "--full", "--allow-prefix",
                  "--storage-options", "--limit", "--demo", "--precision", "--compile", "--attention",
-                 "--draft-decode"):
+                 "--draft-decode", "--exif-transpose"):
         assert flag in proc.stdout, flag
 
 
@@ -84,3 +84,56 @@ def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, ch
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not a readable PyTorch weights file (loaded with weights_only=True" in proc.stderr
     assert not marker.exists()
+
+
+def _job_script():
+    """``jobs/score_bucket.py`` imported in this process: its parser, ``_config`` and ``main`` without Ray."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_bucket", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+JOB = ["--manifest", "m.csv", "--output", "out", "--weights", "w.pth"]
+STUDENT_OWN = "(its own options are --exif-transpose)"
+DGIQA_OWN = "(its own options are --depth-weights, --encoder, --depth-version, --crops, --depth-input-size, " \
+            "--draft-decode)"
+
+
+@pytest.mark.parametrize(("model", "option"), [
+    ("dpiqa-student", ["--crops", "20"]),  # the default value, given explicitly, is still refused
+    ("dpiqa-student", ["--encoder", "auto"]),
+    ("dpiqa-student", ["--depth-version", "v2"]),
+    ("dpiqa-student", ["--depth-input-size", "518"]),
+    ("dpiqa-student", ["--draft-decode"]),
+    ("dpiqa-student", ["--depth-weights", "d.pth"]),
+    ("dgiqa", ["--exif-transpose"]),
+])
+def test_an_option_the_model_does_not_use_is_a_one_line_error(model, option, capsys):
+    script = _job_script()
+    depth = ["--depth-weights", "d.pth"] if model == "dgiqa" else []
+    assert script.main([*JOB, *depth, "--model", model, *option]) == 2
+    captured = capsys.readouterr()
+    own = STUDENT_OWN if model == "dpiqa-student" else DGIQA_OWN
+    assert captured.err.splitlines() == [f"score_bucket.py: error: {option[0]} is not used by --model {model} {own}"]
+    assert captured.out == ""
+
+
+def test_options_left_out_take_their_defaults_and_the_students_exif_flag_reaches_the_scorer():
+    script = _job_script()
+    parser = script.build_parser()
+    dgiqa = script._config(parser.parse_args([*JOB, "--depth-weights", "d.pth"]), parser)
+    assert (dgiqa.encoder, dgiqa.depth_version, dgiqa.crops, dgiqa.depth_input_size, dgiqa.draft_decode,
+            dgiqa.exif_transpose) == ("auto", "v1", 20, 518, False, False)
+    student = script._config(parser.parse_args([*JOB, "--model", "dpiqa-student", "--exif-transpose"]), parser)
+    assert student.exif_transpose and student.depth_weights is None
+    assert student.scorer_config().exif_transpose
+
+
+def test_help_says_which_model_uses_each_option(capsys):
+    with pytest.raises(SystemExit):
+        _job_script().main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(dgiqa only; 20)" in text and "dpiqa-student only: dgiqa always applies it" in text

@@ -10,18 +10,62 @@ What a spec names:
 
 * ``builder``: the architecture with random weights (``weights=None`` style; nothing is ever downloaded);
 * ``filter_fn``: the checkpoint remapping applied before the strict load;
-* ``preprocessing``: ``(bytes, PreprocessConfig) -> prepared item``, the CPU-side work done in Ray tasks
-  before the GPU actors;
+* ``preprocessing``: ``(bytes, PreprocessConfig, **options) -> prepared item``, the CPU-side work done in Ray
+  tasks before the GPU actors;
 * ``runner``: the class that loads weights and scores prepared items (one per actor);
 * ``output_scale``: what the raw score means, recorded in every run summary.
+
+Which of the model-specific options (``SCORER_OPTIONS``: ``--crops``, ``--encoder``, ``--exif-transpose``, ...) a
+scorer uses is declared by the code that reads them: the ``uses_options`` attribute of its runner class and of its
+preprocessing function (which receives those options as keyword arguments). ``ScorerSpec.options`` collects them,
+so the declaration cannot drift from what the code reads. An option a scorer does not use is refused when set
+(``check_options``), never silently ignored: a run that asked for 40 crops of a model that takes none would
+otherwise be recorded as if the request had been honoured.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
+
+
+@dataclass(frozen=True)
+class ScorerOption:
+    """A setting that only some scorers use.
+
+    Attributes:
+        name: The field of ``JobConfig`` (and ``ScorerConfig.options()``) that holds it; the flag is its
+            dashed form.
+        default: The value when it is not set; setting any other value for a scorer that does not use the
+            option is an error.
+        in_model_id: The ``model_id`` already names its effect (the depth weights, encoder and version), so the
+            job's run key need not; the other options change rows without changing ``model_id`` and enter the
+            run key.
+    """
+
+    name: str
+    default: object
+    in_model_id: bool = False
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--depth-input-size``."""
+        return "--" + self.name.replace("_", "-")
+
+
+# Defaults are PreprocessConfig's and JobConfig's (a test holds them equal); models never import the pipeline.
+SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
+    ScorerOption("depth_weights", None, in_model_id=True),
+    ScorerOption("encoder", "auto", in_model_id=True),
+    ScorerOption("depth_version", "v1", in_model_id=True),
+    ScorerOption("crops", 20),
+    ScorerOption("depth_input_size", 518),
+    ScorerOption("draft_decode", False),
+    ScorerOption("exif_transpose", False),
+)}
 
 
 @dataclass(frozen=True)
@@ -52,6 +96,26 @@ class ScorerSpec:
     backbone: str = ""
     to_tensor: str = ""
     needs_depth: bool = False
+
+    @property
+    def options(self) -> frozenset[str]:
+        """Names of the ``SCORER_OPTIONS`` this scorer uses: those its runner and its preprocessing declare.
+
+        Raises:
+            RuntimeError: A part declares an option ``SCORER_OPTIONS`` does not know (a typo would otherwise make
+                the option look unused and refuse it).
+        """
+        declared = frozenset().union(*(getattr(resolve(ref), "uses_options", ())
+                                       for ref in (self.runner, self.preprocessing)))
+        unknown = declared - SCORER_OPTIONS.keys()
+        if unknown:
+            raise RuntimeError(f"scorer {self.name!r} declares unknown options {sorted(unknown)}")
+        return declared
+
+    @property
+    def preprocessing_options(self) -> frozenset[str]:
+        """The options its preprocessing function takes as keyword arguments."""
+        return frozenset(getattr(resolve(self.preprocessing), "uses_options", ()))
 
 
 def resolve(reference: str):
@@ -91,3 +155,56 @@ def get_scorer(name: str) -> ScorerSpec:
     if name not in specs:
         raise ValueError(f"unknown model {name!r}; models are {', '.join(specs)}")
     return specs[name]
+
+
+def check_options(model: str, given: Iterable[str]) -> None:
+    """Refuse options that were set but that ``model`` does not use.
+
+    Args:
+        model: A registered scorer name.
+        given: Names of ``SCORER_OPTIONS`` the user set (on the command line, or to a value other than the
+            default in a config).
+
+    Raises:
+        ValueError: One line naming the first such option, the model and the options the model does take.
+    """
+    given = sorted(given, key=list(SCORER_OPTIONS).index)
+    used = get_scorer(model).options if given else frozenset()
+    for name in given:
+        if name not in used:
+            own = [option.flag for option in SCORER_OPTIONS.values() if option.name in used]
+            takes = f"its own options are {', '.join(own)}" if own else "it has no model-specific options"
+            raise ValueError(f"{SCORER_OPTIONS[name].flag} is not used by --model {model} ({takes})")
+
+
+def changed_options(values: Mapping[str, object]) -> list[str]:
+    """The names among ``values`` (option name -> value) whose value is not the option's default."""
+    return [name for name, value in values.items() if value != SCORER_OPTIONS[name].default]
+
+
+def resolve_options(model: str, given: Mapping[str, object]) -> dict[str, object]:
+    """Check the options a command line set and fill in the defaults of the others.
+
+    Command lines give model-specific options a default of ``None``, so that an option given explicitly, even at
+    its default value, is told apart from one left out, and refused when ``model`` does not use it.
+
+    Args:
+        model: A registered scorer name.
+        given: Option name -> parsed value, ``None`` where the option was not given; names the command does
+            not offer may be left out.
+
+    Returns:
+        Every option of ``SCORER_OPTIONS`` with its value.
+
+    Raises:
+        ValueError: An option ``model`` does not use was given (see ``check_options``).
+    """
+    check_options(model, [name for name, value in given.items() if value is not None])
+    return {name: option.default if given.get(name) is None else given[name]
+            for name, option in SCORER_OPTIONS.items()}
+
+
+def used_by(name: str) -> str:
+    """The scorers that use an option, for help texts: ``dgiqa only`` or ``dgiqa, dpiqa-student``."""
+    users = [model for model, spec in _specs().items() if name in spec.options]
+    return f"{users[0]} only" if len(users) == 1 else ", ".join(users)
