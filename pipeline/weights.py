@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -73,18 +74,47 @@ def _looks_like_safetensors(data: bytes) -> bool:
     return len(data) > 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data)
 
 
+def _text_kind(data: bytes) -> str | None:
+    """``"JSON"``, ``"HTML or XML"`` or ``"text"`` when the file starts as text, else None."""
+    head = data[:512]
+    try:
+        text = head.decode("utf-8").lstrip("\ufeff \t\r\n")
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 32 and c not in "\t\r\n" for c in text):
+        return None
+    return "JSON" if text[:1] in "{[" else "HTML or XML" if text[:1] == "<" else "text"
+
+
+_BLOCKED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
+
+
 def _decode(data: bytes, path: str) -> Mapping:
+    """Tensors by key from a checkpoint's bytes; every failure is told in the user's terms, not torch's."""
+    size = f"{len(data)} bytes"
     if path.endswith(".safetensors") or _looks_like_safetensors(data):
         try:
             return load_safetensors_bytes(data)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise WeightsError(f"{path} is not a readable safetensors file: {exc}") from None
+        except Exception:  # noqa: BLE001 - re-raised with the file named
+            raise WeightsError(f"{path} is not a readable safetensors file ({size}): its header or tensors are "
+                               "damaged or cut short; copy it again") from None
+    text = _text_kind(data)
+    if text:
+        raise WeightsError(f"{path} is {text}, not a checkpoint ({size}); weights are a .pth/.pt/.bin or "
+                           ".safetensors file saved by PyTorch") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = str(exc)
+        if data[:4] == b"PK\x03\x04" and "Weights only load failed" not in message:
+            raise WeightsError(f"{path} is a damaged or truncated PyTorch checkpoint ({size}); copy it again") \
+                from None
+        blocked = _BLOCKED_GLOBAL.search(message)
+        what = f" ({blocked.group(1)})" if blocked else ""
         raise WeightsError(f"{path} is not a readable PyTorch weights file (loaded with weights_only=True, "
-                           f"which refuses pickled code): {first_line}") from None
+                           f"which refuses pickled code): it holds Python objects other than tensors{what}, or "
+                           f"is no checkpoint at all ({size}); nothing in it ran. Save the model's state_dict() "
+                           "or use .safetensors") from None
 
 
 def _unwrap(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
