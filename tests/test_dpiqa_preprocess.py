@@ -154,6 +154,18 @@ def test_exif_orientation_is_applied_on_request(sideways_jpeg):
     assert array[-200:, :, 2].mean() > 200 and array[-200:, :, 0].mean() < 50
 
 
+def test_the_scorer_config_carries_the_exif_option_to_the_students_preprocessing(sideways_jpeg):
+    # The road every scored image takes (CLI, actors): registry -> prepare_item -> prepare_for_scoring.
+    from pipeline.scorer import ScorerConfig, prepare_item
+
+    plain, upright = (prepare_item(sideways_jpeg, ScorerConfig(weights="w", model="dpiqa-student", exif_transpose=on))
+                      for on in (False, True))
+    assert (plain.height, plain.width, upright.height, upright.width) == (40, 80, 80, 40)
+    np.testing.assert_array_equal(plain.pixels, prepare_dpiqa(sideways_jpeg)[0])
+    np.testing.assert_array_equal(upright.pixels,
+                                  prepare_dpiqa(sideways_jpeg, DpiqaPreprocessConfig(exif_transpose=True))[0])
+
+
 def test_animated_image_gives_its_first_frame():
     frames = [Image.new("RGB", (32, 32), color) for color in ((255, 0, 0), (0, 0, 255))]
     buffer = io.BytesIO()

@@ -1,6 +1,8 @@
 """Selections over a multi-night output written by the job's own writer: pruning, latest per image, formats."""
 
 import datetime as dt
+import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +232,36 @@ def test_dgiqa_filter_prints_csv_to_stdout_without_out(scores_output, capsys):
                   "uri,score"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == '"uri","score"' and len(lines) == 4
+
+
+def _top_of_model_b(scores_output) -> tuple[list[str], pa.Table]:
+    """``dgiqa filter`` arguments of a small selection, and the selection itself."""
+    expected, _ = select(open_scores(str(scores_output)), ScoreFilter(model_id=MODEL_B, top=0.02),
+                         columns=["uri", "score"])
+    return ["filter", str(scores_output), "--model-id", MODEL_B, "--top", "0.02", "--columns", "uri,score"], expected
+
+
+def test_dgiqa_filter_writes_jsonl_to_stdout_with_format(scores_output, capsys):
+    args, expected = _top_of_model_b(scores_output)
+    assert dgiqa([*args, "--format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["uri"] for r in rows] == expected.column("uri").to_pylist() and len(rows) == 3
+    # Scores are float32: the JSON's digits give back the very same float32.
+    assert np.array_equal(np.float32([r["score"] for r in rows]), expected.column("score").to_numpy())
+
+
+def test_dgiqa_filter_writes_parquet_to_a_redirected_stdout(scores_output, capsysbinary):
+    args, expected = _top_of_model_b(scores_output)
+    assert dgiqa([*args, "--format", "parquet"]) == 0
+    assert pq.read_table(io.BytesIO(capsysbinary.readouterr().out)).equals(expected)
+
+
+def test_dgiqa_filter_refuses_parquet_on_a_terminal(scores_output, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert dgiqa(["filter", str(scores_output), "--format", "parquet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [
+        "dgiqa: error: --format parquet writes binary data: use --out FILE.parquet or redirect standard output"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

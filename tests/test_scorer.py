@@ -143,3 +143,31 @@ def test_fused_and_explicit_attention_give_the_same_scores(checkpoints, photo_pa
     assert max(map_levels) <= 1  # uint8 depth maps: at most a rounding level apart
     print(f"\nsdpa vs math attention: max |delta score| = {max(deltas):.1e}, depth maps within {max(map_levels)} "
           "level(s)")
+
+
+def test_scorer_options_defaults_are_the_configs_defaults():
+    import dataclasses
+
+    from pipeline.job import JobConfig
+    from pipeline.models.registry import SCORER_OPTIONS, get_scorer, scorer_names
+
+    job_defaults = {f.name: f.default for f in dataclasses.fields(JobConfig)}
+    assert {name: job_defaults[name] for name in SCORER_OPTIONS} == {n: o.default for n, o in SCORER_OPTIONS.items()}
+    config = ScorerConfig(weights="w", depth_weights=None, model="dpiqa-student")
+    assert config.options() == {n: o.default for n, o in SCORER_OPTIONS.items()}
+    # Every option is some scorer's, and each scorer's are known ones (ScorerSpec.options checks the names).
+    assert set().union(*(get_scorer(name).options for name in scorer_names())) == set(SCORER_OPTIONS)
+
+
+@pytest.mark.parametrize(("model", "kwargs", "flag"), [
+    ("dpiqa-student", {"depth_weights": "d.pth"}, "--depth-weights"),
+    ("dpiqa-student", {"encoder": "vits"}, "--encoder"),
+    ("dpiqa-student", {"depth_version": "v2"}, "--depth-version"),
+    ("dpiqa-student", {"preprocess": PreprocessConfig(num_crops=3)}, "--crops"),
+    ("dpiqa-student", {"preprocess": PreprocessConfig(depth_lower_bound=70)}, "--depth-input-size"),
+    ("dpiqa-student", {"preprocess": PreprocessConfig(draft=True)}, "--draft-decode"),
+    ("dgiqa", {"depth_weights": "d.pth", "exif_transpose": True}, "--exif-transpose"),
+])
+def test_a_config_setting_an_option_its_scorer_does_not_use_is_refused(model, kwargs, flag):
+    with pytest.raises(ValueError, match=f"^{flag} is not used by --model {model} "):
+        ScorerConfig(weights="w", model=model, **kwargs)

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,23 @@ def test_prepared_pixels_round_trip():
     item = PreparedPixels(np.arange(12, dtype=np.uint8).reshape(2, 2, 3), 7, 9)
     again = PreparedPixels.from_arrays(item.to_arrays(), 7, 9)
     assert np.array_equal(again.pixels, item.pixels) and (again.height, again.width) == (7, 9)
+
+
+# Scores of the same pixels on two paths agree to 1e-5 (above); a setting that changes the pixels a score sees
+# must move it by far more than that to count as a change.
+EXIF_CHANGE = 1e-2
+
+
+def test_exif_transpose_flag_scores_a_rotated_photo_upright(student, capsys):
+    # Stored 300x451 with the EXIF tag "rotate 90 degrees to view": squashed to 512x512 sideways or upright.
+    photo = str(Path(__file__).parent / "data" / "chelsea_exif_rotated.jpg")
+    rows = []
+    for flag in ([], ["--exif-transpose"]):
+        code = dgiqa(["score", "--model", "dpiqa-student", "--weights", str(student), "--device", "cpu", "--json",
+                      photo, *flag])
+        assert code == 0
+        rows.append(json.loads(capsys.readouterr().out))
+    sideways, upright = rows
+    assert (sideways["width"], sideways["height"], upright["width"], upright["height"]) == (300, 451, 451, 300)
+    # Measured with the random test weights: 0.605 sideways, 0.795 upright.
+    assert abs(upright["score"] - sideways["score"]) > EXIF_CHANGE
