@@ -330,6 +330,9 @@ def test_checkpoints_are_published_layout_state_dicts_that_dgiqa_score_loads(tra
 def test_unreadable_images_are_skipped_and_counted(trained):
     assert trained.summary["images"] == {"labelled": 34, "usable": 32, "skipped": 2,
                                          "skipped_reasons": {"corrupt": 1, "missing": 1}}
+    # By default images may be read from the --images-prefix only, at most 256 MiB each.
+    assert trained.summary["allowed_prefixes"] == [f"file://{trained.config.labels.images_prefix}/"]
+    assert trained.summary["max_bytes"] == 256 * 2**20 and trained.summary["depth_cache"]["rejected"] == 0
 
 
 def test_depth_maps_are_computed_once_and_reused_by_reruns(trained):
@@ -353,13 +356,15 @@ def test_an_output_holding_other_settings_is_refused(trained, dataset, checkpoin
 def test_a_step_scores_mirrored_crops_and_leaves_frozen_backbones_alone(trained):
     from dataclasses import replace
 
-    from pipeline.train_data import DepthCache, DepthMapper
+    from pipeline.allowlist import Allowlist
+    from pipeline.train_data import DepthCache, DepthMapper, ImageAccess
 
     config = trained.config
     recipe = replace(config.recipe, consistency_weight=0.1, batch_size=2)
     uris, targets = _held_out(config)
     cache = DepthCache(config.cache_root, trained.summary["depth_model"], recipe.preprocess())
-    found = DepthMapper(weights=None, cache=cache).run(uris[:2])  # cached: no depth model needed
+    access = ImageAccess(Allowlist([config.labels.images_prefix]))
+    found = DepthMapper(weights=None, cache=cache, access=access).run(uris[:2])  # cached: no depth model needed
     assert [r["status"] for r in found] == ["cached", "cached"]
     items = [(r["uri"], t, r["depth_path"]) for r, t in zip(found, targets, strict=False)]
     model = build_dgiqa()
@@ -367,7 +372,7 @@ def test_a_step_scores_mirrored_crops_and_leaves_frozen_backbones_alone(trained)
     optimizer, _ = make_optimizer(model, recipe)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = WorkerPlan(folder="unused", split=0, recipe=recipe, train_items=items, val_items=[], label_map={},
-                      settings={}, sidecar={}, resources=config.resources)
+                      settings={}, sidecar={}, resources=config.resources, access=access)
     result = _train_epoch(model, model, optimizer, plan, epoch=1, rank=0, world=1, device=torch.device("cpu"))
     assert result["train_crops"] == 2 and result["train_consistency"] > 0
     after = model.state_dict()
