@@ -31,7 +31,7 @@ from pipeline.allowlist import Allowlist, redact_uri
 from pipeline.manifest import ManifestReader, open_manifest
 from pipeline.models.registry import SCORER_OPTIONS, changed_options, check_options, get_scorer
 from pipeline.objects import DEFAULT_MAX_BYTES
-from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, output_schema
+from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, check_writable, output_schema
 from pipeline.plan import Plan, PlannerConfig, make_plan
 from pipeline.preprocess import PreprocessConfig
 from pipeline.resources import PeakRss, peak_rss_bytes, rss_bytes
@@ -359,6 +359,7 @@ def run_job(config: JobConfig) -> dict:
     finished and still writes each row once (see ``pipeline.output``).
 
     Raises:
+        OutputError: The output cannot be written (checked first, before the manifest and the weights).
         ManifestError: The manifest cannot be used.
         WeightsError: The weights cannot be used (checked before any work), or they changed under the scoring
             actors during the run (nothing was committed).
@@ -366,6 +367,7 @@ def run_job(config: JobConfig) -> dict:
     """
     started = time.monotonic()
     run_date = config.run_date or dt.datetime.now(dt.UTC).date().isoformat()
+    check_writable(config.output, config.storage_options)  # before the weights: seconds, not minutes
     reader = open_manifest(config.manifest, config.storage_options)
     allowlist = Allowlist(config.allow_prefixes or (reader.home,))
     info = check_models(config.scorer_config())

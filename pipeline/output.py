@@ -119,6 +119,55 @@ def write_parquet_atomically(fs: fsspec.AbstractFileSystem, path: str, table: pa
         pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd")
 
 
+class OutputError(ValueError):
+    """An output location that cannot be written; the message names it, why, and what to do."""
+
+
+_OUTPUT_REASONS = {
+    FileNotFoundError: "a folder on its path does not exist or cannot be created",
+    NotADirectoryError: "a part of its path is a file, not a folder",
+    IsADirectoryError: "it is a folder, where a file is expected",
+    PermissionError: "permission denied",
+}
+
+
+def check_writable(uri: str, storage_options: Mapping | None = None, *, flag: str = "--output",
+                   folder: bool = True) -> None:
+    """Make sure a command can write where it was told, before it reads weights or data.
+
+    A folder output (the job's, training's) is created and a probe object written into it and removed; a file
+    output (a report page, a selection) must not be a folder, and its folder is probed the same way. On an
+    object store the probe is one small PUT and DELETE, so a missing bucket, a wrong endpoint or a read-only
+    role fail here and not after minutes of reading weights.
+
+    Raises:
+        OutputError: One line: the flag, the URI (redacted), why, and that nothing was read.
+    """
+    from pipeline.allowlist import redact_text, redact_uri
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        path = path.rstrip("/") or "/"
+        if folder and fs.isfile(path):
+            raise OutputError(f"{flag} {redact_uri(uri)} is a file; give a folder (or bucket prefix)")
+        if not folder and fs.isdir(path):
+            raise OutputError(f"{flag} {redact_uri(uri)} is a folder; give a file name")
+        target = path if folder else posixpath.dirname(path) or "."
+        if is_local(fs):
+            fs.makedirs(target, exist_ok=True)  # (s3fs would create a missing bucket: a typo must not do that)
+        probe = posixpath.join(target, f".dgiqa-probe-{uuid.uuid4().hex}")
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except OutputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any backend's failure, told in one line
+        reason = next((text for kind, text in _OUTPUT_REASONS.items() if isinstance(exc, kind)), None)
+        if isinstance(exc, FileNotFoundError) and "://" in uri and not uri.startswith("file:"):
+            reason = "its bucket or container does not exist"
+        reason = reason or redact_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise OutputError(f"cannot write to {flag} {redact_uri(uri)}: {reason}") from None
+
+
 class RunOutput:
     """Where one run's rows go: shards in staging, then one committed part file and a summary.
 

@@ -9,8 +9,10 @@ import pytest
 
 from pipeline.output import (
     RESULT_SCHEMA,
+    OutputError,
     RunOutput,
     atomic_target,
+    check_writable,
     extra_column_names,
     iter_done_rows,
     output_schema,
@@ -134,3 +136,36 @@ def test_atomic_target_replaces_whole_files_or_keeps_the_old_one(tmp_path):
         fs.pipe_file(target, b"new")
         assert fs.cat_file(path) == b"old"  # readers still see the old file until the block ends
     assert fs.cat_file(path) == b"new" and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
+@pytest.mark.parametrize(("where", "folder", "expected"), [
+    ("/proc/dgiqa-out", True, "cannot write to --output /proc/dgiqa-out: a folder on its path does not exist"),
+    ("{tmp}/file.txt/out", True, "a part of its path is a file, not a folder"),
+    ("{tmp}/file.txt", True, r"is a file; give a folder \(or bucket prefix\)"),
+    ("{tmp}", False, "is a folder; give a file name"),
+    ("{tmp}/readonly/out", True, "permission denied"),
+    ("/sys/dgiqa-out", True, "permission denied"),  # refused to root too (sysfs)
+])
+def test_an_unwritable_output_is_one_line_naming_flag_place_and_reason(tmp_path, where, folder, expected):
+    import os
+    import re
+
+    (tmp_path / "file.txt").write_text("not a folder")
+    (tmp_path / "readonly").mkdir(mode=0o555)
+    if os.geteuid() == 0 and "readonly" in where:
+        pytest.skip("running as root: a read-only folder is writable to root, so permission cannot be denied")
+    with pytest.raises(OutputError) as caught:
+        check_writable(where.format(tmp=tmp_path), folder=folder)
+    assert re.search(expected, str(caught.value)) and "\n" not in str(caught.value)
+
+
+def test_a_writable_output_is_created_and_the_probe_leaves_nothing(tmp_path):
+    check_writable(str(tmp_path / "a" / "b"))
+    check_writable(str(tmp_path / "page" / "report.html"), folder=False, flag="--html")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "page"]
+
+
+def test_a_missing_bucket_is_found_before_anything_is_read(s3):
+    _, options = s3
+    with pytest.raises(OutputError, match="cannot write to --output s3://no-such-bucket/scores: "):
+        check_writable("s3://no-such-bucket/scores", options)

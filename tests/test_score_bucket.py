@@ -137,3 +137,20 @@ def test_help_says_which_model_uses_each_option(capsys):
         _job_script().main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(dgiqa only; 20)" in text and "dpiqa-student only: dgiqa always applies it" in text
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("/proc/dgiqa-out", "cannot write to --output /proc/dgiqa-out: a folder on its path does not exist"),
+    ("README.md/out", "cannot write to --output README.md/out: a part of its path is a file, not a folder"),
+    ("README.md", r"--output README.md is a file; give a folder"),
+])
+def test_an_unwritable_output_is_found_before_the_manifest_and_the_weights(output, expected, capsys, monkeypatch):
+    """Nothing named by --manifest or --weights exists here: the output is what the run must stop at first."""
+    import re
+
+    monkeypatch.chdir(SCRIPT.parents[1])
+    code = _job_script().main(["--manifest", "/nonexistent/m.csv", "--output", output,
+                               "--weights", "/nonexistent/w.pth", "--depth-weights", "/nonexistent/d.pth"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and re.search(expected, err[0]), err
+    assert not (SCRIPT.parents[1] / "README.md" / "out").exists()
