@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
 register_heif_opener()  # HEIC/HEIF photos (phones); AVIF is built into Pillow
@@ -89,22 +89,66 @@ class PreprocessConfig:
             raise ValueError("max_pixels and min_side must be positive and max_aspect at least 1")
 
 
+# Pixels per horizontal band when an image is converted or resized band by band: a few MiB per band whatever the
+# image's size, and few enough Python steps (about 200 for 100 megapixels) to cost nothing measurable.
+_BAND_PIXELS = 1 << 19
+
+
+def _band_rows(width: int) -> int:
+    return max(1, _BAND_PIXELS // width)
+
+
+def _bands(height: int, width: int) -> range:
+    return range(0, height, _band_rows(width))
+
+
 def _to_uint8_rgb(im: Image.Image) -> np.ndarray:
+    """The ``(H, W, 3)`` uint8 RGB array of a loaded Pillow image, filled band by band.
+
+    Whole-image conversions would hold the image three times at once: ``np.asarray`` goes through ``tobytes``,
+    which keeps the encoded chunks and their joined copy, beside Pillow's own 4-byte-per-pixel pixels (and
+    ``convert`` adds a fourth). Band by band, only Pillow's pixels and the result are full-size. Every step is per
+    pixel, so the numbers are those of the whole-image conversion.
+    """
+    width, height = im.size
     mode = im.mode
+    rgb = np.empty((height, width, 3), np.uint8)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # cv2.imread keeps the high byte of 16-bit samples; 32-bit integer images are read as 16-bit data.
-        arr = np.asarray(im).astype(np.uint32)
-        gray = np.clip(arr, 0, 65535) >> 8
-        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
-    if mode == "F":
-        arr = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
-        gray = np.clip(arr * scale, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if mode != "RGB":
-        # Alpha is dropped, not composited, as cv2.imread(IMREAD_COLOR) does; palettes are expanded.
-        im = im.convert("RGB")
-    return np.asarray(im)
+        def convert(band: Image.Image) -> np.ndarray:
+            # cv2.imread keeps the high byte of 16-bit samples; 32-bit integer images are read as 16-bit data.
+            return (np.clip(np.asarray(band).astype(np.uint32), 0, 65535) >> 8).astype(np.uint8)[..., None]
+    elif mode == "F":
+        def floats(band: Image.Image) -> np.ndarray:
+            return np.nan_to_num(np.asarray(band, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+        peak = max(float(floats(im.crop((0, top, width, top + _band_rows(width)))).max())
+                   for top in _bands(height, width))
+        scale = np.float32(255.0 if peak <= 1.0 else 1.0)
+
+        def convert(band: Image.Image) -> np.ndarray:
+            return np.clip(floats(band) * scale, 0, 255).astype(np.uint8)[..., None]
+    elif mode == "RGB":
+        convert = np.asarray
+    else:
+        def convert(band: Image.Image) -> np.ndarray:
+            # Alpha is dropped, not composited, as cv2.imread(IMREAD_COLOR) does; palettes are expanded.
+            return np.asarray(band.convert("RGB"))
+    for top in _bands(height, width):
+        bottom = min(top + _band_rows(width), height)
+        rgb[top:bottom] = convert(im.crop((0, top, width, bottom)))
+    return rgb
+
+
+# What ImageOps.exif_transpose does to each EXIF orientation, as numpy views (one copy makes them contiguous).
+_ORIENT = {
+    2: lambda a: a[:, ::-1],                      # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],                   # ROTATE_180
+    4: lambda a: a[::-1],                         # FLIP_TOP_BOTTOM
+    5: lambda a: a.transpose(1, 0, 2),            # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),                 # ROTATE_270 (counter-clockwise, as Pillow counts)
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),                  # ROTATE_90
+}
 
 
 def decode_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
@@ -179,27 +223,35 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndarray, int, int]:
+    """Decode, convert and orient one image, holding at most Pillow's pixels and one RGB array at a time.
+
+    The orientation is applied to the RGB array after Pillow's pixels are released, rather than by
+    ``ImageOps.exif_transpose`` on the Pillow image (which would keep both Pillow images and then the array).
+    """
     im = open_image(data, config.max_pixels)
     width, height = im.size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.seek(0)
-            transposed = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             drafted = draft and im.format == "JPEG" and min(width, height) >= config.min_side
             if drafted:
                 im.draft(im.mode, _draft_request(im, config))
             im.load()
-            oriented = ImageOps.exif_transpose(im)
-            rgb = _to_uint8_rgb(oriented)
+            rgb = _to_uint8_rgb(im)
     except Exception as exc:  # noqa: BLE001 - truncated data, bad EXIF, decoder errors
         raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
+    finally:
+        im.close()
+    if orientation in _ORIENT:
+        rgb = np.ascontiguousarray(_ORIENT[orientation](rgb))
     if not drafted:
         height, width = rgb.shape[:2]
-    elif transposed:
+    elif orientation in _TRANSPOSING_ORIENTATIONS:
         height, width = width, height
     check_size(height, width, config)
-    return np.ascontiguousarray(rgb), height, width
+    return rgb, height, width
 
 
 def check_size(height: int, width: int, config: PreprocessConfig) -> None:
@@ -231,22 +283,49 @@ def depth_model_input(rgb: np.ndarray, config: PreprocessConfig = PreprocessConf
                       size: tuple[int, int] | None = None) -> torch.Tensor:
     """The ``(3, h, w)`` float32 input of Depth Anything for an ``(H, W, 3)`` uint8 RGB image.
 
-    The published code scales and resizes in float64; ``config.reference`` does the same. The default does it
-    in float32, which halves the memory and time of this step on large photos and moves the input by about
-    1e-7 (well inside the score tolerance the tests pin). ``size`` is the full image's ``(height, width)``
-    when ``rgb`` was decoded smaller.
+    The published code scales and resizes in float64, a copy of 24 bytes per pixel; ``config.reference`` does
+    the same. The default does it in float32, band by band (``_bicubic_in_bands``), so its memory stays a small
+    fraction of the image's own, and its input is within about 2e-6 of the float64 one (normalised units; an
+    8-bit level is about 0.017). ``size`` is the full image's ``(height, width)`` when ``rgb`` was decoded smaller.
     """
     new_h, new_w = depth_input_size(*(size or rgb.shape[:2]), config)
     if config.reference:
         resized = cv2.resize(rgb / 255.0, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
         normalized = (resized - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
         return torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)).astype(np.float32))
-    scaled = rgb.astype(np.float32)
-    scaled *= np.float32(1 / 255)
-    resized = cv2.resize(scaled, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    resized = _bicubic_in_bands(rgb, new_h, new_w)
     resized -= np.array(IMAGENET_MEAN, np.float32)
     resized /= np.array(IMAGENET_STD, np.float32)
     return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
+def _bicubic_in_bands(rgb: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """RGB/255 in float32, resized with OpenCV bicubic to ``(new_h, new_w)``, without a float copy of the image.
+
+    OpenCV's bicubic resize is separable: it resizes each source row to the new width, then combines four of
+    those rows for each output row. So each band of rows is converted to float32 and resized to the new width
+    alone (its rows come out exactly as in a whole-image resize: the unchanged height has weights 0, 1, 0, 0),
+    and a height-only resize of the ``(H, new_w)`` result finishes. A 100-megapixel photo then needs a float
+    intermediate of about 0.7 bytes per pixel instead of a 12-byte-per-pixel float copy, with the same numbers as
+    a whole-image float32 resize by OpenCV's own code.
+
+    OpenCV's Intel IPP resize is turned off for these calls (in this thread only, and restored): it rounds
+    float32 bicubic to about 2e-5 of the pixel range (normalised, up to 8e-4 on noise, 1e-4 on photos from the
+    float64 reference), and its bands would not add up to its whole image; OpenCV's own code stays within about
+    2e-6 of the published float64 numbers.
+    """
+    height = rgb.shape[0]
+    narrow = np.empty((height, new_w, 3), np.float32)
+    use_ipp = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        for top in _bands(*rgb.shape[:2]):
+            band = rgb[top:top + _band_rows(rgb.shape[1])].astype(np.float32)
+            band *= np.float32(1 / 255)
+            narrow[top:top + len(band)] = cv2.resize(band, (new_w, len(band)), interpolation=cv2.INTER_CUBIC)
+        return cv2.resize(narrow, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    finally:
+        cv2.ipp.setUseIPP(use_ipp)
 
 
 def depth_to_map(depth: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -376,6 +455,35 @@ def prepare_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig()) ->
     """
     rgb, height, width = decode_for_scoring(data, config)
     return prepare_image(rgb, config, (height, width))
+
+
+# Bytes per pixel held while decoding: Pillow's pixels (4 bytes for RGB, at most 4 for any mode) and the RGB array
+# (3); a progressive JPEG's coefficients (2 bytes per sample: 3 per pixel at 4:2:0, 6 at 4:4:4) exist only while
+# Pillow's pixels are being filled, before the RGB array, so they fit in the same 7 + 3 at 4:4:4. See
+# bench/results_preprocess_memory.json for what each format measures.
+_DECODE_BYTES_PER_PIXEL = 10
+# Band buffers, the model inputs, OpenCV's and the allocator's working memory: measured well under this.
+_PEAK_OVERHEAD_BYTES = 16 << 20
+
+
+def preprocess_peak_bytes(max_pixels: int, config: PreprocessConfig = PreprocessConfig()) -> int:
+    """An upper bound of the memory ``prepare_bytes`` adds while preparing an image of ``max_pixels`` pixels.
+
+    For sizing what runs many decodes side by side: a Ray task's ``memory`` or a pool's thread count. The
+    encoded bytes themselves are not counted (the caller holds them), nor ``config.reference``'s float64 copy.
+    The larger of two moments: decoding (Pillow's pixels beside the RGB array, ``_DECODE_BYTES_PER_PIXEL``) and
+    the depth-input resize (the RGB array beside the float32 ``(H, new_w)`` intermediate of
+    ``_bicubic_in_bands``, at most 12 bytes x the depth input's short side x the image's long side, which
+    ``max_aspect`` bounds), plus a constant.
+
+    Args:
+        max_pixels: Pixels of the largest image to be prepared, usually ``config.max_pixels``.
+        config: The depth input's lower bound and multiple, and ``max_aspect``.
+    """
+    long_side = math.sqrt(max_pixels * config.max_aspect)
+    intermediate = 12 * (config.depth_lower_bound + config.depth_multiple) * long_side
+    peak = max(_DECODE_BYTES_PER_PIXEL * max_pixels, 3 * max_pixels + intermediate)
+    return int(peak) + _PEAK_OVERHEAD_BYTES
 
 
 def quality_inputs(rgb_small: np.ndarray, depth_map: np.ndarray,
