@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.io
 
-from pipeline.labels import LabelError, join_uri, read_labels
+from pipeline.allowlist import Allowlist, RejectedURI
+from pipeline.labels import LabelError, Labels, absolute_uri, default_allow_prefixes, join_uri, read_labels
 
 KONIQ_COLUMNS = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD", "MOS_zscore"]
 
@@ -118,6 +119,9 @@ def test_live_challenge_drops_the_training_images_and_defaults_to_images_folder(
     assert len(kept) == 12
     from_mat = read_labels(str(root / "Data" / "AllMOS_release.mat"), "live-challenge")
     assert from_mat.table.equals(labels.table)
+    # Images may be read from where the names were joined: the dataset's Images/ folder, or the prefix given.
+    assert default_allow_prefixes(labels) == default_allow_prefixes(from_mat) == (f"{root}/Images",)
+    assert default_allow_prefixes(kept) == ("s3://b/live/Images/",)
 
 
 def test_live_challenge_errors(tmp_path):
@@ -238,3 +242,23 @@ def _write_live_memory(fs):
         buffer = io.BytesIO()
         scipy.io.savemat(buffer, {var: value})
         fs.pipe(f"/live/Data/{var}.mat", buffer.getvalue())
+
+
+def test_names_are_joined_without_resolving_dot_segments_so_the_allowlist_refuses_them(tmp_path):
+    """A label file's ``..`` after the images prefix (or in a relative path) reaches the allowlist as written."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("uri,mos\nok.png,1\n../../etc/passwd,2\nfile:///etc/passwd,3\ns3://other/x.png,4\n")
+    read = read_labels(str(labels), "generic", "/data/set")
+    uris = read.table.column("uri").to_pylist()
+    assert uris == ["/data/set/ok.png", "/data/set/../../etc/passwd", "file:///etc/passwd", "s3://other/x.png"]
+    allowlist = Allowlist(default_allow_prefixes(read))
+    assert allowlist.check(uris[0]) == "file:///data/set/ok.png"
+    for uri, reason in zip(uris[1:], ["'.' or '..' path segments", "outside", "outside"], strict=True):
+        with pytest.raises(RejectedURI, match=reason):
+            allowlist.check(uri)
+    # Without an images prefix: the label file's folder; a relative path is made absolute, its dots kept.
+    plain = read_labels(str(labels), "generic")
+    assert default_allow_prefixes(plain) == (str(tmp_path),)
+    on_s3 = Labels(read.table, True, "s3://b/sets/a/labels.csv", "generic", "mos")
+    assert default_allow_prefixes(on_s3) == ("s3://b/sets/a/",)
+    assert absolute_uri("../x.png").endswith("/../x.png") and absolute_uri("s3://b/x") == "s3://b/x"
