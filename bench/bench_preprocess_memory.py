@@ -49,12 +49,13 @@ from pipeline.preprocess import (
 )
 from pipeline.sample import synthetic_photo
 
-# Formats measured at every size after the first only for "jpeg": the others show what decoding adds per format.
+# Every format is measured at the first size; later sizes take --large-formats (a camera's JPEG, upright and turned).
 FORMATS = {
     "jpeg": {"format": "JPEG", "quality": 90},
     "jpeg-exif6": {"format": "JPEG", "quality": 90, "orientation": 6},
     "jpeg-progressive-444": {"format": "JPEG", "quality": 95, "progressive": True, "subsampling": 0},
     "png": {"format": "PNG", "compress_level": 1},
+    "webp": {"format": "WEBP", "quality": 90},
 }
 
 
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["4000x3000", "11547x8660"], help="WIDTHxHEIGHT")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS),
-                        help="formats measured at the first size (later sizes: jpeg only)")
+                        help="formats measured at the first size")
+    parser.add_argument("--large-formats", nargs="+", default=["jpeg", "jpeg-exif6"], choices=list(FORMATS),
+                        help="formats measured at the later sizes")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", help="JSON file for the results")
     parser.add_argument("--measure", nargs=2, metavar=("VARIANT", "PATH"), help=argparse.SUPPRESS)
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             width, height = map(int, size.split("x"))
             pixels = width * height
             bound = preprocess_peak_bytes(pixels)
-            for kind in args.formats if index == 0 else ["jpeg"]:
+            for kind in args.formats if index == 0 else args.large_formats:
                 path = os.path.join(folder, f"{size}.{kind}")
                 _child("--generate", str(width), str(height), kind, path)
                 for variant in args.variants:

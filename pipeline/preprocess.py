@@ -139,15 +139,16 @@ def _to_uint8_rgb(im: Image.Image) -> np.ndarray:
     return rgb
 
 
-# What ImageOps.exif_transpose does to each EXIF orientation, as numpy views (one copy makes them contiguous).
+# What ImageOps.exif_transpose does to each EXIF orientation, on the RGB array: one copy each (OpenCV's are ten
+# times faster than numpy's strided copies for the turns; TRANSVERSE, rare, takes numpy's single copy).
 _ORIENT = {
-    2: lambda a: a[:, ::-1],                      # FLIP_LEFT_RIGHT
-    3: lambda a: a[::-1, ::-1],                   # ROTATE_180
-    4: lambda a: a[::-1],                         # FLIP_TOP_BOTTOM
-    5: lambda a: a.transpose(1, 0, 2),            # TRANSPOSE
-    6: lambda a: np.rot90(a, -1),                 # ROTATE_270 (counter-clockwise, as Pillow counts)
-    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
-    8: lambda a: np.rot90(a, 1),                  # ROTATE_90
+    2: lambda a: cv2.flip(a, 1),                                    # FLIP_LEFT_RIGHT
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),                     # ROTATE_180
+    4: lambda a: cv2.flip(a, 0),                                    # FLIP_TOP_BOTTOM
+    5: cv2.transpose,                                               # TRANSPOSE
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),            # ROTATE_270 (counter-clockwise, as Pillow)
+    7: lambda a: np.ascontiguousarray(a[::-1, ::-1].transpose(1, 0, 2)),  # TRANSVERSE
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),     # ROTATE_90
 }
 
 
@@ -245,7 +246,7 @@ def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndar
     finally:
         im.close()
     if orientation in _ORIENT:
-        rgb = np.ascontiguousarray(_ORIENT[orientation](rgb))
+        rgb = _ORIENT[orientation](rgb)
     if not drafted:
         height, width = rgb.shape[:2]
     elif orientation in _TRANSPOSING_ORIENTATIONS:
@@ -457,12 +458,11 @@ def prepare_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig()) ->
     return prepare_image(rgb, config, (height, width))
 
 
-# Bytes per pixel held while decoding: Pillow's pixels (4 bytes for RGB, at most 4 for any mode) and the RGB array
-# (3); a progressive JPEG's coefficients (2 bytes per sample: 3 per pixel at 4:2:0, 6 at 4:4:4) exist only while
-# Pillow's pixels are being filled, before the RGB array, so they fit in the same 7 + 3 at 4:4:4. See
-# bench/results_preprocess_memory.json for what each format measures.
+# Bytes per pixel held while decoding: Pillow's pixels (4 for RGB, at most 4 for any mode) and the RGB array (3),
+# or, while a progressive JPEG loads, Pillow's pixels and the JPEG's coefficients (2 bytes per sample: 3 per pixel
+# at 4:2:0, 6 at 4:4:4). Measured: 7.1 (baseline JPEG, PNG) and 10.0 (progressive 4:4:4 JPEG).
 _DECODE_BYTES_PER_PIXEL = 10
-# Band buffers, the model inputs, OpenCV's and the allocator's working memory: measured well under this.
+# Band buffers, the model inputs, OpenCV's and the allocator's working memory: measured about 10 MiB.
 _PEAK_OVERHEAD_BYTES = 16 << 20
 
 
@@ -474,7 +474,9 @@ def preprocess_peak_bytes(max_pixels: int, config: PreprocessConfig = Preprocess
     The larger of two moments: decoding (Pillow's pixels beside the RGB array, ``_DECODE_BYTES_PER_PIXEL``) and
     the depth-input resize (the RGB array beside the float32 ``(H, new_w)`` intermediate of
     ``_bicubic_in_bands``, at most 12 bytes x the depth input's short side x the image's long side, which
-    ``max_aspect`` bounds), plus a constant.
+    ``max_aspect`` bounds), plus a constant. It holds for JPEG (baseline and progressive) and PNG, as
+    ``bench/bench_preprocess_memory.py`` measures; WebP exceeds it (16.5 bytes per pixel measured: Pillow's WebP
+    plugin keeps libwebp's canvas and a bytes copy of the pixels beside its own until the image is dropped).
 
     Args:
         max_pixels: Pixels of the largest image to be prepared, usually ``config.max_pixels``.
