@@ -17,6 +17,7 @@ import json
 import logging
 import posixpath
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from pipeline.models.registry import SCORER_OPTIONS, changed_options, check_opti
 from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, check_writable, output_schema
 from pipeline.plan import Plan, PlannerConfig, make_plan
-from pipeline.preprocess import PreprocessConfig
+from pipeline.preprocess import PreprocessConfig, preprocess_peak_bytes
 from pipeline.resources import PeakRss, peak_rss_bytes, rss_bytes
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
 from pipeline.stages import WEIGHTS_CHANGED
@@ -135,9 +136,11 @@ def _cluster_plan(config: JobConfig) -> tuple[float, float, tuple[int, int]]:
 
 
 class _Progress:
-    def __init__(self, total: int, every_s: float):
+    """Progress lines; the rate counts from the run's start, as the summary's ``images_per_s`` does."""
+
+    def __init__(self, total: int, every_s: float, started: float):
         self.total, self.every_s = total, every_s
-        self.start = self.last = time.monotonic()
+        self.start, self.last = started, time.monotonic()
         self.done = self.errors = 0
 
     def update(self, done: int, errors: int) -> None:
@@ -164,6 +167,9 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
                 cpus, _batch_size(config, gpus))
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 1800 if gpus else 600
+    # Ray Data's progress bars on a terminal; in a log (a Ray job, a CronJob) the job's own progress lines say
+    # the same every --log-every seconds, where Ray Data would add a ten-line block every ten seconds.
+    ctx.enable_progress_bars = sys.stderr.isatty()
     # An actor that dies in __init__ is replaced at most twice in a row, then the run fails (Ray re-raises the
     # actor's error). A transient death (a node lost while loading) is survived; an actor that refuses its
     # weights (changed since the driver checked them) ends the run in seconds, not after wait_for_min_actors_s.
@@ -173,14 +179,16 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
     ds = ray.data.from_items([{"path": p} for p in plan_files], override_num_blocks=len(plan_files))
     # Reading and decoding run in CPU tasks, never fused into the scoring actor: on a GPU node the GPU must not
     # wait for a decode, nor the next decode for the GPU, and on CPU nodes the decode tasks use the CPUs the
-    # actors leave free. Ray fuses a task into a following actor when their resources happen to match (one
-    # CPU each, as on a 2-core machine) unless an operator computes its resources per task, as this one does
-    # (the same CPU every time). The job reports the operators Ray ran (``ray_operators`` in the summary).
+    # actors leave free. Each decode task reserves the memory one image at --max-pixels may take while it is
+    # prepared (``preprocess_peak_bytes``), so Ray never starts more decodes on a node than its memory holds;
+    # that reservation also keeps Ray from fusing the task into the actor (it fuses operators only when their
+    # resources match, as one CPU each would on a 2-core machine). The job reports the operators Ray ran
+    # (``ray_operators`` in the summary).
     ds = ds.map_batches(prepare_plan_files, batch_format="pyarrow", batch_size=1,
                         fn_kwargs={"config": config.scorer_config(), "fs": fs, "batch_size": batch,
                                    "storage_options": dict(config.storage_options), "allowlist": allowlist,
                                    "max_bytes": config.max_bytes},
-                        ray_remote_args_fn=_decode_task_resources)
+                        num_cpus=1, memory=_decode_task_memory(config))
     ds = ds.map_batches(
         config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=batch,
         fn_constructor_kwargs={"config": config.scorer_config(), "expected_model_id": info.model_id,
@@ -197,9 +205,19 @@ def _batch_size(config: JobConfig, gpus: float) -> int:
     return config.batch_size or (16 if gpus else 8)
 
 
-def _decode_task_resources() -> dict:
-    """Each read-and-decode task's resources: one CPU (see ``_scored_stream`` for why this is a function)."""
-    return {"num_cpus": 1}
+def _quiet_ray_logs() -> None:
+    """Turn down Ray's lines that ask nothing of the user; Ray's errors and other warnings still show.
+
+    The token-authentication notice (a local Ray started by the job keeps token authentication on, as Ray's
+    default) and Ray Data's "progress bars disabled" notice (the job turns them off outside a terminal).
+    """
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _decode_task_memory(config: JobConfig) -> int:
+    """Bytes a decode task reserves: one image at ``max_pixels`` being prepared, plus its encoded bytes."""
+    return preprocess_peak_bytes(config.max_pixels) + min(config.max_bytes, 2 * config.max_pixels)
 
 
 def _operator_names(stats: str) -> list[str]:
@@ -411,11 +429,12 @@ def _run_plan(config: JobConfig, reader: ManifestReader, allowlist: Allowlist, i
         import ray
 
         if not ray.is_initialized():
+            _quiet_ray_logs()
             ray.init(ignore_reinit_error=True)
         cluster = _cluster_plan(config)
         block = _block_rows(to_score, _batch_size(config, cluster[0]))
         plan_files = _write_plan_files(out, plan.rows(scored=True, skip_shards=finished), block)
-        progress = _Progress(to_score, config.log_every_s)
+        progress = _Progress(to_score, config.log_every_s, started)
         try:
             for batch in _scored_stream(config, plan_files, out.fs, info, cluster, allowlist, operators):
                 rows = _result_rows(batch, info, run_id, scored_at, schema)
