@@ -55,8 +55,16 @@ from pipeline.argtypes import byte_size, iso_date, json_object, non_negative_int
 from pipeline.models import depth_anything as da
 from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import PARTITION, STATUS_ERROR, STATUS_OK, STATUS_REJECTED, STATUSES
-from pipeline.preprocess import PreparedImage, PreprocessConfig, decode_image, depth_to_map, prepare_image
+from pipeline.preprocess import (
+    PreparedImage,
+    PreprocessConfig,
+    decode_image,
+    depth_to_map,
+    prepare_image,
+    preprocess_peak_bytes,
+)
 from pipeline.query import open_scores
+from pipeline.resources import available_memory_bytes
 from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, read_depth_weights, resolve_device
 from pipeline.stages import read_image_bytes
 
@@ -64,7 +72,7 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 THUMBNAIL_PX = 192
 HISTOGRAM_BINS = 20
 ERROR_GROUPS_SHOWN = 25
-FETCH_THREADS = 8  # object reads wait on the network; decoding releases the GIL
+FETCH_THREADS = 8  # at most: object reads wait on the network; decoding releases the GIL
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -381,6 +389,20 @@ def _depth_uri(model: nn.Module, device: torch.device, prepared: PreparedImage) 
     return _data_uri(Image.fromarray(depth_to_map(depth, prepared.height, prepared.width)))  # uint8 (H, W): gray
 
 
+def fetch_threads(config: ReportConfig, max_bytes: int, available: int | None = None) -> int:
+    """Threads that read and decode thumbnails: up to ``FETCH_THREADS``, as many as half the free memory holds.
+
+    Each thread may hold one image at ``--max-pixels`` being decoded (``preprocess_peak_bytes``) and its encoded
+    bytes (at most ``--max-bytes``), so a report over 100-megapixel photos on a small machine decodes fewer at
+    once rather than running out of memory.
+    """
+    available = available_memory_bytes() if available is None else available
+    if available is None:
+        return FETCH_THREADS
+    per_image = preprocess_peak_bytes(config.preprocess.max_pixels, config.preprocess) + max_bytes
+    return max(1, min(FETCH_THREADS, available // 2 // per_image))
+
+
 def _tiles(rows: list[dict], config: ReportConfig, access: ThumbnailAccess,
            depth: tuple[nn.Module, torch.device] | None) -> list[Tile]:
     """A tile per row, in order; each image is read (and its depth map computed) once however often it is shown.
@@ -389,7 +411,7 @@ def _tiles(rows: list[dict], config: ReportConfig, access: ThumbnailAccess,
     """
     refusals = [access.refusal(row.get("run_id")) for row in rows]
     uris = sorted({row["uri"] for row, refusal in zip(rows, refusals, strict=True) if refusal is None})
-    with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
+    with concurrent.futures.ThreadPoolExecutor(fetch_threads(config, access.max_bytes)) as pool:
         fetched = dict(zip(uris, pool.map(lambda u: _fetch(u, config, access, depth is not None), uris),
                            strict=True))
     shown: dict[str, tuple[str | None, str | None, str]] = {}

@@ -17,6 +17,18 @@ def rss_bytes() -> int:
         return 0
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give without swapping (``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def peak_rss_bytes() -> int:
     """Largest resident memory of the current process since it started."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

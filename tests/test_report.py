@@ -656,3 +656,16 @@ def test_over_the_byte_limit_and_signed_urls_are_told_without_secrets(library, t
     assert "X-Amz-Signature=***" in page
     tile = parse(page).find_all("figure")[0]
     assert "not read: URI has a query or fragment" in tile.all_text()  # refused before any request
+
+
+def test_thumbnail_threads_fit_in_half_the_free_memory():
+    """A 100-megapixel image may take about 1 GiB while decoded: a small machine decodes fewer at once."""
+    from pipeline.objects import DEFAULT_MAX_BYTES
+    from pipeline.preprocess import preprocess_peak_bytes
+
+    config = report.ReportConfig("out")
+    per_image = preprocess_peak_bytes(config.preprocess.max_pixels) + DEFAULT_MAX_BYTES
+    assert per_image > 2**30  # the default pixel limit is what makes this matter
+    assert report.fetch_threads(config, DEFAULT_MAX_BYTES, available=64 * 2**30) == report.FETCH_THREADS
+    assert report.fetch_threads(config, DEFAULT_MAX_BYTES, available=6 * per_image) == 3
+    assert report.fetch_threads(config, DEFAULT_MAX_BYTES, available=2**20) == 1  # never none
