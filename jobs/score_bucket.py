@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
-from pipeline.allowlist import redact_uri  # noqa: E402
+from pipeline.allowlist import redact_text, redact_uri  # noqa: E402
 from pipeline.argtypes import byte_size, int_range, json_object, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("manifest %s -> output %s", redact_uri(config.manifest), redact_uri(config.output))
         summary = run_job(config)
     except (ManifestError, WeightsError, ValueError) as exc:
-        print(f"score_bucket.py: error: {exc}", file=sys.stderr)
+        print(f"score_bucket.py: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except JobError as exc:
-        print(f"score_bucket.py: run failed: {exc}", file=sys.stderr)
+        print(f"score_bucket.py: run failed: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
+from pipeline.allowlist import redact_text  # noqa: E402
 from pipeline.train import add_arguments, run_command  # noqa: E402
 
 PROG = "train_dgiqa.py"
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args, prog=PROG)
     except (ValueError, OSError) as exc:  # LabelError, WeightsError and bad settings are ValueErrors
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
 
 

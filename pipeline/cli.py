@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import evaluate, report, train
-from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, redact_uri
+from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, redact_text, redact_uri
 from pipeline.argtypes import byte_size, comma_list, float_pair, json_object, positive_int
 from pipeline.models.attention import ATTENTION_MODES
 from pipeline.models.registry import SCORER_OPTIONS, resolve_options, scorer_names, used_by
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, OSError) as exc:
         # WeightsError and config errors are ValueErrors: one line naming the problem, no traceback.
-        print(f"dgiqa: error: {exc}", file=sys.stderr)
+        print(f"dgiqa: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 

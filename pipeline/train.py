@@ -998,7 +998,7 @@ def run_command(args: argparse.Namespace, prog: str = "dgiqa") -> int:
     try:
         summary = run_training(config)
     except TrainError as exc:
-        print(f"{prog}: run failed: {exc}", file=sys.stderr)
+        print(f"{prog}: run failed: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_RUN_FAILED
     print(json.dumps(summary, indent=2, sort_keys=True), flush=True)
     return 0

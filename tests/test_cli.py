@@ -119,3 +119,14 @@ def test_an_option_the_model_does_not_use_is_a_one_line_error(model, option, ima
     own = STUDENT_OWN if model == "dpiqa-student" else DGIQA_OWN
     assert code == 2 and captured.out == ""
     assert captured.err.splitlines() == [f"dgiqa: error: {option[0]} is not used by --model {model} {own}"]
+
+
+def test_a_signed_weights_url_is_redacted_in_the_error_line(checkpoints, images, capsys):
+    """The weights reader names the URI it could not read; the command's one line keeps the signature out."""
+    from pipeline.cli import main
+
+    signed = "http://127.0.0.1:9/w.pth?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=0123456789abcdef"
+    code = main(["score", images["good"], "--weights", signed, "--depth-weights", str(checkpoints["depth"])])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("dgiqa: error: ")
+    assert "0123456789abcdef" not in err and "AKIAEXAMPLE" not in err and "X-Amz-Signature=***" in err
