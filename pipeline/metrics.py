@@ -159,6 +159,8 @@ def fit_logistic(predictions: Sequence[float] | np.ndarray, labels: Sequence[flo
         tolerance: Relative tolerance of the fit (``ftol`` and ``xtol``); default scipy's.
     """
     x, y = np.asarray(predictions, dtype=float), np.asarray(labels, dtype=float)
+    if len(x) < 4:  # four parameters need four points (curve_fit refuses fewer)
+        return _linear(x, y, f"a four-parameter logistic needs at least 4 pairs, got {len(x)}: straight line used")
     line = _linear(x, y, "")
     line_sse = float(np.sum((line(x) - y) ** 2))
     if p0 is not None:

@@ -287,3 +287,12 @@ def test_separation_svg_is_well_formed_with_two_histograms_two_curves_and_a_lege
     assert f"high quality: n=200, mean {sep.high.mean:.3f}" in texts and "low quality: n=150" in texts
     assert f"overlap {sep.overlap:.3f}" in texts
     assert "http" not in separation_svg(high, low).replace("http://www.w3.org/2000/svg", "")
+
+
+def test_three_pairs_use_a_flagged_straight_line_rather_than_failing():
+    """``MIN_PAIRS`` is 3, but a four-parameter logistic needs four points: scipy would raise a TypeError."""
+    from pipeline.metrics import MIN_PAIRS, compute_metrics
+
+    result = compute_metrics([0.2, 0.5, 0.9], [30.0, 52.0, 80.0], bootstrap=0)
+    assert MIN_PAIRS == 3 and result.mapping.kind == "linear" and "at least 4 pairs, got 3" in result.mapping.message
+    assert result.srocc.value == pytest.approx(1.0)
