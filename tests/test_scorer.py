@@ -27,12 +27,15 @@ def test_score_is_mean_of_crop_scores_and_independent_of_batch(fast_scorer, phot
     together = fast_scorer.score_images(images)
     alone = [fast_scorer.score_images([img])[0] for img in images]
     reversed_order = fast_scorer.score_images(images[::-1])[::-1]
+    # Same-size depth inputs share a forward pass; its float rounding (which depends on the batch and on the
+    # machine's thread count) may move depth-map pixels by one level, so scores agree to rounding, not bit for
+    # bit: measured up to 2.1e-5. A row given another photo's crops or scores would be off by the spread below.
+    tolerance = 1e-4
     for a, b, c in zip(together, alone, reversed_order, strict=True):
-        # Same-size depth inputs share a forward pass; its float rounding may move a depth-map pixel by one
-        # level, so scores agree to 1e-5 rather than bit for bit.
-        assert a.score == pytest.approx(b.score, abs=1e-5) == pytest.approx(c.score, abs=1e-5)
-        assert a.score_std == pytest.approx(b.score_std, abs=1e-5)
-    assert len({round(r.score, 7) for r in together}) == 3  # different photos, different scores
+        assert a.score == pytest.approx(b.score, abs=tolerance) == pytest.approx(c.score, abs=tolerance)
+        assert a.score_std == pytest.approx(b.score_std, abs=tolerance)
+    scores = sorted(r.score for r in together)
+    assert min(b - a for a, b in zip(scores, scores[1:], strict=False)) > 100 * tolerance  # photos far apart
 
 
 def test_depth_map_varies_and_matches_image_size(fast_scorer, photo_paths):
