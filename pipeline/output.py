@@ -135,8 +135,9 @@ def check_writable(uri: str, storage_options: Mapping | None = None, *, flag: st
                    folder: bool = True) -> None:
     """Make sure a command can write where it was told, before it reads weights or data.
 
-    A folder output (the job's, training's) is created and a probe object written into it and removed; a file
-    output (a report page, a selection) must not be a folder, and its folder is probed the same way. On an
+    A folder output (the job's, training's) is created, a probe object written into it and removed, and the
+    folders made for the probe are removed again; a file output (a report page, a selection) must not be a
+    folder, and its folder is probed the same way. On an
     object store the probe is one small PUT and DELETE, so a missing bucket, a wrong endpoint or a read-only
     role fail here and not after minutes of reading weights.
 
@@ -153,11 +154,18 @@ def check_writable(uri: str, storage_options: Mapping | None = None, *, flag: st
         if not folder and fs.isdir(path):
             raise OutputError(f"{flag} {redact_uri(uri)} is a folder; give a file name")
         target = path if folder else posixpath.dirname(path) or "."
-        if is_local(fs):
-            fs.makedirs(target, exist_ok=True)  # (s3fs would create a missing bucket: a typo must not do that)
+        created = []
+        if is_local(fs):  # (s3fs would create a missing bucket: a typo must not do that)
+            missing = target
+            while missing not in ("", "/") and not fs.exists(missing):
+                created.append(missing)
+                missing = posixpath.dirname(missing)
+            fs.makedirs(target, exist_ok=True)
         probe = posixpath.join(target, f".dgiqa-probe-{uuid.uuid4().hex}")
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
+        for folder_made in created:  # leave no trace: the command creates them when it writes
+            fs.rmdir(folder_made)
     except OutputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend's failure, told in one line

@@ -162,7 +162,10 @@ def test_an_unwritable_output_is_one_line_naming_flag_place_and_reason(tmp_path,
 def test_a_writable_output_is_created_and_the_probe_leaves_nothing(tmp_path):
     check_writable(str(tmp_path / "a" / "b"))
     check_writable(str(tmp_path / "page" / "report.html"), folder=False, flag="--html")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "page"]
+    assert list(tmp_path.iterdir()) == []  # the folders made to probe are gone again
+    (tmp_path / "existing").mkdir()
+    check_writable(str(tmp_path / "existing"))
+    assert [p.name for p in tmp_path.rglob("*")] == ["existing"]
 
 
 def test_a_missing_bucket_is_found_before_anything_is_read(s3):
