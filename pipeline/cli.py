@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import sys
 from collections.abc import Sequence
@@ -53,7 +54,8 @@ def _score_command(args: argparse.Namespace) -> int:
         row = {"uri": uri, "score": None, "score_std": None, "num_crops": None, "width": None, "height": None,
                "status": "ok", "error": None, "model_id": scorer.model_id}
         try:
-            data = read_image_bytes(uri, args.storage_options, allowlist=allowlist, max_bytes=args.max_bytes)
+            data = read_image_bytes(_absolute(uri), args.storage_options, allowlist=allowlist,
+                                    max_bytes=args.max_bytes)
             result = scorer.score_bytes(data)
             row.update(score=result.score, score_std=result.score_std, num_crops=result.num_crops,
                        width=result.width, height=result.height)
@@ -73,6 +75,15 @@ def _score_command(args: argparse.Namespace) -> int:
     return EXIT_IMAGE_FAILED if failed else 0
 
 
+def _absolute(uri: str) -> str:
+    """A local path on the command line as the user means it: relative to the current folder, ``..`` resolved.
+
+    The command line is the user's own request, so its ``..`` is taken as the shell would; URIs are kept as
+    given and pass the allowlist's rules (no ``..``, no ``::``).
+    """
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def _folders_of(uris: Sequence[str]) -> list[str]:
     """The default allowlist of ``dgiqa score``: the folder or prefix of each image the user named.
 
@@ -82,7 +93,7 @@ def _folders_of(uris: Sequence[str]) -> list[str]:
     folders = []
     for uri in uris:
         try:
-            folders.append(posixpath.dirname(normalize_prefix(uri).rstrip("/")) + "/")
+            folders.append(posixpath.dirname(normalize_prefix(_absolute(uri)).rstrip("/")) + "/")
         except RejectedURI:
             continue
     return folders or ["/nonexistent-allowlist/"]

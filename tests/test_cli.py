@@ -58,6 +58,13 @@ def test_score_plain_output_and_exit_code_zero(checkpoints, images):
                 "--depth-weights", str(checkpoints["depth"]), "--crops", "1", "--encoder", "vits")
     assert math.returncode == 0, math.stderr
     assert abs(float(math.stdout.strip().split("\t")[1]) - float(score)) <= 1e-5
+    # Paths as a user types them, relative to the current folder (``..`` included): the same image, the same score.
+    folder = Path(images["good"]).parent
+    relative = _run("score", Path(images["good"]).name, f"../{folder.name}/{Path(images['good']).name}",
+                    "--weights", str(checkpoints["dgiqa"]), "--depth-weights", str(checkpoints["depth"]),
+                    "--crops", "1", "--encoder", "vits", cwd=folder)
+    assert relative.returncode == 0, relative.stdout + relative.stderr
+    assert [line.split("\t")[1] for line in relative.stdout.splitlines()] == [score, score]
 
 
 @pytest.mark.parametrize(("args", "message"), [
