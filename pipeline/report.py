@@ -54,7 +54,7 @@ from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
 from pipeline.argtypes import byte_size, iso_date, json_object, non_negative_int
 from pipeline.models import depth_anything as da
 from pipeline.objects import DEFAULT_MAX_BYTES
-from pipeline.output import PARTITION, STATUS_ERROR, STATUS_OK, STATUS_REJECTED, STATUSES
+from pipeline.output import PARTITION, STATUS_ERROR, STATUS_OK, STATUS_REJECTED, STATUSES, check_writable
 from pipeline.preprocess import (
     PreparedImage,
     PreprocessConfig,
@@ -92,7 +92,8 @@ class ReportConfig:
         date_to: Last partition of a range (inclusive); alone, the range starts at the oldest partition.
             With no date at all, the newest partition (holding rows of ``model_id``, if given) is reported.
         model_id: Only rows of this model; default all, and the page says when there are several.
-        thumbnails: Lowest- and highest-scoring ``ok`` images shown, each; 0 reads no image at all.
+        thumbnails: Lowest- and highest-scoring ``ok`` images shown, each; 0 reads no image at all. With fewer
+            than twice as many ``ok`` rows, each is shown once in one grid (two would repeat the same images).
         depth_weights: Depth Anything checkpoint URI; when given, each thumbnail has its depth map beside it.
         encoder: Depth Anything encoder, or ``auto`` to read it from the checkpoint.
         depth_version: ``v1`` or ``v2``, as the scores were made with.
@@ -283,7 +284,7 @@ def _scores_by_date(dataset: pads.Dataset, ok_filter: pc.Expression, dates: Sequ
 
 @dataclass(frozen=True)
 class Tile:
-    """One thumbnail of the lowest/highest grids, or the reason there is none.
+    """One thumbnail of a grid (lowest, highest, or all), or the reason there is none.
 
     Attributes:
         uri: The image's URI.
@@ -431,25 +432,40 @@ def _tiles(rows: list[dict], config: ReportConfig, access: ThumbnailAccess,
     return tiles
 
 
-def _extremes(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarray,
-              n: int) -> tuple[list[dict], list[dict]]:
-    """The ``n`` lowest (ascending) and ``n`` highest (descending) ``ok`` rows; ties broken by URI.
+@dataclass(frozen=True)
+class TileGrid:
+    """One grid of thumbnails on the page: its element id, heading, an optional note, and its rows in order."""
 
-    Only rows at or beyond the two threshold scores are read, which the score-sorted part files' row-group
-    statistics mostly answer without reading the rest.
+    css_id: str
+    title: str
+    rows: list[dict]
+    note: str = ""
+
+
+def _thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarray, n: int) -> list[TileGrid]:
+    """The ``n`` lowest (ascending) and ``n`` highest (descending) ``ok`` rows, or all of them in one grid.
+
+    With fewer than ``2 n`` rows the two grids would overlap (three images would fill both), so every row is
+    shown once, lowest score first, in one grid that says why. Rows are in one order (score, then URI, then run
+    date), so the two grids never share a row. Only rows at or beyond the two threshold scores are read, which
+    the score-sorted part files' row-group statistics mostly answer without reading the rest.
     """
     if n == 0 or scores.size == 0:
-        return [], []
-    n = min(n, scores.size)
+        return []
     ordered = np.sort(scores)
-    low, high = float(ordered[n - 1]), float(ordered[-n])
+    low, high = float(ordered[min(n, scores.size) - 1]), float(ordered[-min(n, scores.size)])
     score = pc.field("score")
     table = dataset.to_table(columns=["uri", "score", "model_id", "run_id", PARTITION],
                              filter=ok_filter & ((score <= low) | (score >= high)))
-    rows = [r for r in table.to_pylist() if np.isfinite(r["score"])]
-    lowest = sorted(rows, key=lambda r: (r["score"], r["uri"], r[PARTITION]))[:n]
-    highest = sorted(rows, key=lambda r: (-r["score"], r["uri"], r[PARTITION]))[:n]
-    return lowest, highest
+    rows = sorted((r for r in table.to_pylist() if np.isfinite(r["score"])),
+                  key=lambda r: (r["score"], r["uri"], r[PARTITION]))
+    if len(rows) < 2 * n:
+        noun = "image" if len(rows) == 1 else "images"
+        return [TileGrid("all-ok", f"All {len(rows)} ok {noun}, lowest score first", rows,
+                         f"Fewer than 2 × {n} (--thumbnails) ok images, so each is shown once, in one grid, "
+                         "instead of in a lowest and a highest grid.")]
+    return [TileGrid("lowest", f"Lowest {n} scores", rows[:n]),
+            TileGrid("highest", f"Highest {n} scores", rows[-n:][::-1])]
 
 
 def _run_summaries(config: ReportConfig, dates: Sequence[str]) -> list[dict]:
@@ -484,7 +500,7 @@ STYLE = """
 * { box-sizing: border-box; }
 body { font: 14px/1.45 system-ui, sans-serif; color: var(--ink); margin: 0 auto; padding: 24px; max-width: 1280px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
-.muted, .meta { color: var(--muted); } .meta code { word-break: break-all; }
+.muted, .meta { color: var(--muted); }
 .notice { border-left: 4px solid var(--rejected); background: #fff7e6; padding: 8px 12px; margin: 12px 0; }
 .cards { display: flex; gap: 12px; flex-wrap: wrap; margin: 16px 0; }
 .card { border: 1px solid var(--line); border-radius: 6px; padding: 10px 16px; min-width: 120px; }
@@ -492,8 +508,10 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8p
 .card.ok .n { color: var(--ok); } .card.error .n { color: var(--error); } .card.rejected .n { color: var(--rejected); }
 table { border-collapse: collapse; margin: 8px 0; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th, .date, code.id, td.n { white-space: nowrap; }
+.scroll { overflow-x: auto; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
-code { font-size: 12px; word-break: break-all; }
+code { font-size: 12px; } code.uri { overflow-wrap: anywhere; }
 svg.chart { max-width: 100%; height: auto; display: block; margin: 8px 0; }
 svg .bar { fill: var(--bar); } svg .quartiles { fill: #c9d4f0; stroke: var(--bar); }
 svg .median { stroke: var(--ink); stroke-width: 2; } svg .whisker { stroke: var(--bar); }
@@ -506,7 +524,7 @@ figure.tile { margin: 0; border: 1px solid var(--line); border-radius: 6px; padd
 .pics { display: flex; gap: 6px; align-items: flex-start; min-height: 96px; }
 .pics img { max-width: 192px; max-height: 192px; }
 .placeholder { width: 192px; height: 144px; background: #f0f1f4; color: var(--error); padding: 10px;
-               font-size: 12px; overflow: hidden; word-break: break-word; }
+               font-size: 12px; overflow: hidden; overflow-wrap: anywhere; }
 figcaption { margin-top: 6px; font-size: 12px; } figcaption .score { font-weight: 600; font-size: 14px; }
 """
 
@@ -526,33 +544,52 @@ def _counts_section(counts: Mapping[tuple[str, str, str], int], several_models: 
     statuses = list(STATUSES) + sorted({s for c in by_key.values() for s in c} - set(STATUSES))
     head = (["<th>model id</th>"] if several_models else []) + ["<th>run date</th>"]
     head += [f'<th class="n">{_e(s)}</th>' for s in statuses] + ['<th class="n">total</th>']
-    out = ["<h2>Rows by run date and status</h2>", '<table class="counts">', f"<tr>{''.join(head)}</tr>"]
+    out = ["<h2>Rows by run date and status</h2>", '<div class="scroll"><table class="counts">',
+           f"<tr>{''.join(head)}</tr>"]
     for (model, date), by_status in sorted(by_key.items()):
-        cells = [f"<td><code>{_e(model)}</code></td>"] if several_models else []
-        cells.append(f"<td>{_e(date)}</td>")
+        cells = [f'<td><code class="id">{_e(model)}</code></td>'] if several_models else []
+        cells.append(f'<td class="date">{_e(date)}</td>')
         cells += [f'<td class="n" data-status="{_e(s)}">{_num(by_status[s])}</td>' for s in statuses]
         cells.append(f'<td class="n" data-status="total">{_num(sum(by_status.values()))}</td>')
         out.append(f'<tr data-run-date="{_e(date)}" data-model-id="{_e(model)}">{"".join(cells)}</tr>')
-    out.append("</table>")
+    out.append("</table></div>")
     return out
 
 
 def _summaries_section(summaries: list[dict]) -> list[str]:
+    """The Runs table: one row per run that wrote rows; runs that wrote none are one count under it.
+
+    A nightly job rerun after a finished night writes nothing (every row was done before); listing each such
+    rerun as a "0 written" row would bury the runs that did the work.
+    """
     if not summaries:
         return []
-    out = ["<h2>Runs (from their summaries)</h2>", '<table class="summaries">',
-           "<tr><th>run date</th><th>run id</th><th>manifest</th><th class=\"n\">manifest rows</th>"
-           "<th class=\"n\">written</th><th class=\"n\">skipped (done before)</th><th>status counts</th>"
-           "<th class=\"n\">wall time s</th><th class=\"n\">images/s</th></tr>"]
-    for s in sorted(summaries, key=lambda s: (str(s.get(PARTITION)), str(s.get("run_id")))):
+    idle = [s for s in summaries if s.get("rows_written") == 0]
+    worked = [s for s in summaries if s.get("rows_written") != 0]
+    out = ["<h2>Runs (from their summaries)</h2>"]
+    if worked:
+        out += ['<div class="scroll"><table class="summaries">',
+                "<tr><th>run date</th><th>run id</th><th>manifest</th><th class=\"n\">manifest rows</th>"
+                "<th class=\"n\">written</th><th class=\"n\">skipped (done before)</th><th>status counts</th>"
+                "<th class=\"n\">wall time s</th><th class=\"n\">images/s</th></tr>"]
+    for s in sorted(worked, key=lambda s: (str(s.get(PARTITION)), str(s.get("run_id")))):
         counts = s.get("status_counts")
         counts_text = ", ".join(f"{k} {v}" for k, v in counts.items()) if isinstance(counts, dict) else counts
-        out.append(f'<tr class="summary"><td>{_e(s.get(PARTITION))}</td><td><code>{_e(s.get("run_id"))}</code></td>'
-                   f'<td><code>{_e(s.get("manifest"))}</code></td><td class="n">{_e(s.get("manifest_rows"))}</td>'
+        out.append(f'<tr class="summary"><td class="date">{_e(s.get(PARTITION))}</td>'
+                   f'<td><code class="id">{_e(s.get("run_id"))}</code></td>'
+                   f'<td><code class="uri">{_e(s.get("manifest"))}</code></td>'
+                   f'<td class="n">{_e(s.get("manifest_rows"))}</td>'
                    f'<td class="n">{_e(s.get("rows_written"))}</td>'
                    f'<td class="n">{_e(s.get("skipped_done_before"))}</td><td>{_e(counts_text)}</td>'
                    f'<td class="n">{_e(s.get("wall_time_s"))}</td><td class="n">{_e(s.get("images_per_s"))}</td></tr>')
-    out.append("</table>")
+    if worked:
+        out.append("</table></div>")
+    if idle:
+        runs = "1 run" if len(idle) == 1 else f"{len(idle)} runs"
+        dates = sorted(str(s.get(PARTITION)) for s in idle)
+        out.append(f'<p class="muted" id="runs-wrote-nothing" data-count="{len(idle)}">{runs} wrote nothing '
+                   f'(reruns that found every row done before, or empty manifests; {_e(_span(dates))}), '
+                   "not listed.</p>")
     return out
 
 
@@ -577,14 +614,14 @@ def _errors_section(groups: list[ErrorGroup]) -> list[str]:
     if not groups:
         return [*out, '<p class="muted">No error or rejected rows in this selection.</p>']
     out += ['<p class="muted">URIs, quoted values, hashes and numbers are replaced by placeholders, so one cause '
-            "is one line.</p>", '<table class="errors">',
+            "is one line.</p>", '<div class="scroll"><table class="errors">',
             '<tr><th class="n">rows</th><th>status</th><th>reason</th><th>example</th></tr>']
     for g in groups[:ERROR_GROUPS_SHOWN]:
         out.append(f'<tr class="reason" data-count="{g.count}" data-status="{_e(g.status)}">'
                    f'<td class="n">{_num(g.count)}</td><td>{_e(g.status)}</td><td class="reason-text">{_e(g.reason)}'
                    f'</td><td><code class="uri">{_e(g.example_uri)}</code><br><span class="muted">'
                    f"{_e(g.example_message)}</span></td></tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     if len(groups) > ERROR_GROUPS_SHOWN:
         rest = sum(g.count for g in groups[ERROR_GROUPS_SHOWN:])
         out.append(f'<p class="muted">{len(groups) - ERROR_GROUPS_SHOWN} more reasons, {_num(rest)} rows.</p>')
@@ -600,18 +637,19 @@ def _tile_html(tile: Tile, show_model: bool) -> str:
             pics += f'<img class="depth" src="{tile.depth}" alt="depth map">'
         elif tile.problem:
             pics += f'<div class="placeholder">{_e(tile.problem)}</div>'
-    model = f'<br><code class="model">{_e(tile.model_id)}</code>' if show_model else ""
+    model = f'<br><code class="model id">{_e(tile.model_id)}</code>' if show_model else ""
     return (f'<figure class="tile" data-uri="{_e(tile.uri)}" data-score="{tile.score:.6f}">'
             f'<div class="pics">{pics}</div><figcaption><span class="score">{tile.score:.4f}</span> '
-            f'<span class="muted">{_e(tile.run_date)}</span><br><code class="uri">{_e(tile.uri)}</code>{model}'
+            f'<span class="muted date">{_e(tile.run_date)}</span><br><code class="uri">{_e(tile.uri)}</code>{model}'
             "</figcaption></figure>")
 
 
-def _tiles_section(title: str, css_id: str, tiles: list[Tile], show_model: bool, with_depth: bool) -> list[str]:
+def _tiles_section(grid: TileGrid, tiles: list[Tile], show_model: bool, with_depth: bool) -> list[str]:
     if not tiles:
         return []
     grid_class = "grid-tiles with-depth" if with_depth else "grid-tiles"
-    return [f"<h2>{_e(title)}</h2>", f'<div class="{grid_class}" id="{css_id}">',
+    note = [f'<p class="muted" id="{grid.css_id}-note">{_e(grid.note)}</p>'] if grid.note else []
+    return [f"<h2>{_e(grid.title)}</h2>", *note, f'<div class="{grid_class}" id="{grid.css_id}">',
             *(_tile_html(tile, show_model) for tile in tiles), "</div>"]
 
 
@@ -647,25 +685,30 @@ def build_report(config: ReportConfig) -> str:
         totals[status] += n
     ok_filter = selection & (pc.field("status") == STATUS_OK) & pc.field("score").is_valid()
     scores = _scores_by_date(dataset, ok_filter, dates)
-    lowest, highest = _extremes(dataset, ok_filter, np.concatenate(list(scores.values())), config.thumbnails)
+    grids = _thumbnail_grids(dataset, ok_filter, np.concatenate(list(scores.values())), config.thumbnails)
     summaries = _run_summaries(config, dates)
-    tiles = _tiles(lowest + highest, config, thumbnail_access(config, summaries), depth) if lowest else []
+    shown = [row for grid in grids for row in grid.rows]
+    tiles = _tiles(shown, config, thumbnail_access(config, summaries), depth) if shown else []
     groups = _error_groups(dataset, selection & (pc.field("status") != STATUS_OK))
 
     several = len(model_ids) > 1
     where = redact_uri(config.output)
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     date_text = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]} ({len(dates)} run dates)"
-    body = [f"<h1>DGIQA scores: {_e(date_text)}</h1>",
-            f'<p class="meta">Output <code>{_e(where)}</code> · generated {_e(generated)}'
-            + (f" · model <code>{_e(config.model_id)}</code>" if config.model_id is not None else "") + "</p>"]
+    date_html = (f'<span class="date">{_e(dates[0])}</span>' if len(dates) == 1 else
+                 f'<span class="date">{_e(dates[0])}</span> to <span class="date">{_e(dates[-1])}</span> '
+                 f"({len(dates)} run dates)")
+    model_meta = f' · model <code class="id">{_e(config.model_id)}</code>' if config.model_id is not None else ""
+    body = [f"<h1>DGIQA scores: {date_html}</h1>",
+            f'<p class="meta">Output <code class="uri">{_e(where)}</code> · generated '
+            f'<span class="date">{_e(generated)}</span>{model_meta}</p>']
     if several:
         body.append(f'<div class="notice" id="several-models">{len(model_ids)} model ids in this selection: scores '
                     "of different models are not comparable, so rows are counted per model id; the charts and "
                     "thumbnails mix them (filter with --model-id). Models: "
-                    + ", ".join(f"<code>{_e(m)}</code>" for m in model_ids) + "</div>")
+                    + ", ".join(f'<code class="id">{_e(m)}</code>' for m in model_ids) + "</div>")
     elif model_ids:
-        body.append(f'<p class="meta">Model <code>{_e(model_ids[0])}</code></p>')
+        body.append(f'<p class="meta">Model <code class="id">{_e(model_ids[0])}</code></p>')
     body.append('<div class="cards">')
     body.append(f'<div class="card total"><span class="n">{_num(totals.total())}</span>rows</div>')
     for status in (STATUS_OK, STATUS_ERROR, STATUS_REJECTED):
@@ -682,8 +725,10 @@ def build_report(config: ReportConfig) -> str:
         body.append(f'<p class="meta" id="depth-model">Depth maps by <code>{_e(depth_label)}</code>, computed with '
                     f"the scoring preprocessing.{_e(note)}</p>")
     with_depth = depth is not None
-    body += _tiles_section(f"Lowest {len(lowest)} scores", "lowest", tiles[:len(lowest)], several, with_depth)
-    body += _tiles_section(f"Highest {len(highest)} scores", "highest", tiles[len(lowest):], several, with_depth)
+    start = 0
+    for grid in grids:
+        body += _tiles_section(grid, tiles[start:start + len(grid.rows)], several, with_depth)
+        start += len(grid.rows)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -700,11 +745,17 @@ def build_report(config: ReportConfig) -> str:
 
 
 def _report_command(args: argparse.Namespace) -> int:
+    """Check where the page goes, then build and write it.
+
+    An unwritable ``--html`` is an ``OutputError`` (one line, exit 2 in ``dgiqa``) before the output's rows are
+    read or any image fetched, not after minutes of reading.
+    """
     config = ReportConfig(output=args.output, run_date=args.run_date, date_from=args.date_from,
                           date_to=args.date_to, model_id=args.model_id, thumbnails=args.thumbnails,
                           depth_weights=args.depth_weights, encoder=args.encoder, depth_version=args.depth_version,
                           device=args.device, storage_options=args.storage_options,
                           allow_prefixes=tuple(args.allow_prefix), max_bytes=args.max_bytes)
+    check_writable(args.html, args.storage_options, flag="--html", folder=False)
     page = build_report(config)
     with fsspec.open(args.html, "w", encoding="utf-8", **args.storage_options) as f:
         f.write(page)
@@ -728,7 +779,8 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "the newest run date is reported")
     report.add_argument("--model-id", help="only rows of this model id (default: all)")
     report.add_argument("--thumbnails", type=non_negative_int, default=12, metavar="N",
-                        help="lowest- and highest-scoring images shown, each (%(default)s; 0 reads no image)")
+                        help="lowest- and highest-scoring images shown, each (%(default)s; 0 reads no image; "
+                             "with fewer than twice as many, all are shown once in one grid)")
     report.add_argument("--depth-weights", metavar="URI",
                         help="Depth Anything checkpoint: show each thumbnail's depth map beside it")
     report.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,

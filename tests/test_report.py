@@ -311,11 +311,12 @@ def test_every_ok_row_in_score_order_each_image_read_once(library, monkeypatch):
     tree = parse(report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=50,
                                                          allow_prefixes=library["allow"])))
     ok = sorted((r for r in library["rows"] if r["status"] == "ok"), key=lambda r: r["score"])
-    shown = [(t.attrs["data-uri"], float(t.attrs["data-score"])) for t in _tiles(tree, "lowest")]
-    assert shown == [(r["uri"], pytest.approx(r["score"])) for r in ok]
-    assert [t.attrs["data-uri"] for t in _tiles(tree, "highest")] == [r["uri"] for r in reversed(ok)]
-    img_0 = [t for t in _tiles(tree, "lowest") if t.attrs["data-uri"] == library["img"][0]]
-    assert [t.find_all("code", **{"class": "model"})[0].all_text() for t in img_0] == [MODEL_A, MODEL_B]
+    shown = [(t.attrs["data-uri"], float(t.attrs["data-score"])) for t in _tiles(tree, "all-ok")]
+    assert shown == [(r["uri"], pytest.approx(r["score"])) for r in ok]  # fewer than 2 x 50: each row once
+    assert not tree.find_all(id="lowest") and not tree.find_all(id="highest")
+    img_0 = [t for t in _tiles(tree, "all-ok") if t.attrs["data-uri"] == library["img"][0]]
+    models = [next(c for c in t.find_all("code") if "model" in c.classes()).all_text() for t in img_0]
+    assert models == [MODEL_A, MODEL_B]
     assert sorted(opened) == sorted({r["uri"] for r in ok})  # each image once, however often it is shown
 
 
@@ -456,13 +457,25 @@ window.addEventListener('load', () => {
     .filter(n => !n.startsWith('data:')));
   out.dataset.violations = JSON.stringify(violations);
   out.dataset.pwned = document.body.dataset.pwned || '';
+  const lines = el => {  // line boxes of an element's text: one per distinct top of its text's rectangles
+    const range = document.createRange();
+    range.selectNodeContents(el);
+    return new Set(Array.from(range.getClientRects()).filter(r => r.width > 0).map(r => Math.round(r.top))).size;
+  };
+  const oneLine = Array.from(document.querySelectorAll('th, .date, code.id'));
+  out.dataset.measured = oneLine.length;
+  out.dataset.wrapped = JSON.stringify(oneLine.filter(el => lines(el) > 1).map(el => el.textContent));
   document.body.appendChild(out);
 });
 """
 
 
-def render(page: str, folder: Path, expected_text=(), inject: str = "", policy: str = report.CSP) -> dict:
-    """Open a copy of ``page`` in headless Chromium with a checker script allowed by nonce; its findings."""
+def render(page: str, folder: Path, expected_text=(), inject: str = "", policy: str = report.CSP,
+           width: int = 1280) -> dict:
+    """Open a copy of ``page`` in headless Chromium with a checker script allowed by nonce; its findings.
+
+    ``width`` is the window's width in CSS pixels: a narrow one squeezes the tables, which is when text wraps.
+    """
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (CI installs Debian's chromium package); browser checks skipped")
     nonce = secrets.token_hex(12)
@@ -478,14 +491,15 @@ def render(page: str, folder: Path, expected_text=(), inject: str = "", policy: 
     path.write_text(copy, encoding="utf-8")
     profile = folder / f"profile-{nonce[:6]}"
     proc = subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", path.as_uri()],
+                           f"--user-data-dir={profile}", f"--window-size={width},900", "--virtual-time-budget=10000",
+                           "--dump-dom", path.as_uri()],
                           capture_output=True, text=True, timeout=120)
     results = parse(proc.stdout).find_all(id="checker-result")
     assert results, f"chromium gave no checker result (rc {proc.returncode}): {proc.stderr[-2000:]}"
     found = {k[5:]: v for k, v in results[0].attrs.items() if k.startswith("data-")}
-    for key in ("broken", "found", "requests", "violations"):
+    for key in ("broken", "found", "requests", "violations", "wrapped"):
         found[key] = json.loads(found[key])
-    for key in ("images", "loaded", "photos", "depths", "svgs", "scripts", "handlers"):
+    for key in ("images", "loaded", "photos", "depths", "svgs", "scripts", "handlers", "measured"):
         found[key] = int(found[key])
     return found
 
@@ -626,7 +640,7 @@ def test_thumbnails_are_read_only_under_the_prefixes_the_runs_recorded(library, 
     ok = sorted((r for r in library["rows"] if r["status"] == "ok"), key=lambda r: r["score"])
     night_one = {r["uri"] for r in ok if r["night"] == NIGHTS[0]}
     assert sorted(opened) == sorted(night_one)
-    tiles = _tiles(tree, "lowest")
+    tiles = _tiles(tree, "all-ok")
     assert [t.attrs["data-uri"] for t in tiles] == [r["uri"] for r in ok]
     for row, tile in zip(ok, tiles, strict=True):
         placeholder = tile.find_all("div", **{"class": "placeholder"})
@@ -669,3 +683,78 @@ def test_thumbnail_threads_fit_in_half_the_free_memory():
     assert report.fetch_threads(config, DEFAULT_MAX_BYTES, available=64 * 2**30) == report.FETCH_THREADS
     assert report.fetch_threads(config, DEFAULT_MAX_BYTES, available=6 * per_image) == 3
     assert report.fetch_threads(config, DEFAULT_MAX_BYTES, available=2**20) == 1  # never none
+
+
+@pytest.fixture(scope="module")
+def small_run(library, tmp_path_factory):
+    """A new user's first runs: one night, three ok images, the run that wrote them and three reruns that wrote
+    nothing; long ids and URIs, so a narrow window squeezes the tables. Returns the output and its page."""
+    out = tmp_path_factory.mktemp("small") / "scores"
+    night = NIGHTS[0]
+    part = out / f"run_date={night}"
+    part.mkdir(parents=True)
+    run_id = f"run-{night}T03:00:00Z-0123456789abcdef"
+    rows = [{**_row(library["img"][i], "ok", score), "run_id": run_id}
+            for i, score in [(1, 0.3), (2, 0.6), (3, 0.9)]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), part / "part-s.parquet")
+    manifest = "s3://a-rather-long-bucket-name/with/a/deep/prefix/of/manifests/manifest-2026-11-20.csv"
+    for k, written in enumerate([3, 0, 0, 0]):
+        summary = {"run_id": run_id if written else f"run-{night}T0{4 + k}:00:00Z-fedcba987654321{k}",
+                   "run_date": night, "model_id": MODEL_A, "manifest": manifest, "manifest_rows": 3,
+                   "rows_written": written, "skipped_done_before": 3 - written, "wall_time_s": 1.5,
+                   "status_counts": {"ok": written}, "images_per_s": 2.0}
+        (part / f"_summary-{k}.json").write_text(json.dumps(summary))
+    page = report.build_report(report.ReportConfig(str(out), thumbnails=3, allow_prefixes=library["allow"]))
+    return {"out": str(out), "page": page, "tree": parse(page)}
+
+
+@pytest.fixture(scope="module")
+def small_run_in_a_narrow_window(small_run, tmp_path_factory):
+    return render(small_run["page"], tmp_path_factory.mktemp("narrow"), expected_text=["3 runs wrote nothing"],
+                  width=420)
+
+
+def test_runs_that_wrote_nothing_are_one_count_not_rows(small_run, small_run_in_a_narrow_window):
+    tree = small_run["tree"]
+    runs = tree.find_all("tr", **{"class": "summary"})
+    assert len(runs) == 1 and "0123456789abcdef" in runs[0].all_text()
+    assert runs[0].find_all("td")[4].all_text() == "3"  # written: no "0 written" row
+    folded = tree.find_all(id="runs-wrote-nothing")
+    assert len(folded) == 1 and folded[0].all_text().startswith("3 runs wrote nothing")
+    assert "fedcba" not in tree.all_text()  # the reruns' ids are not listed
+    assert small_run_in_a_narrow_window["found"] == [True]  # on the rendered page
+
+
+def test_fewer_rows_than_two_grids_show_each_image_once_in_one_grid(library, small_run,
+                                                                    small_run_in_a_narrow_window):
+    tree = small_run["tree"]
+    assert not tree.find_all(id="lowest") and not tree.find_all(id="highest")
+    tiles = _tiles(tree, "all-ok")
+    assert [t.attrs["data-uri"] for t in tiles] == [library["img"][i] for i in (1, 2, 3)]
+    assert "All 3 ok images, lowest score first" in [h.all_text() for h in tree.find_all("h2")]
+    assert "each is shown once" in tree.find_all(id="all-ok-note")[0].all_text()
+    result = small_run_in_a_narrow_window
+    assert result["photos"] == 3 == result["loaded"] and not result["broken"]  # three images on the page, once
+
+
+def test_dates_ids_and_headers_do_not_wrap_in_a_narrow_window(small_run_in_a_narrow_window):
+    """Measured in Chromium at 420 px: every header, date and id is one line high; only URIs may break."""
+    result = small_run_in_a_narrow_window
+    assert result["measured"] >= 9 + 5 + 4  # Runs headers, counts headers, and the dates and ids
+    assert result["wrapped"] == []
+
+
+@pytest.mark.parametrize("where", ["/proc/report.html", "folder"])
+def test_unwritable_page_fails_in_one_line_before_anything_is_read(library, tmp_path, monkeypatch, capsys, where):
+    from pipeline import cli
+
+    html = str(tmp_path) if where == "folder" else where
+    calls = []
+    monkeypatch.setattr(report, "open_scores", lambda *a, **k: calls.append(("open_scores", a)))
+    monkeypatch.setattr(report, "read_image_bytes", lambda *a, **k: calls.append(("read_image_bytes", a)))
+    code = cli.main(["report", library["out"], "--html", html, "--allow-prefix", library["allow"][0]])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == []
+    assert len(err.splitlines()) == 1 and err.startswith("dgiqa: error: ")
+    assert "--html" in err and html in err
+    assert ("a folder; give a file name" if where == "folder" else "does not exist or cannot be created") in err
