@@ -20,12 +20,10 @@ import cv2
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-import ray
 import torch
 from PIL import Image
 
 from pipeline.cli import main as dgiqa
-from pipeline.job import JobConfig, run_job
 from pipeline.preprocess import PreprocessConfig, prepare_bytes
 from pipeline.sample import synthetic_photo
 from pipeline.scorer import Scorer, ScorerConfig
@@ -171,6 +169,8 @@ def test_dgiqa_score_prints_the_published_scores(checkpoints, tmp_path, capsys):
 
 @pytest.fixture()
 def local_ray():
+    import ray  # here, not at the top: tests/test_gpu.py imports this module on machines without Ray
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     yield
@@ -180,6 +180,8 @@ def local_ray():
 @pytest.mark.slow
 def test_the_ray_job_writes_the_published_scores(local_ray, checkpoints, tmp_path):
     """Decoded in Ray tasks, three images a batch in the scoring actor, written and read back as Parquet."""
+    from pipeline.job import JobConfig, run_job
+
     bucket = tmp_path / "bucket"
     bucket.mkdir()
     for name in SMALL:

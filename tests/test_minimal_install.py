@@ -1,0 +1,57 @@
+"""The scorer without the job's packages: ``dgiqa score`` in a fresh interpreter where Ray, s3fs, DuckDB,
+aiohttp and pillow-heif cannot be imported, as on a bare GPU machine with only torch, timm and OpenCV."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.sample import synthetic_photo
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKED = ("ray", "s3fs", "duckdb", "aiohttp", "pillow_heif")
+RUNNER = f"""
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} is not installed on this machine (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, Block())
+from pipeline.cli import main
+code = main(sys.argv[1:])
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_dgiqa_score_runs_where_ray_s3fs_duckdb_and_pillow_heif_are_missing(checkpoints, photo_paths, tmp_path):
+    import pillow_heif
+
+    heic = tmp_path / "phone.heic"
+    pillow_heif.from_pillow(Image.fromarray(synthetic_photo(120, 160, seed=3))).save(str(heic))
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(synthetic_photo(120, 160, seed=4)).save(jpeg, "JPEG")
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, "score", str(photo_paths[0]), str(jpeg), str(heic), "--json", "--crops", "1",
+         "--weights", str(checkpoints["dgiqa"]), "--depth-weights", str(checkpoints["depth"]), "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the HEIC photo failed, the others were scored
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"], proc.stderr[-3000:]
+    assert 0 < rows[0]["score"] < 1 and 0 < rows[1]["score"] < 1
+    assert rows[2]["error"] == "a HEIC/HEIF image, and pillow-heif is not installed here"
+    assert "LOADED []" in proc.stderr  # none of the blocked packages was needed
+
+
+def test_the_gpu_tests_and_the_scoring_benchmark_import_without_the_jobs_packages():
+    """What a bare GPU machine runs from the source tree: tests/test_gpu.py and bench/bench_scoring.py."""
+    check = RUNNER.split("from pipeline.cli import main")[0] + "import tests.test_gpu, bench.bench_scoring\n" \
+        + "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in " + repr(BLOCKED) + "))\n"
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0 and "LOADED []" in proc.stdout, proc.stderr[-3000:]
