@@ -172,6 +172,12 @@ def check_writable(uri: str, storage_options: Mapping | None = None, *, flag: st
         reason = next((text for kind, text in _OUTPUT_REASONS.items() if isinstance(exc, kind)), None)
         if isinstance(exc, FileNotFoundError) and "://" in uri and not uri.startswith("file:"):
             reason = "its bucket or container does not exist"
+        elif isinstance(exc, FileNotFoundError):
+            existing = posixpath.dirname(uri.removeprefix("file://").rstrip("/")) or "/"
+            while existing not in ("", "/") and not posixpath.isdir(existing):
+                existing = posixpath.dirname(existing)
+            reason = (f"a folder on its path does not exist, and none can be created under {existing or '/'} "
+                      "(a read-only or virtual file system?)")
         reason = reason or redact_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
         raise OutputError(f"cannot write to {flag} {redact_uri(uri)}: {reason}") from None
 
