@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,26 @@ def s3(s3_server):
     for bucket in fs.ls(""):
         fs.rm(bucket, recursive=True)
     fs.invalidate_cache()
+
+
+@contextlib.contextmanager
+def local_ray_without_auth() -> Iterator[None]:
+    """A Ray of the test's own on 127.0.0.1 (``address="local"``: never someone else's cluster), token
+    authentication off for it only (a test head on the loopback), stopped and the setting restored afterwards.
+
+    Start it after the S3 server when the test reads from S3: Ray's workers inherit the credentials then.
+    """
+    import ray
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

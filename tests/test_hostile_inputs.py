@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.output import RESULT_SCHEMA
 from pipeline.sample import synthetic_photo
+from tests.conftest import local_ray_without_auth
 from tests.s3proxy import FaultyProxy
 
 MAX_BYTES = 100_000
@@ -215,20 +216,8 @@ def test_train_refuses_hostile_label_rows_before_any_request(hostile, checkpoint
 @pytest.fixture(scope="module")
 def local_ray(s3_server):
     """Ray on this machine, started after the S3 server so its workers inherit the test credentials."""
-    import ray
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    try:
+    with local_ray_without_auth():
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def test_evaluate_weights_scores_only_allowed_images_and_lists_the_refused(hostile, checkpoints, local_ray,
