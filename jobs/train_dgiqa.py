@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
-from pipeline.allowlist import redact_text  # noqa: E402
+from pipeline.cli import error_line  # noqa: E402
 from pipeline.train import add_arguments, run_command  # noqa: E402
 
 PROG = "train_dgiqa.py"
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_command(args, prog=PROG)
-    except (ValueError, OSError) as exc:  # LabelError, WeightsError and bad settings are ValueErrors
-        print(f"{PROG}: error: {redact_text(str(exc))}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # LabelError, WeightsError, OutputError and bad settings are ValueErrors
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 

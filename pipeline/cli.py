@@ -113,16 +113,22 @@ FILTER_FORMATS = ("parquet", "csv", "jsonl")
 
 
 def _filter_command(args: argparse.Namespace) -> int:
+    """Select rows of the scores; where they go (format, a writable ``--out``) is settled before any is read."""
     from pipeline import query
+    from pipeline.output import check_writable
 
     flt = query.ScoreFilter(
         min_score=args.min_score, max_score=args.max_score, top=args.top, bottom=args.bottom,
         quantiles=args.quantiles, date_from=args.date_from, date_to=args.date_to, model_id=args.model_id,
         statuses=tuple(args.status) if args.status else None, latest=args.latest)
-    fmt = args.format or ("csv" if not args.out else None)
-    if not args.out and fmt == "parquet" and sys.stdout.isatty():
-        # Checked before reading the scores: binary on a terminal is never what was meant.
-        raise ValueError("--format parquet writes binary data: use --out FILE.parquet or redirect standard output")
+    if args.out:
+        fmt = query.selection_format(args.out, args.format)
+        check_writable(args.out, args.storage_options, flag="--out", folder=False)
+    else:
+        fmt = args.format or "csv"
+        if fmt == "parquet" and sys.stdout.isatty():  # binary on a terminal is never what was meant
+            raise ValueError("--format parquet writes binary data: use --out FILE.parquet or redirect standard "
+                             "output")
     dataset = query.open_scores(args.output, args.storage_options)
     columns = query.selection_columns(dataset, args.columns)
     table, stats = query.select(dataset, flt, columns=columns)
@@ -232,9 +238,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError) as exc:
-        # WeightsError and config errors are ValueErrors: one line naming the problem, no traceback.
-        print(f"dgiqa: error: {redact_text(str(exc))}", file=sys.stderr)
+        # WeightsError, OutputError and config errors are ValueErrors: one line naming the problem, no traceback.
+        print(f"dgiqa: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def error_line(exc: BaseException) -> str:
+    """A user's error as one redacted line; an ``OSError`` as the path and what went wrong, without ``[Errno N]``.
+
+    Our own errors (``ValueError``) already name the flag, the URI and the fix; an ``OSError`` that escapes them
+    (a disk filling up mid-write, a file removed under the command) carries errno decoration users need not read.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{redact_uri(str(exc.filename))}: " if exc.filename else ""
+        text = f"{where}{exc.strerror.lower()}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(redact_text(text).split())
 
 
 if __name__ == "__main__":

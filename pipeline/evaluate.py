@@ -57,6 +57,7 @@ from pipeline.metrics import (
     separation_svg,
 )
 from pipeline.objects import DEFAULT_MAX_BYTES
+from pipeline.output import check_writable
 
 EXIT_USAGE = 2
 EXIT_RUN_FAILED = 1
@@ -356,10 +357,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _write_text(uri: str, text: str, storage_options: Mapping) -> None:
     with fsspec.open(uri, "w", **storage_options) as f:
         f.write(text)
@@ -409,7 +406,10 @@ def format_separation(result: SeparationResult) -> str:
 
 
 def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
-    print(f"{prog}: error: {redact_text(_one_line(exc))}", file=sys.stderr)
+    """Print ``exc`` as ``dgiqa``'s one error line (``pipeline.cli.error_line``) and return the exit code."""
+    from pipeline.cli import error_line
+
+    print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
     return code
 
 
@@ -425,6 +425,11 @@ def _evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.scores and args.allow_prefix:
         parser.error("--allow-prefix applies only when scoring with --weights")
     try:
+        # Outputs first: a typo in --out must not cost a scoring run, or minutes of reading labels and scores.
+        if args.out:
+            check_writable(args.out, args.storage_options, flag="--out", folder=False)
+        if args.output:
+            check_writable(args.output, args.storage_options, flag="--output")
         labels = read_labels(args.labels, args.layout, args.images_prefix, label_column=args.label_column,
                              uri_column=args.uri_column, lower_is_better=args.lower_is_better,
                              keep_training_images=args.keep_training_images, storage_options=args.storage_options)
@@ -453,6 +458,8 @@ def _separation_command(args: argparse.Namespace, parser: argparse.ArgumentParse
     from pipeline.manifest import read_manifest
 
     try:
+        if args.plot:  # before the scores and manifests are read
+            check_writable(args.plot, args.storage_options, flag="--plot", folder=False)
         scores = read_scores(args.scores, args.model_id, args.storage_options)
         sets = [read_manifest(m, args.storage_options).table.column("uri").to_pylist() for m in (args.high, args.low)]
         result = separate(scores, *sets)

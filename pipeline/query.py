@@ -294,12 +294,14 @@ def selection_columns(dataset: pads.Dataset, columns: Sequence[str] | None = Non
     return [c for c in DEFAULT_COLUMNS if c in names] + carried
 
 
-def write_selection(table: pa.Table, uri: str, fmt: str | None = None,
-                    storage_options: Mapping | None = None) -> str:
-    """Write selected rows as a manifest the next job reads: Parquet, CSV or JSON Lines, by ``fmt`` or extension.
+def selection_format(uri: str, fmt: str | None = None) -> str:
+    """The format a selection written to ``uri`` gets: ``fmt`` if given, else the one its extension names.
 
-    Returns:
-        The format written.
+    A function of its own so that ``dgiqa filter`` can refuse an ``--out`` of no known format before it reads
+    any scores, not after.
+
+    Raises:
+        QueryError: No ``fmt`` and an extension that names none of ``FORMATS``, or an unknown ``fmt``.
     """
     if fmt is None:
         ext = posixpath.splitext(uri.split("?")[0])[1].lower().lstrip(".")
@@ -309,6 +311,20 @@ def write_selection(table: pa.Table, uri: str, fmt: str | None = None,
             raise QueryError(f"cannot tell the format of {uri}: use .parquet, .csv or .jsonl, or --format")
     if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
+    return fmt
+
+
+def write_selection(table: pa.Table, uri: str, fmt: str | None = None,
+                    storage_options: Mapping | None = None) -> str:
+    """Write selected rows as a manifest the next job reads: Parquet, CSV or JSON Lines, by ``fmt`` or extension.
+
+    Returns:
+        The format written.
+
+    Raises:
+        QueryError: The format cannot be told (see ``selection_format``).
+    """
+    fmt = selection_format(uri, fmt)
     with fsspec.open(uri, "wb", **(storage_options or {})) as f:
         write_stream(table, f, fmt)
     return fmt

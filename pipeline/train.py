@@ -93,7 +93,7 @@ from pipeline.labels import (
 from pipeline.metrics import finite_or_none, plcc, srocc
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
 from pipeline.objects import DEFAULT_MAX_BYTES
-from pipeline.output import atomic_target, is_local
+from pipeline.output import atomic_target, check_writable, is_local
 from pipeline.preprocess import PreprocessConfig
 from pipeline.scorer import ENCODER_CHOICES, read_depth_weights
 from pipeline.train_data import (
@@ -794,11 +794,16 @@ def run_training(config: TrainConfig) -> dict:
     Raises:
         LabelError: The labels cannot be used.
         WeightsError: The init or depth weights cannot be used (checked before any work).
+        OutputError: ``--output`` (or an explicit ``--depth-cache``) cannot be written; checked first.
         ValueError: Bad settings, too few usable images, or an output holding a run with other settings.
         TrainError: Training failed after it started (rerun to resume).
     """
     started = time.monotonic()
     source, recipe, options = config.labels, config.recipe, config.storage_options
+    # Where the run writes is checked before labels and weights are read: seconds, not minutes on S3.
+    check_writable(config.output, options, flag="--output")
+    if config.depth_cache:
+        check_writable(config.depth_cache, options, flag="--depth-cache")
     labels = read_labels(source.path, source.layout, source.images_prefix, label_column=source.label_column,
                          uri_column=source.uri_column, lower_is_better=source.lower_is_better,
                          keep_training_images=source.keep_training_images, storage_options=options)
