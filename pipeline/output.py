@@ -126,6 +126,7 @@ class OutputError(ValueError):
 _OUTPUT_REASONS = {
     FileNotFoundError: "a folder on its path does not exist or cannot be created",
     NotADirectoryError: "a part of its path is a file, not a folder",
+    FileExistsError: "a part of its path is a file, not a folder",
     IsADirectoryError: "it is a folder, where a file is expected",
     PermissionError: "permission denied",
 }

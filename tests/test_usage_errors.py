@@ -115,9 +115,7 @@ CASES = [
     pytest.param("dgiqa", ["filter", "{none}", "--out", "/proc/dgiqa-x.csv"],
                  "cannot write to --out /proc/dgiqa-x.csv: a folder on its path does not exist", id="filter-out-proc"),
     pytest.param("dgiqa", ["filter", "{none}", "--out", "{file}/sel.csv"],
-                 "cannot write to --out {file}/sel.csv: a part of its path is a file", id="filter-out-under-a-file",
-                 marks=pytest.mark.xfail(strict=True, reason="pipeline/output.py check_writable tells the "
-                                         "FileExistsError of a file output's folder being a file in errno terms")),
+                 "cannot write to --out {file}/sel.csv: a part of its path is a file", id="filter-out-under-a-file"),
     pytest.param("dgiqa", ["report", "{none}", "--html", "/proc/dgiqa-x.html"], "cannot write to --html",
                  id="report-html-proc"),
     pytest.param("dgiqa", ["filter", "{none}", "--out", "{folder}"], "--out {folder} is a folder; give a file name",
