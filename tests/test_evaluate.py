@@ -3,7 +3,6 @@
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import runpy
 import shutil
@@ -19,6 +18,7 @@ from pipeline import evaluate
 from pipeline.labels import read_labels
 from pipeline.metrics import compute_metrics, density_separation
 from pipeline.output import RESULT_SCHEMA
+from tests.conftest import local_ray_without_auth
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = "/data/library/eval"  # never read: the scores are generated
@@ -239,20 +239,8 @@ def test_job_script_passes_its_arguments_to_dgiqa_evaluate(monkeypatch):
 
 @pytest.fixture()
 def local_ray():
-    import ray
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")
-    try:
+    with local_ray_without_auth():
         yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
 
 
 def test_scoring_the_labelled_images_through_the_job(local_ray, checkpoints, photo_paths, tmp_path, capsys):
