@@ -19,14 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
 from pipeline.allowlist import redact_text, redact_uri  # noqa: E402
-from pipeline.argtypes import byte_size, int_range, json_object, positive_int  # noqa: E402
+from pipeline.argtypes import int_range, positive_int  # noqa: E402
 from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
 from pipeline.manifest import ManifestError  # noqa: E402
-from pipeline.models.attention import ATTENTION_MODES  # noqa: E402
-from pipeline.models.registry import SCORER_OPTIONS, get_scorer, resolve_options, scorer_names, used_by  # noqa: E402
-from pipeline.objects import DEFAULT_MAX_BYTES  # noqa: E402
-from pipeline.preprocess import PreprocessConfig  # noqa: E402
-from pipeline.scorer import ENCODER_CHOICES, PRECISIONS  # noqa: E402
+from pipeline.models.registry import SCORER_OPTIONS, get_scorer, resolve_options  # noqa: E402
+from pipeline.scorer_args import add_scorer_arguments  # noqa: E402
 from pipeline.weights import WeightsError  # noqa: E402
 
 logger = logging.getLogger("score_bucket")
@@ -38,23 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest URI: CSV/Parquet/JSON Lines file or folder, S3 Inventory "
                                       "manifest.json, or a prefix of images")
     p.add_argument("--output", help="output root URI; results go to <output>/run_date=YYYY-MM-DD/")
-    p.add_argument("--model", default="dgiqa", choices=scorer_names(),
-                   help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
     p.add_argument("--weights", help="URI of the scorer's checkpoint (DGIQA by default)")
-    # Model-specific options default to None, so that one given for a model that does not use it is refused.
-    p.add_argument("--depth-weights", help=f"URI of the Depth Anything checkpoint ({used_by('depth_weights')}, "
-                                           "required there)")
-    p.add_argument("--encoder", choices=ENCODER_CHOICES,
-                   help=f"Depth Anything encoder; auto reads it from the checkpoint ({used_by('encoder')}; auto)")
-    p.add_argument("--depth-version", choices=("v1", "v2"),
-                   help=f"Depth Anything version ({used_by('depth_version')}; v1)")
-    p.add_argument("--crops", type=positive_int, help=f"random 224x224 crops per image ({used_by('crops')}; 20)")
-    p.add_argument("--depth-input-size", type=positive_int,
-                   help="lower bound of the depth-model input side (518 as published; other values change "
-                        f"the scores; {used_by('depth_input_size')})")
-    p.add_argument("--exif-transpose", action="store_true", default=None,
-                   help="rotate images upright by their EXIF orientation before resizing (off as in the authors' "
-                        f"code; {used_by('exif_transpose')}: dgiqa always applies it)")
+    add_scorer_arguments(p, allow_prefix_default="the manifest's bucket or folder", depth_input_size=True)
     p.add_argument("--actors", type=int_range, help="scoring actors: N, or MIN,MAX to autoscale "
                                                    "(default: 1 to the number of GPUs; 1 on CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the Ray cluster has GPUs, else 0")
@@ -66,23 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--incremental", dest="incremental", action="store_true", default=True,
                       help="skip images already scored ok by the same weights (default)")
     mode.add_argument("--full", dest="incremental", action="store_false", help="score every manifest row")
-    p.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                   help="prefix images may be read from (repeatable; default: the manifest's bucket or folder)")
-    p.add_argument("--storage-options", type=json_object, default={},
-                   help="fsspec options as JSON (e.g. an S3 endpoint); credentials come from the environment")
     p.add_argument("--limit", type=positive_int, help="score only the first N manifest rows (trial runs)")
-    p.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
-                   help="refuse images with more pixels (%(default)s)")
-    p.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                   help="refuse objects larger than this, unread where the size is known (256MiB)")
-    p.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
-                   help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, see README)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models in each actor")
-    p.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
-                   help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
-    p.add_argument("--draft-decode", action="store_true", default=None,
-                   help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see README; "
-                        f"{used_by('draft_decode')})")
     p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
     p.add_argument("--shard-rows", type=positive_int, default=1000,
                    help="rows per staged shard: the unit a killed run resumes from (1000)")

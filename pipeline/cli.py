@@ -17,12 +17,11 @@ from pathlib import Path
 
 from pipeline import evaluate, report, train
 from pipeline.allowlist import Allowlist, RejectedURI, normalize_prefix, redact_text, redact_uri
-from pipeline.argtypes import byte_size, comma_list, float_pair, json_object, positive_int
-from pipeline.models.attention import ATTENTION_MODES
-from pipeline.models.registry import SCORER_OPTIONS, resolve_options, scorer_names, used_by
-from pipeline.objects import DEFAULT_MAX_BYTES
+from pipeline.argtypes import comma_list, float_pair, json_object
+from pipeline.models.registry import SCORER_OPTIONS, resolve_options
 from pipeline.preprocess import ImageError, PreprocessConfig
-from pipeline.scorer import DEVICE_CHOICES, ENCODER_CHOICES, PRECISIONS, ScorerConfig, make_scorer
+from pipeline.scorer import DEVICE_CHOICES, ScorerConfig, make_scorer
+from pipeline.scorer_args import add_scorer_arguments
 from pipeline.stages import read_image_bytes
 
 EXIT_IMAGE_FAILED = 1
@@ -182,40 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score images named by local path or fsspec URI")
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_URI")
-    score.add_argument("--model", default="dgiqa", choices=scorer_names(),
-                       help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
     score.add_argument("--weights", required=True,
                        help="URI of the scorer's checkpoint (.pth/.pt/.safetensors/folder; DGIQA by default)")
-    score.add_argument("--depth-weights", help=f"URI of the Depth Anything checkpoint ({used_by('depth_weights')}, "
-                                               "required there)")
-    score.add_argument("--encoder", choices=ENCODER_CHOICES,
-                       help=f"Depth Anything encoder; auto reads it from the checkpoint ({used_by('encoder')}; auto)")
-    score.add_argument("--depth-version", choices=("v1", "v2"),
-                       help=f"Depth Anything version ({used_by('depth_version')}; v1)")
-    score.add_argument("--crops", type=positive_int,
-                       help=f"random 224x224 crops per image ({used_by('crops')}; 20)")
+    add_scorer_arguments(score, allow_prefix_default="the folder of each image named", depth_input_size=False)
     score.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto, cpu or cuda (auto)")
-    score.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
-                       help="refuse images with more pixels than this (%(default)s)")
-    score.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                       help="prefix images may be read from (repeatable; default: the folder of each image named)")
-    score.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                       help="refuse objects larger than this (256MiB)")
-    score.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
-                       help="fp32 (the published numbers) or bf16/fp16 autocast (faster, scores move slightly)")
-    score.add_argument("--compile", action="store_true",
-                       help="torch.compile both models (pays off over many images of a few sizes)")
-    score.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
-                       help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
-    score.add_argument("--draft-decode", action="store_true", default=None,
-                       help="decode large JPEGs at reduced scale (faster; scores move slightly; "
-                            f"{used_by('draft_decode')})")
-    score.add_argument("--exif-transpose", action="store_true", default=None,
-                       help="rotate images upright by their EXIF orientation before resizing (off as in the authors' "
-                            f"code, which scores a sideways-stored photo sideways; {used_by('exif_transpose')}: "
-                            "dgiqa always applies it)")
-    score.add_argument("--storage-options", type=json_object, default={},
-                       help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
     score.add_argument("--json", action="store_true", help="one JSON object per line instead of uri<TAB>score")
     score.set_defaults(run=_score_command)
 

@@ -1,0 +1,63 @@
+"""The scorer's options as command-line arguments: one declaration for ``dgiqa score`` and the nightly job.
+
+Model-specific options default to None, so that one given for a model that does not use it, even at its default
+value, is refused by ``registry.resolve_options`` rather than silently ignored; their defaults are filled in
+there. The help of each says which scorers use it, from the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.argtypes import byte_size, json_object, positive_int
+from pipeline.models.attention import ATTENTION_MODES
+from pipeline.models.registry import scorer_names, used_by
+from pipeline.objects import DEFAULT_MAX_BYTES
+from pipeline.preprocess import PreprocessConfig
+from pipeline.scorer import ENCODER_CHOICES, PRECISIONS
+
+
+def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_default: str,
+                         depth_input_size: bool) -> None:
+    """Add the scorer's and the reads' options (all but ``--weights``, whose requirement differs).
+
+    Args:
+        parser: The command's parser.
+        allow_prefix_default: What ``--allow-prefix`` defaults to for this command, for its help.
+        depth_input_size: Whether the command offers ``--depth-input-size`` (the job does).
+    """
+    parser.add_argument("--model", default="dgiqa", choices=scorer_names(),
+                        help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
+    parser.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint "
+                                                f"({used_by('depth_weights')}, required there)")
+    parser.add_argument("--encoder", choices=ENCODER_CHOICES,
+                        help=f"Depth Anything encoder; auto reads it from the checkpoint ({used_by('encoder')}; auto)")
+    parser.add_argument("--depth-version", choices=("v1", "v2"),
+                        help=f"Depth Anything version ({used_by('depth_version')}; v1)")
+    parser.add_argument("--crops", type=positive_int, help=f"random 224x224 crops per image ({used_by('crops')}; 20)")
+    if depth_input_size:
+        parser.add_argument("--depth-input-size", type=positive_int,
+                            help="lower bound of the depth-model input side (518 as published; other values change "
+                                 f"the scores; {used_by('depth_input_size')})")
+    parser.add_argument("--exif-transpose", action="store_true", default=None,
+                        help="rotate images upright by their EXIF orientation before resizing (off as in the "
+                             "authors' code, which scores a sideways-stored photo sideways; "
+                             f"{used_by('exif_transpose')}: dgiqa always applies it)")
+    parser.add_argument("--draft-decode", action="store_true", default=None,
+                        help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see "
+                             f"README; {used_by('draft_decode')})")
+    parser.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
+                        help="refuse images with more pixels than this (%(default)s)")
+    parser.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
+                        help=f"prefix images may be read from (repeatable; default: {allow_prefix_default})")
+    parser.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                        help="refuse objects larger than this, unread where the size is known (256MiB)")
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                        help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, scores "
+                             "move slightly, see README)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models (pays off over many images of a few sizes)")
+    parser.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
+                        help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
+    parser.add_argument("--storage-options", type=json_object, default={},
+                        help="fsspec options as JSON (e.g. an S3 endpoint); credentials come from the environment")
