@@ -61,10 +61,12 @@ def _images(folder: Path, sizes: list[tuple[int, int]], count: int) -> list[Path
     return paths
 
 
-def _flops(scorer: Scorer, paths: list[Path], crops: int) -> float:
+def _flops(scorer: Scorer, paths: list[Path], crops: int, preprocess: PreprocessConfig | None = None) -> float:
     """FLOPs of scoring these images: DGIQA per crop, Depth Anything per image.
 
     Count them on a scorer with ``math`` attention: the counter misses the products inside the fused kernel.
+    ``preprocess`` sizes the depth input (default: the published 518 px); ``bench/gpu_check.py``'s dry run
+    passes its small one.
     """
     device = scorer.device
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -75,7 +77,7 @@ def _flops(scorer: Scorer, paths: list[Path], crops: int) -> float:
     for path in paths:
         with Image.open(path) as im:
             w, h = im.size
-        dh, dw = depth_input_size(h, w)
+        dh, dw = depth_input_size(h, w, preprocess or PreprocessConfig())
         with FlopCounterMode(display=False) as counter, torch.inference_mode():
             scorer.depth_model(torch.zeros(1, 3, dh, dw, device=device))
         total += counter.get_total_flops()
