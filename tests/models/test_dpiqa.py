@@ -25,7 +25,10 @@ from tests.conftest import DATA, SKIMAGE_DATA, read_layout
 # Scores of the published student code (RomGai/DP-IQA) for the seeded random weights; how they were made is
 # written in the file itself.
 GOLDEN = json.loads((DATA / "dpiqa_student_published_scores.json").read_text())
-TOLERANCE = 1e-5
+# float32 on the CPU: equal bit for bit on the machine that recorded them (AVX-512), 1.5e-5 apart on an AVX2-only
+# EPYC at the same commit (the convolution kernels differ by instruction set); the closest two images lie 5.4e-3
+# apart.
+TOLERANCE = 1e-4
 
 
 def _calibrate_batch_norm(model: DpiqaStudent, images: torch.Tensor) -> DpiqaStudent:
