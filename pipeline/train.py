@@ -798,6 +798,22 @@ def run_training(config: TrainConfig) -> dict:
         ValueError: Bad settings, too few usable images, or an output holding a run with other settings.
         TrainError: Training failed after it started (rerun to resume).
     """
+    ray_was_running = _ray_running()
+    try:
+        return _run_training(config)
+    finally:
+        if not ray_was_running and _ray_running():  # a Ray this command started itself goes with it
+            import ray
+
+            ray.shutdown()
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _run_training(config: TrainConfig) -> dict:
     started = time.monotonic()
     source, recipe, options = config.labels, config.recipe, config.storage_options
     # Where the run writes is checked before labels and weights are read: seconds, not minutes on S3.
