@@ -757,4 +757,4 @@ def test_unwritable_page_fails_in_one_line_before_anything_is_read(library, tmp_
     assert code == 2 and calls == []
     assert len(err.splitlines()) == 1 and err.startswith("dgiqa: error: ")
     assert "--html" in err and html in err
-    assert ("a folder; give a file name" if where == "folder" else "does not exist or cannot be created") in err
+    assert ("a folder; give a file name" if where == "folder" else "none can be created under /proc") in err
