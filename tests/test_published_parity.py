@@ -142,9 +142,11 @@ def test_a_12_mp_jpeg_scores_as_published_full_reference_and_draft(checkpoints):
 
 @pytest.mark.slow
 def test_bf16_autocast_stays_within_its_tolerance_of_the_published_scores(checkpoints):
+    # Three images: bf16 is emulated on CPUs without AVX-512 BF16, where six took 140 s.
+    names = SMALL[:3]
     scorer = _scorer(checkpoints, crops=2, precision="bf16")
-    results = scorer.score_prepared([prepare_bytes(_image_bytes(name), scorer.config.preprocess) for name in SMALL])
-    deltas = [abs(result.score - _published(name, 2)) for name, result in zip(SMALL, results, strict=True)]
+    results = scorer.score_prepared([prepare_bytes(_image_bytes(name), scorer.config.preprocess) for name in names])
+    deltas = [abs(result.score - _published(name, 2)) for name, result in zip(names, results, strict=True)]
     assert max(deltas) <= BF16_TOLERANCE
     print(f"\nbf16 vs published (2 crops): max |delta score| = {max(deltas):.1e}")
 
