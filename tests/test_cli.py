@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_score_bucket import DGIQA_OWN, STUDENT_OWN
+
 DGIQA = [sys.executable, "-m", "pipeline.cli"]
 
 
@@ -103,9 +105,6 @@ def test_make_sample_then_score_as_in_the_readme(tmp_path):
     assert all(0 < float(line.split("\t")[1]) < 1 for line in lines)
 
 
-STUDENT_OWN = "(its own options are --exif-transpose)"
-DGIQA_OWN = "(its own options are --depth-weights, --encoder, --depth-version, --crops, --depth-input-size, " \
-            "--draft-decode)"
 
 
 @pytest.mark.parametrize(("model", "option"), [
