@@ -1,6 +1,6 @@
 """Nightly scoring job: ``ray job submit --working-dir . -- python jobs/score_bucket.py --manifest ... ``.
 
-Parses arguments and calls ``pipeline.job.run_job``. Runs the same directly (``python jobs/score_bucket.py``),
+Parses arguments and runs the job (``pipeline.cli.job``, then ``pipeline.job.run_job``). Runs the same directly (``python jobs/score_bucket.py``),
 joining the running Ray cluster or starting a local one. ``--demo`` runs it on generated images and random
 weights in a local folder that plays the bucket.
 
@@ -10,109 +10,15 @@ nothing was committed, 2 unusable arguments, manifest or weights.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
-from pipeline.allowlist import redact_text, redact_uri  # noqa: E402
-from pipeline.argtypes import int_range, positive_int  # noqa: E402
-from pipeline.job import JobConfig, JobError, run_job  # noqa: E402
-from pipeline.manifest import ManifestError  # noqa: E402
-from pipeline.models.registry import SCORER_OPTIONS, get_scorer, resolve_options  # noqa: E402
-from pipeline.scorer_args import add_scorer_arguments  # noqa: E402
-from pipeline.weights import WeightsError  # noqa: E402
+from pipeline.cli.job import build_parser, main  # noqa: E402
+from pipeline.cli.job import config_from_args as _config  # noqa: E402, F401 - the tests build configs from here
 
-logger = logging.getLogger("score_bucket")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of the job."""
-    p = argparse.ArgumentParser(prog="score_bucket.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", help="manifest URI: CSV/Parquet/JSON Lines file or folder, S3 Inventory "
-                                      "manifest.json, or a prefix of images")
-    p.add_argument("--output", help="output root URI; results go to <output>/run_date=YYYY-MM-DD/")
-    p.add_argument("--weights", help="URI of the scorer's checkpoint (DGIQA by default)")
-    add_scorer_arguments(p, allow_prefix_default="the manifest's bucket or folder", depth_input_size=True)
-    p.add_argument("--actors", type=int_range, help="scoring actors: N, or MIN,MAX to autoscale "
-                                                   "(default: 1 to the number of GPUs; 1 on CPU)")
-    p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the Ray cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-actor", type=float, help="default: 1 with GPUs, else half the cluster's CPUs")
-    p.add_argument("--batch-size", type=positive_int,
-                   help="images per batch in every stage (16 with GPU actors, 8 on CPU)")
-    p.add_argument("--run-date", help="partition value YYYY-MM-DD (default: today, UTC)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--incremental", dest="incremental", action="store_true", default=True,
-                      help="skip images already scored ok by the same weights (default)")
-    mode.add_argument("--full", dest="incremental", action="store_false", help="score every manifest row")
-    p.add_argument("--limit", type=positive_int, help="score only the first N manifest rows (trial runs)")
-    p.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines (30)")
-    p.add_argument("--shard-rows", type=positive_int, default=1000,
-                   help="rows per staged shard: the unit a killed run resumes from (1000)")
-    p.add_argument("--plan-memory-mb", type=positive_int, default=JobConfig.plan_memory_mb,
-                   help="memory the driver's planner and commit may use before spilling to disk (%(default)s)")
-    p.add_argument("--spill-dir", help="local folder for the planner's database and spill files (default: the "
-                                       "system's temporary folder); needs about 100 bytes per manifest row")
-    p.add_argument("--demo", nargs="?", const="sample-bucket", metavar="FOLDER",
-                   help="run on generated images and RANDOM weights written to FOLDER (default: sample-bucket)")
-    return p
-
-
-def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> JobConfig:
-    """The run's config from the arguments.
-
-    Raises:
-        ValueError: A model-specific option was given that ``--model`` does not use (checked before ``--demo``
-            writes anything); ``main`` prints it as one line.
-    """
-    options = resolve_options(args.model, {name: getattr(args, name) for name in SCORER_OPTIONS})
-    fields = {"manifest": args.manifest, "output": args.output, "weights": args.weights}
-    if get_scorer(args.model).needs_depth:
-        fields["depth_weights"] = options["depth_weights"]
-    if args.demo:
-        from pipeline.sample import write_demo_bucket
-
-        demo = write_demo_bucket(Path(args.demo).resolve())
-        logger.warning("demo run in %s with RANDOM weights: the scores mean nothing. Pass --weights and "
-                       "--depth-weights with the published checkpoints for real scores.", args.demo)
-        fields = {k: v or str(demo[k]) for k, v in fields.items()}
-    missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if not v]
-    if missing:
-        parser.error(f"missing {', '.join(missing)} (or use --demo)")
-    return JobConfig(
-        **fields, encoder=options["encoder"], depth_version=options["depth_version"], crops=options["crops"],
-        depth_input_size=options["depth_input_size"], exif_transpose=options["exif_transpose"],
-        actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
-        incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),
-        storage_options=args.storage_options, limit=args.limit, log_every_s=args.log_every,
-        max_pixels=args.max_pixels, max_bytes=args.max_bytes, shard_rows=args.shard_rows,
-        precision=args.precision, compile=args.compile,
-        attention=args.attention, draft_decode=options["draft_decode"], model=args.model,
-        plan_memory_mb=args.plan_memory_mb, spill_dir=args.spill_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the job; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = _config(args, parser)
-        logger.info("manifest %s -> output %s", redact_uri(config.manifest), redact_uri(config.output))
-        summary = run_job(config)
-    except (ManifestError, WeightsError, ValueError) as exc:
-        print(f"score_bucket.py: error: {redact_text(str(exc))}", file=sys.stderr)
-        return 2
-    except JobError as exc:
-        print(f"score_bucket.py: run failed: {redact_text(str(exc))}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
-
+__all__ = ["build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's own `pipeline`
 
 from pipeline.cli import error_line  # noqa: E402
-from pipeline.train import add_arguments, run_command  # noqa: E402
+from pipeline.cli.train import add_arguments, run  # noqa: E402
 
 PROG = "train_dgiqa.py"
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return run_command(args, prog=PROG)
+        return run(args, prog=PROG)
     except (ValueError, OSError) as exc:  # LabelError, WeightsError, OutputError and bad settings are ValueErrors
         print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return 2

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import pyarrow as pa
-import pyarrow.compute as pc
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Schemes fsspec treats as the same store.
 _SCHEME_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file", "": "file"}
@@ -117,6 +118,9 @@ class Allowlist:
         Canonical URIs (nearly all of a real manifest) are decided by Arrow compute in bulk; the others go
         through ``check`` one by one.
         """
+        import pyarrow as pa  # here, not at the top: argument parsers import this module before any data
+        import pyarrow.compute as pc
+
         uris = uris.cast(pa.string())
         canonical = pc.and_(pc.fill_null(pc.match_substring_regex(uris, _CANONICAL), False),
                             pc.invert(pc.fill_null(pc.match_substring_regex(uris, _DOT_SEGMENT), True)))

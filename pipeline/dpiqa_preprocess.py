@@ -150,4 +150,4 @@ def prepare_for_scoring(data: bytes, config: PreprocessConfig, exif_transpose: b
     return PreparedPixels(pixels=pixels, height=height, width=width)
 
 
-prepare_for_scoring.uses_options = frozenset({"exif_transpose"})  # read by pipeline.models.registry
+prepare_for_scoring.uses_options = frozenset({"exif_transpose"})  # read by pipeline.scorers.registry

@@ -28,7 +28,6 @@ import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 
 import fsspec
 import numpy as np
@@ -37,15 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline.allowlist import RejectedURI, normalize_uri, redact_text, redact_uri
-from pipeline.argtypes import json_object, non_negative_int, positive_int
 from pipeline.labels import (
     Labels,
     absolute_uri,
-    add_label_arguments,
-    add_read_limit_arguments,
     default_allow_prefixes,
     read_labels,
 )
+from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.metrics import (
     METRIC_LABELS,
     METRICS,
@@ -56,7 +53,6 @@ from pipeline.metrics import (
     density_separation,
     separation_svg,
 )
-from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import check_writable
 
 EXIT_USAGE = 2
@@ -347,16 +343,6 @@ def separate(scores: ScoreSet, high_uris: Sequence[str], low_uris: Sequence[str]
                             scores.model_id, scores.source)
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {value}")
-    return value
-
-
 def _write_text(uri: str, text: str, storage_options: Mapping) -> None:
     with fsspec.open(uri, "w", **storage_options) as f:
         f.write(text)
@@ -413,7 +399,8 @@ def _fail(prog: str, exc: BaseException, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def _evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``dgiqa evaluate`` from its parsed options; returns the exit code (errors are one line)."""
     if args.weights and not args.depth_weights:
         parser.error("--weights needs --depth-weights")
     if args.scores:
@@ -454,7 +441,8 @@ def _evaluate_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return 0
 
 
-def _separation_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def separation_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``dgiqa separation`` from its parsed options; returns the exit code (errors are one line)."""
     from pipeline.manifest import read_manifest
 
     try:
@@ -470,48 +458,3 @@ def _separation_command(args: argparse.Namespace, parser: argparse.ArgumentParse
         return _fail(parser.prog, exc)
     print(json.dumps(result.to_dict(), indent=2, sort_keys=True) if args.json else format_separation(result))
     return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``evaluate`` and ``separation`` subcommands to the ``dgiqa`` parser's subcommands."""
-    ev = commands.add_parser(
-        "evaluate", help="compare scores with human opinion scores (SROCC, PLCC, KROCC, RMSE)",
-        description="Join a dataset's opinion scores with a model's scores on URI and report SROCC, PLCC (raw and "
-                    "after the VQEG logistic mapping), KROCC and RMSE with bootstrap confidence intervals.")
-    add_label_arguments(ev, "generic layout: labels are DMOS-like (correlations then use the negated labels)")
-    source = ev.add_mutually_exclusive_group(required=True)
-    source.add_argument("--scores", metavar="OUTPUT_URI", help="a scoring job's output root to read scores from")
-    source.add_argument("--weights", help="score the labelled images now with this DGIQA checkpoint")
-    ev.add_argument("--depth-weights", help="with --weights: the Depth Anything checkpoint")
-    ev.add_argument("--output", metavar="URI",
-                    help="with --weights: keep the scores in this job output (default: a temporary folder)")
-    ev.add_argument("--crops", type=positive_int, default=20, help="with --weights: crops per image (20)")
-    ev.add_argument("--depth-input-size", type=positive_int, default=518,
-                    help="with --weights: depth-model input side (518 as published)")
-    add_read_limit_arguments(ev, "with --weights: the --images-prefix, else the label file's folder")
-    ev.add_argument("--model-id", help="with --scores: the model whose scores to use, when the output holds several")
-    ev.add_argument("--bootstrap", type=non_negative_int, default=1000, metavar="N",
-                    help="bootstrap resamples for the confidence intervals; 0 for none (1000)")
-    ev.add_argument("--confidence", type=_fraction, default=0.95, help="confidence interval coverage (0.95)")
-    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed, for repeatable intervals (0)")
-    ev.add_argument("--json", action="store_true", help="print the result as JSON")
-    ev.add_argument("--out", metavar="FILE", help="also write the JSON result here (any fsspec URI)")
-    ev.add_argument("--storage-options", type=json_object, default={},
-                    help="fsspec options as JSON for labels, images, scores and --out; credentials come from the "
-                         "environment")
-    ev.set_defaults(run=partial(_evaluate_command, parser=ev))
-
-    sep = commands.add_parser(
-        "separation", help="how well scores separate a high-quality image set from a low-quality one",
-        description="Fit a Gaussian to each set's scores; report means, standard deviations, the overlap "
-                    "coefficient of the two densities and d'; optionally draw both distributions as SVG.")
-    sep.add_argument("--scores", required=True, metavar="OUTPUT_URI", help="a scoring job's output root")
-    sep.add_argument("--high", required=True, metavar="MANIFEST", help="manifest of the high-quality images")
-    sep.add_argument("--low", required=True, metavar="MANIFEST", help="manifest of the low-quality images")
-    sep.add_argument("--model-id", help="the model whose scores to use, when the output holds several")
-    sep.add_argument("--plot", metavar="SVG", help="write the histograms and fitted densities here as SVG")
-    sep.add_argument("--bins", type=positive_int, default=20, help="histogram bins over [0, 1] (20)")
-    sep.add_argument("--json", action="store_true", help="print the result as JSON")
-    sep.add_argument("--storage-options", type=json_object, default={},
-                     help="fsspec options as JSON for scores, manifests and --plot")
-    sep.set_defaults(run=partial(_separation_command, parser=sep))

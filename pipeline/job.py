@@ -29,14 +29,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.allowlist import Allowlist, redact_uri
+from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.manifest import ManifestReader, open_manifest
-from pipeline.models.registry import SCORER_OPTIONS, changed_options, check_options, get_scorer
-from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import STATUS_ERROR, STATUSES, RunOutput, check_writable, output_schema
 from pipeline.plan import Plan, PlannerConfig, make_plan
 from pipeline.preprocess import PreprocessConfig, preprocess_peak_bytes
 from pipeline.resources import PeakRss, peak_rss_bytes, rss_bytes
 from pipeline.scorer import ModelInfo, ScorerConfig, check_models
+from pipeline.scorers.registry import SCORER_OPTIONS, changed_options, check_options, get_scorer
 from pipeline.stages import WEIGHTS_CHANGED
 from pipeline.weights import WeightsError
 

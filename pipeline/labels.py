@@ -51,16 +51,16 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.allowlist import redact_text, redact_uri
-from pipeline.argtypes import byte_size
-from pipeline.objects import DEFAULT_MAX_BYTES
+from pipeline.label_layouts import (
+    DEFAULT_LABEL_COLUMN,
+    GROUP_COLUMN,
+    LAYOUTS,
+    LIVE_MOS,
+    LIVE_NAMES,
+    LIVE_TRAINING_IMAGES,
+    NAME_COLUMN,
+)
 
-LAYOUTS = ("koniq", "kadid", "live-challenge", "spaq", "generic")
-DEFAULT_LABEL_COLUMN = {"koniq": "MOS_zscore", "kadid": "dmos", "spaq": "MOS", "generic": "mos"}
-NAME_COLUMN = {"koniq": "image_name", "kadid": "dist_img", "spaq": "Image name"}
-# Optional column naming each row's scene (see "Groups" above).
-GROUP_COLUMN = {"kadid": "ref_img", "generic": "group"}
-LIVE_NAMES, LIVE_MOS = "AllImages_release", "AllMOS_release"
-LIVE_TRAINING_IMAGES = 7
 LABELS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False),
                            pa.field("label", pa.float64(), nullable=False)])
 
@@ -123,19 +123,6 @@ def default_allow_prefixes(labels: Labels) -> tuple[str, ...]:
     if "://" in source:
         return (posixpath.dirname(source) + "/",)
     return (os.path.dirname(os.path.abspath(source)),)
-
-
-def add_read_limit_arguments(group, default_help: str) -> None:
-    """Add ``--allow-prefix`` and ``--max-bytes``, the limits on every image a command reads.
-
-    Args:
-        group: An ``argparse`` parser or argument group.
-        default_help: Where images may be read from when no ``--allow-prefix`` is given.
-    """
-    group.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                       help=f"prefix images may be read from (repeatable; default: {default_help})")
-    group.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                       help="refuse images larger than this (256MiB)")
 
 
 def _read_bytes(path: str, storage_options: Mapping | None) -> bytes:
@@ -419,24 +406,3 @@ def read_labels(path: str, layout: str, images_prefix: str | None = None, *, lab
         raise LabelError(f"--uri-column applies to the generic layout only; {layout} names its images in "
                          f"{NAME_COLUMN[layout]!r}")
     return _named_table(path, layout, label_column, images_prefix, storage_options)
-
-
-def add_label_arguments(group, lower_is_better_help: str) -> None:
-    """Add the options naming a label file and its layout (``dgiqa evaluate`` and ``dgiqa train`` share them).
-
-    Args:
-        group: An ``argparse`` parser or argument group.
-        lower_is_better_help: What ``--lower-is-better`` does for this command.
-    """
-    group.add_argument("labels", metavar="LABELS", help="label file (live-challenge: the dataset folder), path or URI")
-    group.add_argument("--layout", choices=LAYOUTS, default="generic",
-                       help="koniq (koniq10k_scores_and_distributions.csv), kadid (dmos.csv), live-challenge "
-                            "(Data/*.mat), spaq (xlsx or csv), generic (uri + label columns; default)")
-    group.add_argument("--images-prefix", metavar="URI",
-                       help="folder or URI prefix the dataset's image names are joined onto (needed for koniq, "
-                            "kadid, spaq; live-challenge defaults to the dataset's Images/)")
-    group.add_argument("--label-column", help="label column (koniq: MOS_zscore or MOS; generic: default mos)")
-    group.add_argument("--uri-column", default="uri", help="generic layout: the column of image URIs (uri)")
-    group.add_argument("--lower-is-better", action="store_true", help=lower_is_better_help)
-    group.add_argument("--keep-training-images", action="store_true",
-                       help="live-challenge: keep the 7 training images t1..t7 (left out by custom)")

@@ -28,11 +28,9 @@ from collections.abc import Callable, Mapping
 import fsspec
 
 from pipeline.allowlist import Allowlist, RejectedURI, redact_uri
+from pipeline.limits import DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_BYTES = 256 * 2**20
-"""Default byte limit per object: far above any photograph, far below what would crowd a worker's memory."""
 
 _HTTP_TIMEOUT_S = 60
 

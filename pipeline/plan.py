@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.allowlist import Allowlist
+from pipeline.limits import DEFAULT_PLAN_MEMORY_MB
 from pipeline.manifest import ROW_ERROR, ManifestReader, extra_columns
 from pipeline.output import (
     STATUS_ERROR,
@@ -58,7 +59,7 @@ class PlannerConfig:
         threads: DuckDB threads (default: the node's CPUs).
     """
 
-    memory_mb: int = 256
+    memory_mb: int = DEFAULT_PLAN_MEMORY_MB
     spill_dir: str | None = None
     threads: int | None = None
 

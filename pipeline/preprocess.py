@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.limits import DEFAULT_MAX_PIXELS
+
 try:  # HEIC/HEIF photos (phones); AVIF is built into Pillow
     from pillow_heif import register_heif_opener
 except ImportError:  # a machine with the scorer's packages only (the GPU benchmark's): HEIC is an error row
@@ -80,7 +82,7 @@ class PreprocessConfig:
     depth_lower_bound: int = 518
     depth_multiple: int = 14
     seed: int = 42
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = 16
     max_aspect: float = 10.0
     reference: bool = False

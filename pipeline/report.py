@@ -51,9 +51,8 @@ from torch import nn
 
 from pipeline import svg
 from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
-from pipeline.argtypes import byte_size, iso_date, json_object, non_negative_int
+from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.models import depth_anything as da
-from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import PARTITION, STATUS_ERROR, STATUS_OK, STATUS_REJECTED, STATUSES, check_writable
 from pipeline.preprocess import (
     PreparedImage,
@@ -744,7 +743,7 @@ def build_report(config: ReportConfig) -> str:
     ])
 
 
-def _report_command(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     """Check where the page goes, then build and write it.
 
     An unwritable ``--html`` is an ``OutputError`` (one line, exit 2 in ``dgiqa``) before the output's rows are
@@ -761,39 +760,3 @@ def _report_command(args: argparse.Namespace) -> int:
         f.write(page)
     print(f"wrote {redact_uri(args.html)} ({len(page.encode()) // 1024} KiB)")
     return 0
-
-
-def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``report`` to the ``dgiqa`` subcommands; returns its parser."""
-    report = commands.add_parser("report", help="write a self-contained HTML page about a run or a date range",
-                                 description="Counts, failure reasons, score charts and the lowest/highest "
-                                             "scoring images of the scores output, as one HTML file that loads "
-                                             "nothing.")
-    report.add_argument("output", metavar="OUTPUT_URI", help="output root of the scoring job")
-    report.add_argument("--html", required=True, metavar="PATH_OR_URI", help="where to write the page")
-    report.add_argument("--run-date", type=iso_date, metavar="DATE", help="one run date (YYYY-MM-DD)")
-    report.add_argument("--from", dest="date_from", type=iso_date, metavar="DATE",
-                        help="first run date of a range (inclusive; default: the oldest when --until is given)")
-    report.add_argument("--until", dest="date_to", type=iso_date, metavar="DATE",
-                        help="last run date of a range (inclusive; default: the newest). With no date option, "
-                             "the newest run date is reported")
-    report.add_argument("--model-id", help="only rows of this model id (default: all)")
-    report.add_argument("--thumbnails", type=non_negative_int, default=12, metavar="N",
-                        help="lowest- and highest-scoring images shown, each (%(default)s; 0 reads no image; "
-                             "with fewer than twice as many, all are shown once in one grid)")
-    report.add_argument("--depth-weights", metavar="URI",
-                        help="Depth Anything checkpoint: show each thumbnail's depth map beside it")
-    report.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
-                        help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
-    report.add_argument("--depth-version", default="v1", choices=da.VERSIONS, help="Depth Anything version (v1)")
-    report.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                        help="where the depth model runs: auto, cpu or cuda (auto)")
-    report.add_argument("--storage-options", type=json_object, default={},
-                        help="fsspec options as JSON for the output, the images and the page")
-    report.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                        help="prefix thumbnails may be read from (repeatable; default: the allowed prefixes the "
-                             "shown runs recorded in their summaries; rows of runs without them are not read)")
-    report.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                        help="refuse images larger than this (256MiB)")
-    report.set_defaults(run=_report_command)
-    return report

@@ -19,7 +19,6 @@ from pipeline.models import depth_anything as da
 from pipeline.models.attention import ATTENTION_MODES, set_attention
 from pipeline.models.dgiqa import build_dgiqa
 from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
-from pipeline.models.registry import changed_options, check_options, get_scorer, resolve
 from pipeline.preprocess import (
     PreparedImage,
     PreprocessConfig,
@@ -28,11 +27,13 @@ from pipeline.preprocess import (
     prepare_image,
     quality_inputs,
 )
+from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS, changed_options, check_options, get_scorer, resolve
+from pipeline.scorers.registry import PRECISIONS as PRECISION_NAMES
 from pipeline.weights import WeightsError, check_fits, load_strict, read_checkpoint
 
-ENCODER_CHOICES = ("auto", *da.ENCODERS)
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ENCODER_CHOICES = SCORER_OPTIONS["encoder"].choices
+DEVICE_CHOICES = DEVICES
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ScorerConfig:
             ``pipeline.models.attention``.
         preprocess: Resize, crop and safety limits.
         storage_options: fsspec options for reading the weights.
-        model: Registered scorer name (``pipeline.models.registry``): ``dgiqa`` or ``dpiqa-student``.
+        model: Registered scorer name (``pipeline.scorers.registry``): ``dgiqa`` or ``dpiqa-student``.
         exif_transpose: Rotate images upright by their EXIF orientation before the DP-IQA student's resize (off
             as in the authors' code; see ``pipeline.dpiqa_preprocess``). DGIQA always applies the orientation, as
             ``cv2.imread`` does, and refuses the option.

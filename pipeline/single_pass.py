@@ -1,6 +1,6 @@
 """The runner for scorers that score a whole image in one forward pass (the DP-IQA student, for one).
 
-Everything model-specific comes from the scorer's registry entry (``pipeline.models.registry``): the
+Everything model-specific comes from the scorer's registry entry (``pipeline.scorers.registry``): the
 builder, the checkpoint remapping, the preprocessing (done in CPU tasks, to a fixed-size uint8 array) and the
 conversion of a batch of those arrays to the network's input. So a new single-pass scorer needs no code here.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from pipeline.models.attention import set_attention
-from pipeline.models.registry import ScorerSpec, get_scorer, resolve
 from pipeline.scorer import PRECISIONS, ImageScore, ModelInfo, ScorerConfig, prepare_item, resolve_device
+from pipeline.scorers.registry import ScorerSpec, get_scorer, resolve
 from pipeline.weights import check_fits, load_strict, read_checkpoint
 
 

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
-from pipeline.objects import DEFAULT_MAX_BYTES, ObjectTooLarge, read_object
+from pipeline.limits import DEFAULT_MAX_BYTES
+from pipeline.objects import ObjectTooLarge, read_object
 from pipeline.output import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from pipeline.preprocess import ImageError
 from pipeline.scorer import ScorerConfig, make_scorer, prepare_item

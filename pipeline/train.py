@@ -82,20 +82,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.allowlist import Allowlist, redact_text, redact_uri
-from pipeline.argtypes import float_pair, json_object, non_negative_int, positive_int
 from pipeline.labels import (
     GROUP_COLUMN,
-    add_label_arguments,
-    add_read_limit_arguments,
     default_allow_prefixes,
     read_labels,
 )
+from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.metrics import finite_or_none, plcc, srocc
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
-from pipeline.objects import DEFAULT_MAX_BYTES
 from pipeline.output import atomic_target, check_writable, is_local
 from pipeline.preprocess import PreprocessConfig
-from pipeline.scorer import ENCODER_CHOICES, read_depth_weights
+from pipeline.scorer import read_depth_weights
 from pipeline.train_data import (
     UNUSABLE,
     CropDataset,
@@ -139,14 +136,6 @@ def parse_init(spec: str) -> tuple[str, str | None]:
     if kind in ("dgiqa", "swin") and sep and uri:
         return kind, uri
     raise ValueError(f"--init must be dgiqa:URI, swin:URI or random, got {spec!r}")
-
-
-def _init_arg(text: str) -> str:
-    try:
-        parse_init(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def swin_backbone_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -916,71 +905,6 @@ def _run_training(config: TrainConfig) -> dict:
     return finite_or_none(summary)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training options, shared by ``dgiqa train`` and ``jobs/train_dgiqa.py``."""
-    data = parser.add_argument_group("labels and images")
-    add_label_arguments(data, "generic layout: labels are DMOS-like; they are flipped (1 - x) for training")
-    data.add_argument("--label-range", type=float_pair, metavar="LO,HI",
-                      help="map LO..HI to 0..1 (default: the layout's published scale; generic: min-max)")
-    data.add_argument("--storage-options", type=json_object, default={},
-                      help="fsspec options as JSON for every URI; credentials come from the environment")
-    add_read_limit_arguments(data, "the --images-prefix, else the label file's folder")
-
-    out = parser.add_argument_group("models and output")
-    out.add_argument("--output", required=True, metavar="URI",
-                     help="folder or fsspec URI for checkpoints, metrics and summary; a rerun resumes there")
-    out.add_argument("--init", required=True, type=_init_arg, metavar="SPEC",
-                     help="dgiqa:URI (a published DGIQA checkpoint), swin:URI (timm Swin-T ImageNet classifier "
-                          "weights, loaded into both branches) or random")
-    out.add_argument("--depth-weights", required=True, metavar="URI", help="URI of the Depth Anything checkpoint")
-    out.add_argument("--encoder", default="auto", choices=ENCODER_CHOICES,
-                     help="Depth Anything encoder; auto reads it from the checkpoint (default: auto)")
-    out.add_argument("--depth-version", default="v1", choices=("v1", "v2"), help="Depth Anything version (v1)")
-    out.add_argument("--depth-input-size", type=positive_int, default=518,
-                     help="lower bound of the depth-model input side (518 as published; smaller is faster and "
-                          "gives other maps)")
-    out.add_argument("--depth-cache", metavar="URI",
-                     help="depth-map cache root (default: depth_cache next to the label file)")
-
-    hp = parser.add_argument_group("recipe")
-    hp.add_argument("--epochs", type=positive_int, default=20, help="epochs (20)")
-    hp.add_argument("--batch-size", type=positive_int, default=16,
-                    help="crops per optimizer step over all workers (16)")
-    hp.add_argument("--lr", type=float, help="peak learning rate (default 2e-5 with --init dgiqa:, else 1e-4)")
-    hp.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine (0)")
-    hp.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (0.01)")
-    hp.add_argument("--consistency-weight", type=float, default=0.1, metavar="LAMBDA",
-                    help="weight of the hflip-consistency loss (0.1; 0 turns it off)")
-    hp.add_argument("--crops-per-image", type=positive_int, default=1, help="random crops per image per epoch (1)")
-    hp.add_argument("--val-crops", type=positive_int, default=20,
-                    help="crops per held-out image, at inference's fixed positions (20)")
-    hp.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (0.2)")
-    hp.add_argument("--splits", type=positive_int, default=1,
-                    help="random splits with seeds SEED..SEED+K-1, each in split_<k>/, median reported (1)")
-    hp.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and crops (0)")
-    hp.add_argument("--freeze-backbones", action="store_true",
-                    help="train the bridges, attention and head only (small datasets, fast CPU trials)")
-    hp.add_argument("--freeze-bn", action="store_true",
-                    help="keep BatchNorm layers on their running statistics (small batches; fine-tuning)")
-    hp.add_argument("--no-baseline", dest="baseline", action="store_false",
-                    help="skip evaluating the untrained model (epoch 0 of the metrics log)")
-
-    ray_group = parser.add_argument_group("cluster")
-    ray_group.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (1)")
-    ray_group.add_argument("--gpus", type=float, default=0.0, help="GPUs per worker; 0 trains on CPUs (0)")
-    ray_group.add_argument("--cpus-per-worker", type=float, default=2.0, help="CPUs per worker (2)")
-    ray_group.add_argument("--loader-workers", type=non_negative_int, default=2,
-                           help="image-decoding processes per worker (2; 0 decodes in the training loop)")
-    ray_group.add_argument("--depth-actors", type=non_negative_int,
-                           help="actors computing missing depth maps (default: --workers; 0 on the driver)")
-    ray_group.add_argument("--depth-batch", type=positive_int, default=4, help="depth inputs per forward pass (4)")
-    ray_group.add_argument("--max-failures", type=non_negative_int, default=0,
-                           help="worker failures to recover from, resuming after the last finished epoch (0)")
-    ray_group.add_argument("--ray-storage", metavar="URI",
-                           help="Ray Train's storage_path for its run records (default: Ray's)")
-    return parser
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A ``TrainConfig`` from parsed ``add_arguments`` options.
 
@@ -1023,15 +947,3 @@ def run_command(args: argparse.Namespace, prog: str = "dgiqa") -> int:
         return EXIT_RUN_FAILED
     print(json.dumps(summary, indent=2, sort_keys=True), flush=True)
     return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the ``train`` subcommand to the ``dgiqa`` parser's subcommands."""
-    train = commands.add_parser(
-        "train", help="fine-tune DGIQA on labelled images with Ray Train (checkpoints, metrics, resume)",
-        description="Fine-tune DGIQA on opinion scores with Ray Train; a rerun with the same --output resumes.",
-        epilog="See pipeline/train.py for the recipe and its defaults.")
-    add_arguments(train)
-    train.set_defaults(run=run_command)
-
-

@@ -46,8 +46,9 @@ from PIL import Image
 
 from pipeline.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
 from pipeline.labels import LIVE_MOS, LabelError, Labels, absolute_uri
+from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.metrics import finite_or_none
-from pipeline.objects import DEFAULT_MAX_BYTES, ObjectTooLarge
+from pipeline.objects import ObjectTooLarge
 from pipeline.output import atomic_target
 from pipeline.preprocess import (
     ImageError,

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import evaluate
+from pipeline.cli import evaluate as cli_evaluate
 from pipeline.labels import read_labels
 from pipeline.metrics import compute_metrics, density_separation
 from pipeline.output import RESULT_SCHEMA
@@ -68,7 +69,7 @@ def dataset(tmp_path):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgiqa")
-    evaluate.register(parser.add_subparsers(dest="command", required=True))
+    cli_evaluate.register(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline import report
+from pipeline.cli import report as cli_report
 from pipeline.models.depth_anything import build_depth_anything
 from pipeline.output import RESULT_SCHEMA
 from pipeline.preprocess import PreprocessConfig, decode_image, depth_to_map, prepare_image
@@ -176,7 +177,7 @@ def parse(page: str) -> Node:
 def _run(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
-    report.register(commands)
+    cli_report.register(commands)
     args = parser.parse_args(["report", *argv])
     return args.run(args)
 
@@ -674,7 +675,7 @@ def test_over_the_byte_limit_and_signed_urls_are_told_without_secrets(library, t
 
 def test_thumbnail_threads_fit_in_half_the_free_memory():
     """A 100-megapixel image may take about 1 GiB while decoded: a small machine decodes fewer at once."""
-    from pipeline.objects import DEFAULT_MAX_BYTES
+    from pipeline.limits import DEFAULT_MAX_BYTES
     from pipeline.preprocess import preprocess_peak_bytes
 
     config = report.ReportConfig("out")

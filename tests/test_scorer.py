@@ -152,7 +152,7 @@ def test_scorer_options_defaults_are_the_configs_defaults():
     import dataclasses
 
     from pipeline.job import JobConfig
-    from pipeline.models.registry import SCORER_OPTIONS, get_scorer, scorer_names
+    from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, scorer_names
 
     job_defaults = {f.name: f.default for f in dataclasses.fields(JobConfig)}
     assert {name: job_defaults[name] for name in SCORER_OPTIONS} == {n: o.default for n, o in SCORER_OPTIONS.items()}

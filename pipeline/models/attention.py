@@ -14,7 +14,10 @@ so one walk over the modules sets the mode of a whole model.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # argument parsers import ATTENTION_MODES: no torch before a flag is parsed
+    from torch import nn
 
 ATTENTION_MODES = ("sdpa", "math")
 

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.attention import set_attention
-from pipeline.models.registry import ScorerSpec
 
 SWIN_VARIANT = "swin_tiny_patch4_window7_224"
 CROP_SIZE = 224
@@ -205,14 +204,3 @@ def build_dgiqa() -> DGIQA:
     set_attention(model, "sdpa")  # timm keeps Swin's fused window attention off unless told
     return model
 
-
-SCORER = ScorerSpec(
-    name="dgiqa",
-    summary="DGIQA (Ramesh et al.): Swin-T RGB and depth branches, mean of random 224 px crops",
-    builder="pipeline.models.dgiqa:build_dgiqa",
-    filter_fn="pipeline.models.dgiqa:checkpoint_filter_fn",
-    preprocessing="pipeline.preprocess:prepare_bytes",
-    runner="pipeline.scorer:Scorer",
-    output_scale="[0, 1] from a sigmoid, higher is better (the training set's MOS scaled to [0, 1])",
-    needs_depth=True,
-)

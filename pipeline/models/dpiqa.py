@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import efficientnet_b7
 
-from pipeline.models.registry import ScorerSpec
-
 INPUT_SIZE = 512
 FEATURE_CHANNELS = 2560
 FEATURE_STRIDE = 32
@@ -33,10 +31,6 @@ HEAD_CHANNELS = 8
 HEAD_GRID = 64
 HIDDEN_FEATURES = 512
 NUM_CHECKPOINT_KEYS = 1206
-SCORE_SCALE = (
-    "about MOS/100 on the training set's scale (KonIQ-10k student: roughly 0-1); the raw output of the last "
-    "linear layer, no sigmoid, so a score can fall slightly outside that range"
-)
 
 _DATA_PARALLEL_PREFIX = "module."
 
@@ -54,8 +48,9 @@ def _efficientnet_b7_features() -> nn.Module:
 class DpiqaStudent(nn.Module):
     """The DP-IQA student network: ``forward(images)`` returns one raw quality score per image.
 
-    Scores are on the scale of the training set's labels divided by 100 (see ``SCORE_SCALE``). They are not
-    squashed by a sigmoid, as the authors report them, so they are comparable with published numbers.
+    Scores are on the scale of the training set's labels divided by 100 (the scorer's ``output_scale`` in
+    ``pipeline/scorers/dpiqa_student.py``). They are not squashed by a sigmoid, as the authors report them, so they
+    are comparable with published numbers.
     """
 
     def __init__(self):
@@ -106,15 +101,3 @@ def build_dpiqa_student() -> DpiqaStudent:
     """Build the DP-IQA student architecture with random weights, in eval mode (BatchNorm running statistics)."""
     return DpiqaStudent().eval()
 
-
-SCORER = ScorerSpec(
-    name="dpiqa-student",
-    summary="DP-IQA student (EfficientNet-B7 distilled from a diffusion teacher): one pass per 512x512 image",
-    builder="pipeline.models.dpiqa:build_dpiqa_student",
-    filter_fn="pipeline.models.dpiqa:checkpoint_filter_fn",
-    preprocessing="pipeline.dpiqa_preprocess:prepare_for_scoring",
-    runner="pipeline.single_pass:SinglePassScorer",
-    to_tensor="pipeline.dpiqa_preprocess:to_tensor",
-    output_scale=SCORE_SCALE,
-    backbone="efficientnet_b7",
-)

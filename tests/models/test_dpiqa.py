@@ -12,13 +12,13 @@ from torch import nn
 from pipeline.models.dpiqa import (
     INPUT_SIZE,
     NUM_CHECKPOINT_KEYS,
-    SCORE_SCALE,
     DpiqaStudent,
     build_dpiqa_student,
     checkpoint_filter_fn,
 )
 from pipeline.sample import synthetic_photo
 from pipeline.scorer import ScorerConfig, make_scorer
+from pipeline.scorers.registry import get_scorer
 from pipeline.weights import WeightsError, load_strict, read_checkpoint
 from tests.conftest import DATA, SKIMAGE_DATA, read_layout
 
@@ -76,7 +76,8 @@ def test_builder_returns_eval_mode_without_classifier(model):
     assert isinstance(model.base_model.avgpool, nn.Identity)
     assert isinstance(model.base_model.classifier, nn.Identity)
     assert INPUT_SIZE == 512
-    assert "MOS/100" in SCORE_SCALE and "no sigmoid" in SCORE_SCALE
+    scale = get_scorer("dpiqa-student").output_scale
+    assert "MOS/100" in scale and "no sigmoid" in scale
 
 
 def test_strict_load_round_trip_with_and_without_data_parallel_prefix(state):

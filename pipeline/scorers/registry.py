@@ -1,10 +1,10 @@
 """The scorer registry: which image-quality models the pipeline can run, and how each is put together.
 
-A scorer is declared by a ``SCORER = ScorerSpec(...)`` constant in its own module under ``pipeline/models/``;
-the registry finds those modules itself, so adding a scorer means adding its model module (with the spec),
-its preprocessing, and their tests, and nothing else. A spec names its parts by ``"module:attribute"``
-references, resolved when used, so a spec can name pipeline code (its preprocessing, its runner) without the
-model module importing the pipeline.
+A scorer is declared by a ``SCORER = ScorerSpec(...)`` constant in its own module in this package
+(``pipeline/scorers/<name>.py``); the registry finds those modules itself, so adding a scorer means adding that
+module, its model (``pipeline/models/``), its preprocessing, and their tests, and nothing else. A spec names its
+parts by ``"module:attribute"`` references, resolved when used: declaring a scorer loads neither torch nor the
+model, so every command's ``--help`` lists the scorers and their options at once.
 
 What a spec names:
 
@@ -13,14 +13,13 @@ What a spec names:
 * ``preprocessing``: ``(bytes, PreprocessConfig, **options) -> prepared item``, the CPU-side work done in Ray
   tasks before the GPU actors;
 * ``runner``: the class that loads weights and scores prepared items (one per actor);
+* ``options``: which of the model-specific options (``SCORER_OPTIONS``: ``--crops``, ``--encoder``, ...) it uses;
 * ``output_scale``: what the raw score means, recorded in every run summary.
 
-Which of the model-specific options (``SCORER_OPTIONS``: ``--crops``, ``--encoder``, ``--exif-transpose``, ...) a
-scorer uses is declared by the code that reads them: the ``uses_options`` attribute of its runner class and of its
-preprocessing function (which receives those options as keyword arguments). ``ScorerSpec.options`` collects them,
-so the declaration cannot drift from what the code reads. An option a scorer does not use is refused when set
-(``check_options``), never silently ignored: a run that asked for 40 crops of a model that takes none would
-otherwise be recorded as if the request had been honoured.
+The code that reads the options declares them too (the ``uses_options`` attribute of the runner class and of the
+preprocessing function, which receives them as keyword arguments); a test holds the two declarations equal. An
+option a scorer does not use is refused when set (``check_options``), never silently ignored: a run that asked
+for 40 crops of a model that takes none would otherwise be recorded as if the request had been honoured.
 """
 
 from __future__ import annotations
@@ -44,11 +43,13 @@ class ScorerOption:
         in_model_id: The ``model_id`` already names its effect (the depth weights, encoder and version), so the
             job's run key need not; the other options change rows without changing ``model_id`` and enter the
             run key.
+        choices: The values the flag accepts, where it is a choice.
     """
 
     name: str
     default: object
     in_model_id: bool = False
+    choices: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -56,16 +57,22 @@ class ScorerOption:
         return "--" + self.name.replace("_", "-")
 
 
-# Defaults are PreprocessConfig's and JobConfig's (a test holds them equal); models never import the pipeline.
+# Defaults are PreprocessConfig's and JobConfig's, the choices Depth Anything's (tests hold them equal).
 SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("depth_weights", None, in_model_id=True),
-    ScorerOption("encoder", "auto", in_model_id=True),
-    ScorerOption("depth_version", "v1", in_model_id=True),
+    ScorerOption("encoder", "auto", in_model_id=True, choices=("auto", "vits", "vitb", "vitl")),
+    ScorerOption("depth_version", "v1", in_model_id=True, choices=("v1", "v2")),
     ScorerOption("crops", 20),
     ScorerOption("depth_input_size", 518),
     ScorerOption("draft_decode", False),
     ScorerOption("exif_transpose", False),
 )}
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Model arithmetic every scorer offers: fp32 (the published numbers) or bf16/fp16 autocast."""
+
+DEVICES = ("auto", "cpu", "cuda")
+"""Where a scorer runs; auto picks CUDA when there is one."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class ScorerSpec:
         filter_fn: ``module:function`` remapping checkpoint keys to the network's.
         preprocessing: ``module:function`` from image bytes and a ``PreprocessConfig`` to a prepared item.
         runner: ``module:Class`` taking a ``ScorerConfig``: loads the weights, scores prepared items.
+        options: Names of the ``SCORER_OPTIONS`` it uses.
         output_scale: What the score means (range, direction, the scale it was trained on).
         backbone: Written to the output's ``encoder`` column when the scorer has no depth model.
         to_tensor: ``module:function`` from a batch of prepared uint8 arrays to the network's input tensor,
@@ -92,25 +100,17 @@ class ScorerSpec:
     filter_fn: str
     preprocessing: str
     runner: str
+    options: frozenset[str]
     output_scale: str
     backbone: str = ""
     to_tensor: str = ""
     needs_depth: bool = False
 
-    @property
-    def options(self) -> frozenset[str]:
-        """Names of the ``SCORER_OPTIONS`` this scorer uses: those its runner and its preprocessing declare.
-
-        Raises:
-            RuntimeError: A part declares an option ``SCORER_OPTIONS`` does not know (a typo would otherwise make
-                the option look unused and refuse it).
-        """
-        declared = frozenset().union(*(getattr(resolve(ref), "uses_options", ())
-                                       for ref in (self.runner, self.preprocessing)))
-        unknown = declared - SCORER_OPTIONS.keys()
+    def __post_init__(self):
+        # A typo would otherwise make the option look unused and refuse it.
+        unknown = self.options - SCORER_OPTIONS.keys()
         if unknown:
             raise RuntimeError(f"scorer {self.name!r} declares unknown options {sorted(unknown)}")
-        return declared
 
     @property
     def preprocessing_options(self) -> frozenset[str]:
@@ -126,7 +126,7 @@ def resolve(reference: str):
 
 @cache
 def _specs() -> dict[str, ScorerSpec]:
-    import pipeline.models as package
+    import pipeline.scorers as package
 
     found: dict[str, ScorerSpec] = {}
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
@@ -202,6 +202,11 @@ def resolve_options(model: str, given: Mapping[str, object]) -> dict[str, object
     check_options(model, [name for name, value in given.items() if value is not None])
     return {name: option.default if given.get(name) is None else given[name]
             for name, option in SCORER_OPTIONS.items()}
+
+
+def summaries() -> str:
+    """One line per scorer, ``name: summary``, for help texts."""
+    return "; ".join(f"{name}: {spec.summary}" for name, spec in _specs().items())
 
 
 def used_by(name: str) -> str:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 
 from pipeline.argtypes import byte_size, json_object, positive_int
+from pipeline.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.models.attention import ATTENTION_MODES
-from pipeline.models.registry import scorer_names, used_by
-from pipeline.objects import DEFAULT_MAX_BYTES
-from pipeline.preprocess import PreprocessConfig
-from pipeline.scorer import ENCODER_CHOICES, PRECISIONS
+from pipeline.scorers.registry import PRECISIONS, SCORER_OPTIONS, scorer_names, summaries, used_by
 
 
 def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_default: str,
@@ -27,12 +25,12 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
         depth_input_size: Whether the command offers ``--depth-input-size`` (the job does).
     """
     parser.add_argument("--model", default="dgiqa", choices=scorer_names(),
-                        help="which scorer: dgiqa (default) or dpiqa-student (one pass per image, no depth model)")
+                        help=f"which scorer (default {scorer_names()[0]}): {summaries()}")
     parser.add_argument("--depth-weights", help="URI of the Depth Anything checkpoint "
                                                 f"({used_by('depth_weights')}, required there)")
-    parser.add_argument("--encoder", choices=ENCODER_CHOICES,
+    parser.add_argument("--encoder", choices=SCORER_OPTIONS["encoder"].choices,
                         help=f"Depth Anything encoder; auto reads it from the checkpoint ({used_by('encoder')}; auto)")
-    parser.add_argument("--depth-version", choices=("v1", "v2"),
+    parser.add_argument("--depth-version", choices=SCORER_OPTIONS["depth_version"].choices,
                         help=f"Depth Anything version ({used_by('depth_version')}; v1)")
     parser.add_argument("--crops", type=positive_int, help=f"random 224x224 crops per image ({used_by('crops')}; 20)")
     if depth_input_size:
@@ -46,13 +44,13 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
     parser.add_argument("--draft-decode", action="store_true", default=None,
                         help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see "
                              f"README; {used_by('draft_decode')})")
-    parser.add_argument("--max-pixels", type=positive_int, default=PreprocessConfig.max_pixels,
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (%(default)s)")
     parser.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
                         help=f"prefix images may be read from (repeatable; default: {allow_prefix_default})")
     parser.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
                         help="refuse objects larger than this, unread where the size is known (256MiB)")
-    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, scores "
                              "move slightly, see README)")
     parser.add_argument("--compile", action="store_true",

@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 
-from pipeline.models.registry import get_scorer, resolve, scorer_names
 from pipeline.scorer import ScorerConfig
+from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, resolve, scorer_names
 
 
 def test_both_scorers_are_registered_dgiqa_first():
@@ -28,3 +30,24 @@ def test_depth_weights_are_required_only_where_a_depth_model_is_used():
     with pytest.raises(ValueError, match="--depth-weights is required for --model dgiqa"):
         ScorerConfig(weights="w.pth")
     assert ScorerConfig(weights="w.pth", model="dpiqa-student").depth_weights is None
+
+
+@pytest.mark.parametrize("name", ["dgiqa", "dpiqa-student"])
+def test_a_spec_declares_exactly_the_options_its_code_reads(name):
+    """The light declaration (what ``--help`` and the checks use) agrees with what runner and preprocessing read."""
+    spec = get_scorer(name)
+    read = set().union(*(getattr(resolve(ref), "uses_options", ()) for ref in (spec.runner, spec.preprocessing)))
+    assert spec.options == read
+
+
+def test_the_option_choices_are_the_depth_models():
+    from pipeline.models import depth_anything as da
+
+    assert SCORER_OPTIONS["encoder"].choices == ("auto", *da.ENCODERS)
+    assert SCORER_OPTIONS["depth_version"].choices == da.VERSIONS
+
+
+def test_a_spec_with_an_unknown_option_is_refused_when_declared():
+    spec = get_scorer("dgiqa")
+    with pytest.raises(RuntimeError, match=r"declares unknown options \['crop'\]"):
+        dataclasses.replace(spec, options=frozenset({"crop"}))
