@@ -19,7 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.preprocess import IMAGENET_MEAN, IMAGENET_STD, depth_input_size, normalize_to_tensor, short_side_size
+from pipeline.scoring.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    depth_input_size,
+    normalize_to_tensor,
+    short_side_size,
+)
 
 CROP = 224
 

@@ -3,7 +3,7 @@
 Both answer the night's central question, which manifest rows (URI, ETag, size) the history does not hold
 as done, over a Parquet manifest of N rows and a history of N - NEW of them. Each runs in a fresh process,
 its RSS sampled while it works (``ru_maxrss`` would include the forking parent's): DuckDB as the job runs
-it (``pipeline.plan.make_plan``, which also checks the allowlist, finds duplicates and numbers the shards),
+it (``pipeline.batch.plan.make_plan``, which also checks the allowlist, finds duplicates and numbers the shards),
 Ray Data (which needs ``polars`` for joins) as ``read_parquet`` of both, then
 ``Dataset.join(join_type="left_anti")`` on the three key columns, counted, on a local Ray of this
 machine's CPUs.
@@ -28,15 +28,15 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
-from pipeline.resources import PeakRss
+from pipeline.batch.resources import PeakRss
 engine, manifest, history, new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 started = time.monotonic()
 rss = PeakRss(interval_s=0.01).__enter__()
 if engine == "duckdb":
     import fsspec
-    from pipeline.allowlist import Allowlist
-    from pipeline.manifest import open_manifest
-    from pipeline.plan import make_plan
+    from pipeline.batch.allowlist import Allowlist
+    from pipeline.batch.manifest import open_manifest
+    from pipeline.batch.plan import make_plan
     reader = open_manifest(manifest)
     fs, root = fsspec.core.url_to_fs(history)
     plan = make_plan(reader, Allowlist(["/"]), fs, root, "m@1", "2026-11-30", True, 1000)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.preprocess import (
+from pipeline.scoring.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreparedImage,
@@ -47,7 +47,7 @@ from pipeline.preprocess import (
     preprocess_peak_bytes,
     resize_short_side,
 )
-from pipeline.sample import synthetic_photo
+from pipeline.scoring.sample import synthetic_photo
 
 # Every format is measured at the first size; later sizes take --large-formats (a camera's JPEG, upright and turned).
 FORMATS = {

@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.output import RESULT_SCHEMA  # noqa: E402
-from pipeline.sample import depth_random_name, write_random_depth_anything, write_random_dgiqa  # noqa: E402
-from pipeline.scorer import ScorerConfig, check_models  # noqa: E402
+from pipeline.batch.output import RESULT_SCHEMA  # noqa: E402
+from pipeline.scoring.sample import depth_random_name, write_random_depth_anything, write_random_dgiqa  # noqa: E402
+from pipeline.scoring.scorer import ScorerConfig, check_models  # noqa: E402
 
 CHUNK = 2_000_000
 RUN_DATE, EARLIER = "2026-11-30", "2026-11-29"

@@ -40,10 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baseline import baseline_score  # noqa: E402
-from pipeline.preprocess import PreprocessConfig, depth_input_size, prepare_bytes  # noqa: E402
-from pipeline.resources import PeakRss  # noqa: E402
-from pipeline.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
-from pipeline.scorer import Scorer, ScorerConfig  # noqa: E402
+from pipeline.batch.resources import PeakRss  # noqa: E402
+from pipeline.scoring.preprocess import PreprocessConfig, depth_input_size, prepare_bytes  # noqa: E402
+from pipeline.scoring.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
+from pipeline.scoring.scorer import Scorer, ScorerConfig  # noqa: E402
 
 # Dense bf16 tensor peak by device name, for the fraction-of-peak figure (override with --peak-tflops).
 DEVICE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_job:
         import ray
 
-        from pipeline.job import JobConfig, run_job
+        from pipeline.batch.job import JobConfig, run_job
 
         manifest = work / "manifest.csv"
         manifest.write_text("uri\n" + "".join(f"{q.name}\n" for q in paths))

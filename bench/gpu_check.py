@@ -6,7 +6,7 @@ The product has never run on a GPU and a GPU machine is lent for about 15 minute
 knowing is measured by one command that cannot overrun: ``pytest tests/test_gpu.py``; the decode rate of the
 CPU cores (Pillow, OpenCV and the scorer's own ``prepare_bytes``, a process pool over the JPEGs' bytes) and of
 ``torchvision.io.decode_jpeg`` batched on the device; and, for each Depth Anything encoder (random weights from
-``pipeline.sample``), precision (bf16, fp32) and batch size, the scorer's rate on prepared 12 MP and 1024x768
+``pipeline.scoring.sample``), precision (bf16, fp32) and batch size, the scorer's rate on prepared 12 MP and 1024x768
 JPEGs (``score_prepared``: both models plus the driver's CPU work, the depth map's resize to the full image
 among it) beside the two models' forward passes alone (what the device could do if the CPU kept up). Each
 phase records images/s, TFLOP/s (``torch.utils.flop_counter``, counted with ``math`` attention as
@@ -66,9 +66,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_scoring import _flops, _phase, _spearman  # noqa: E402
 from pipeline.models.attention import set_attention  # noqa: E402
-from pipeline.preprocess import PreparedImage, PreprocessConfig, prepare_bytes  # noqa: E402
-from pipeline.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
-from pipeline.scorer import Scorer, ScorerConfig  # noqa: E402
+from pipeline.scoring.preprocess import PreparedImage, PreprocessConfig, prepare_bytes  # noqa: E402
+from pipeline.scoring.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
+from pipeline.scoring.scorer import Scorer, ScorerConfig  # noqa: E402
 
 ASSUMED_FRACTION_OF_PEAK = 0.4  # the end-to-end target, used to plan each phase's images
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -1,8 +1,8 @@
 """Nightly scoring job: ``ray job submit --working-dir . -- python jobs/score_bucket.py --manifest ... ``.
 
-Parses arguments and runs the job (``pipeline.cli.job``, then ``pipeline.job.run_job``). Runs the same directly (``python jobs/score_bucket.py``),
-joining the running Ray cluster or starting a local one. ``--demo`` runs it on generated images and random
-weights in a local folder that plays the bucket.
+Parses arguments and runs the job (``pipeline.cli.job``, then ``pipeline.batch.job.run_job``). Runs the same
+directly (``python jobs/score_bucket.py``), joining the running Ray cluster or starting a local one. ``--demo``
+runs it on generated images and random weights in a local folder that plays the bucket.
 
 Exit codes: 0 every row written (some images may have failed: see the summary), 1 the run failed and
 nothing was committed, 2 unusable arguments, manifest or weights.

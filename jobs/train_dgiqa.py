@@ -1,7 +1,7 @@
 """Fine-tuning job: ``ray job submit --working-dir . -- python jobs/train_dgiqa.py LABELS --output ... --init ...``.
 
-Parses arguments and calls ``pipeline.train.run_command`` (the recipe, its defaults and the output files are
-described in ``pipeline/train.py`` and ``--help``). Run directly (``python jobs/train_dgiqa.py``) it joins the
+Parses arguments and calls ``pipeline.training.train.run_command`` (the recipe, its defaults and the output files are
+described in ``pipeline/training/train.py`` and ``--help``). Run directly (``python jobs/train_dgiqa.py``) it joins the
 Ray cluster named by ``RAY_ADDRESS`` or started on this machine with ``ray start``, or starts a local one.
 Rerun with the same ``--output`` to resume after the last finished epoch.
 

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.output import RESULT_SCHEMA
-from pipeline.sample import synthetic_photo
+from pipeline.batch.output import RESULT_SCHEMA
+from pipeline.scoring.sample import synthetic_photo
 from tests.conftest import local_ray_without_auth
 from tests.s3proxy import FaultyProxy
 
@@ -248,7 +248,7 @@ def test_evaluate_weights_scores_only_allowed_images_and_lists_the_refused(hosti
 def test_the_default_allowlist_comes_from_the_command_line_never_from_the_rows(hostile):
     """Without --allow-prefix: the images prefix, else the label file's folder; the rows' absolute URIs (here
     ``file:///etc/passwd``, the metadata server, another bucket) allow nothing."""
-    from pipeline.labels import default_allow_prefixes, read_labels
+    from pipeline.analysis.labels import default_allow_prefixes, read_labels
 
     labels = read_labels(str(hostile.labels), "generic", str(hostile.images))
     assert default_allow_prefixes(labels) == (str(hostile.images),)
@@ -258,7 +258,7 @@ def test_the_default_allowlist_comes_from_the_command_line_never_from_the_rows(h
 def test_report_reads_no_hostile_ok_row_and_tells_why(hostile, tmp_path):
     """A part file anyone could have written under the output: ``ok`` rows naming every hostile URI."""
     from pipeline.cli import main
-    from tests.test_report import _row, parse
+    from tests.analysis.test_report import _row, parse
 
     h = hostile
     _reset(h)
@@ -292,7 +292,7 @@ def test_report_reads_no_hostile_ok_row_and_tells_why(hostile, tmp_path):
 def test_report_without_recorded_prefixes_reads_nothing(hostile, tmp_path):
     """No --allow-prefix and no summary recording the run's allowed prefixes: no row is read at all."""
     from pipeline.cli import main
-    from tests.test_report import _row, parse
+    from tests.analysis.test_report import _row, parse
 
     h = hostile
     _reset(h)

@@ -18,9 +18,9 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline.job import JobConfig, run_job
-from pipeline.sample import synthetic_photo
-from pipeline.stages import ScoreActor
+from pipeline.batch.job import JobConfig, run_job
+from pipeline.batch.stages import ScoreActor
+from pipeline.scoring.sample import synthetic_photo
 from tests import s3proxy
 from tests.processes import kill_process_tree
 from tests.s3proxy import FaultyProxy
@@ -235,7 +235,7 @@ def _hostile_corpus(folder: Path) -> dict[str, tuple[str, str | None]]:
     expected["page.jpg"] = ("error", "not a recognised image format")
     (folder / "notes.jpg").write_text("just some text\n")
     expected["notes.jpg"] = ("error", "not a recognised image format")
-    from tests.test_preprocess import _png_with_declared_size
+    from tests.scoring.test_preprocess import _png_with_declared_size
 
     (folder / "bomb.png").write_bytes(_png_with_declared_size(60_000, 60_000))
     expected["bomb.png"] = ("error", "decompression bomb")

@@ -13,8 +13,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.job import JobConfig, run_job
-from pipeline.stages import ScoreActor
+from pipeline.batch.job import JobConfig, run_job
+from pipeline.batch.stages import ScoreActor
 from tests.conftest import _free_port
 from tests.test_faults import FAST_JOB, _counts_close, _jpeg
 

@@ -6,7 +6,7 @@ Skipped, with the reason printed, where no CUDA device is.
 import pytest
 import torch
 
-from pipeline.preprocess import prepare_bytes
+from pipeline.scoring.preprocess import prepare_bytes
 from tests.test_published_parity import BF16_TOLERANCE, GOLDEN, SMALL, _image_bytes, _scorer
 
 pytestmark = [

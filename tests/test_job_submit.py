@@ -108,7 +108,7 @@ def test_ray_job_submit_scores_full_size_images_from_s3(ray_head, s3, checkpoint
 @pytest.mark.slow
 def test_ray_job_submit_fine_tunes_with_ray_train(ray_head, checkpoints, tmp_path):
     """``jobs/train_dgiqa.py`` submitted for real: Ray Train's workers import ``pipeline`` from the working dir."""
-    from tests.test_train import write_distortion_set
+    from tests.training.test_train import write_distortion_set
 
     address, env = ray_head
     labels = write_distortion_set(tmp_path / "ratings")

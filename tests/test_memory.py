@@ -15,10 +15,10 @@ import pytest
 import ray
 from PIL import Image
 
-from pipeline.job import JobConfig, run_job
-from pipeline.output import STATUS_OK
-from pipeline.resources import PeakRss
-from pipeline.stages import SCORE_COLUMNS, unpack_arrays, with_passthrough
+from pipeline.batch.job import JobConfig, run_job
+from pipeline.batch.output import STATUS_OK
+from pipeline.batch.resources import PeakRss
+from pipeline.batch.stages import SCORE_COLUMNS, unpack_arrays, with_passthrough
 
 N_IMAGES = 10_000
 OBJECT_STORE = 96 * 2**20

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.sample import synthetic_photo
+from pipeline.scoring.sample import synthetic_photo
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("ray", "s3fs", "duckdb", "aiohttp", "pillow_heif")

@@ -2,10 +2,10 @@
 
 ``tests/data/dgiqa_published_scores.json`` holds what the published ``single_image_inference.py`` (at the commit
 recorded there) printed and computed when it was run beside this project, on the seeded random weights that
-``pipeline.sample`` writes (their SHA-256 recorded there too) and on images the tests can read again: scikit-image's
-photographs, a checked-in EXIF-rotated JPEG and a generated 12 MP JPEG. Its depth maps for the small images are
-checked in as PNGs under ``tests/data/dgiqa_published_depth/``. No code of the published repository is here, only
-its numbers.
+``pipeline.scoring.sample`` writes (their SHA-256 recorded there too) and on images the tests can read again:
+scikit-image's photographs, a checked-in EXIF-rotated JPEG and a generated 12 MP JPEG. Its depth maps for the
+small images are checked in as PNGs under ``tests/data/dgiqa_published_depth/``. No code of the published
+repository is here, only its numbers.
 
 The weights are calibrated so that the scores spread across [0, 1] (``write_random_dgiqa``), and every tolerance
 below is at most a tenth of that spread: a swap of two images, crops cut elsewhere, a dropped EXIF rotation or
@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main as dgiqa
-from pipeline.preprocess import PreprocessConfig, prepare_bytes
-from pipeline.sample import synthetic_photo
-from pipeline.scorer import Scorer, ScorerConfig
+from pipeline.scoring.preprocess import PreprocessConfig, prepare_bytes
+from pipeline.scoring.sample import synthetic_photo
+from pipeline.scoring.scorer import Scorer, ScorerConfig
 from tests.conftest import DATA, SKIMAGE_DATA
 
 GOLDEN = json.loads((DATA / "dgiqa_published_scores.json").read_text())
@@ -182,7 +182,7 @@ def local_ray():
 @pytest.mark.slow
 def test_the_ray_job_writes_the_published_scores(local_ray, checkpoints, tmp_path):
     """Decoded in Ray tasks, three images a batch in the scoring actor, written and read back as Parquet."""
-    from pipeline.job import JobConfig, run_job
+    from pipeline.batch.job import JobConfig, run_job
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipeline.batch.output import RunOutput, output_schema
 from pipeline.cli import main as dgiqa
-from pipeline.output import RunOutput, output_schema
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 PREFIX = re.compile(r"^(dgiqa|dgiqa evaluate|dgiqa separation|train_dgiqa\.py): error: ")
@@ -25,7 +25,7 @@ MODEL = "dgiqa@aaaa+depth-anything-v1-vits@bbbb"
 
 
 def _job(name: str):
-    """``jobs/<name>.py`` imported in this process, for its ``main`` (see ``tests/test_score_bucket.py``)."""
+    """``jobs/<name>.py`` imported in this process, for its ``main`` (see ``tests/cli/test_score_bucket.py``)."""
     spec = importlib.util.spec_from_file_location(f"usage_errors_{name}", JOBS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,11 +12,11 @@ import fsspec
 import pytest
 import ray
 
-from pipeline.job import JobConfig, run_job
-from pipeline.output import visible_parquet_files
-from pipeline.sample import write_random_dgiqa
-from pipeline.stages import ScoreActor
-from pipeline.weights import WeightsError
+from pipeline.batch.job import JobConfig, run_job
+from pipeline.batch.output import visible_parquet_files
+from pipeline.batch.stages import ScoreActor
+from pipeline.scoring.sample import write_random_dgiqa
+from pipeline.scoring.weights import WeightsError
 from tests.test_faults import FAST_JOB, _jpeg_bucket
 
 

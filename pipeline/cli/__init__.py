@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipeline.allowlist import redact_text, redact_uri
+from pipeline.batch.allowlist import error_line
 from pipeline.cli import evaluate, report, score, train
 from pipeline.cli import filter as filter_scores
 from pipeline.cli.score import EXIT_IMAGE_FAILED
@@ -40,18 +40,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # WeightsError, OutputError and config errors are ValueErrors: one line naming the problem, no traceback.
         print(f"dgiqa: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def error_line(exc: BaseException) -> str:
-    """A user's error as one redacted line; an ``OSError`` as the path and what went wrong, without ``[Errno N]``.
-
-    Our own errors (``ValueError``) already name the flag, the URI and the fix; an ``OSError`` that escapes them
-    (a disk filling up mid-write, a file removed under the command) carries errno decoration users need not read.
-    """
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f"{redact_uri(str(exc.filename))}: " if exc.filename else ""
-        text = f"{where}{exc.strerror.lower()}"
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(redact_text(text).split())
-

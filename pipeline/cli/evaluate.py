@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from pipeline.argtypes import json_object, non_negative_int, positive_int
+from pipeline.cli.argtypes import json_object, non_negative_int, positive_int
 from pipeline.cli.label_args import add_label_arguments, add_read_limit_arguments
 
 
@@ -20,7 +20,7 @@ def _fraction(text: str) -> float:
 
 
 def _run(command: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from pipeline import evaluate
+    from pipeline.analysis import evaluate
 
     return getattr(evaluate, command)(args, parser)
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.argtypes import comma_list, float_pair, json_object
+from pipeline.cli.argtypes import comma_list, float_pair, json_object
 
 FILTER_FORMATS = ("parquet", "csv", "jsonl")
 
 
 def _filter_command(args: argparse.Namespace) -> int:
     """Select rows of the scores; where they go (format, a writable ``--out``) is settled before any is read."""
-    from pipeline import query
-    from pipeline.allowlist import redact_uri
-    from pipeline.output import check_writable
+    from pipeline.analysis import query
+    from pipeline.batch.allowlist import redact_uri
+    from pipeline.batch.output import check_writable
 
     flt = query.ScoreFilter(
         min_score=args.min_score, max_score=args.max_score, top=args.top, bottom=args.bottom,

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.allowlist import redact_text, redact_uri
-from pipeline.argtypes import int_range, positive_int
+from pipeline.batch.allowlist import redact_text, redact_uri
+from pipeline.cli.argtypes import int_range, positive_int
 from pipeline.cli.scorer_args import add_scorer_arguments
 from pipeline.limits import DEFAULT_PLAN_MEMORY_MB
 from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, resolve_options
 
 if TYPE_CHECKING:
-    from pipeline.job import JobConfig
+    from pipeline.batch.job import JobConfig
 
 PROG = "score_bucket.py"
 DESCRIPTION = "Nightly scoring job: ``ray job submit --working-dir . -- python jobs/score_bucket.py --manifest ... ``."
@@ -68,14 +68,14 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         ValueError: A model-specific option was given that ``--model`` does not use (checked before ``--demo``
             writes anything); ``main`` prints it as one line.
     """
-    from pipeline.job import JobConfig
+    from pipeline.batch.job import JobConfig
 
     options = resolve_options(args.model, {name: getattr(args, name) for name in SCORER_OPTIONS})
     fields = {"manifest": args.manifest, "output": args.output, "weights": args.weights}
     if get_scorer(args.model).needs_depth:
         fields["depth_weights"] = options["depth_weights"]
     if args.demo:
-        from pipeline.sample import write_demo_bucket
+        from pipeline.scoring.sample import write_demo_bucket
 
         demo = write_demo_bucket(Path(args.demo).resolve())
         logger.warning("demo run in %s with RANDOM weights: the scores mean nothing. Pass --weights and "
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from pipeline.job import JobError, run_job
-    from pipeline.manifest import ManifestError
-    from pipeline.weights import WeightsError
+    from pipeline.batch.job import JobError, run_job
+    from pipeline.batch.manifest import ManifestError
+    from pipeline.scoring.weights import WeightsError
 
     try:
         config = config_from_args(args, parser)

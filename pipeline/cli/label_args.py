@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.argtypes import byte_size
-from pipeline.label_layouts import LAYOUTS
+from pipeline.analysis.label_layouts import LAYOUTS
+from pipeline.cli.argtypes import byte_size
 from pipeline.limits import DEFAULT_MAX_BYTES
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.argtypes import byte_size, iso_date, json_object, non_negative_int
+from pipeline.cli.argtypes import byte_size, iso_date, json_object, non_negative_int
 from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.report import run_command
+    from pipeline.analysis.report import run_command
 
     return run_command(args)
 

@@ -21,11 +21,11 @@ EXIT_IMAGE_FAILED = 1
 
 
 def _score_command(args: argparse.Namespace) -> int:
-    from pipeline.allowlist import Allowlist, RejectedURI
-    from pipeline.preprocess import ImageError, PreprocessConfig
-    from pipeline.scorer import ScorerConfig, make_scorer
+    from pipeline.batch.allowlist import Allowlist, RejectedURI
+    from pipeline.batch.stages import read_image_bytes
     from pipeline.scorers.registry import SCORER_OPTIONS, resolve_options
-    from pipeline.stages import read_image_bytes
+    from pipeline.scoring.preprocess import ImageError, PreprocessConfig
+    from pipeline.scoring.scorer import ScorerConfig, make_scorer
 
     # Model-specific flags default to None so that one given for a model that does not use it is refused here.
     options = resolve_options(args.model, {name: getattr(args, name, None) for name in SCORER_OPTIONS})
@@ -87,7 +87,7 @@ def _folders_of(uris: Sequence[str]) -> list[str]:
     The command line is the user's own request, not data, so what it names is allowed; a symlink in one of those
     folders that leads elsewhere, ``..`` and ``::`` are still refused.
     """
-    from pipeline.allowlist import RejectedURI, normalize_prefix
+    from pipeline.batch.allowlist import RejectedURI, normalize_prefix
 
     folders = []
     for uri in uris:
@@ -99,7 +99,7 @@ def _folders_of(uris: Sequence[str]) -> list[str]:
 
 
 def _make_sample_command(args: argparse.Namespace) -> int:
-    from pipeline.sample import write_sample
+    from pipeline.scoring.sample import write_sample
 
     paths = write_sample(Path(args.folder), encoder=args.encoder)
     images = " ".join(str(p) for p in paths["images"])

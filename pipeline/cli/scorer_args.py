@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.argtypes import byte_size, json_object, positive_int
+from pipeline.cli.argtypes import byte_size, json_object, positive_int
 from pipeline.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.models.attention import ATTENTION_MODES
 from pipeline.scorers.registry import PRECISIONS, SCORER_OPTIONS, scorer_names, summaries, used_by

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.argtypes import float_pair, json_object, non_negative_int, positive_int
+from pipeline.cli.argtypes import float_pair, json_object, non_negative_int, positive_int
 from pipeline.cli.label_args import add_label_arguments, add_read_limit_arguments
 from pipeline.scorers.registry import SCORER_OPTIONS
 
 
 def _init_arg(text: str) -> str:
-    from pipeline.train import parse_init
+    from pipeline.training.train import parse_init
 
     try:
         parse_init(text)
@@ -20,8 +20,8 @@ def _init_arg(text: str) -> str:
 
 
 def run(args: argparse.Namespace, prog: str = "dgiqa") -> int:
-    """Train from parsed options (``pipeline.train.run_command``); returns the exit code."""
-    from pipeline.train import run_command
+    """Train from parsed options (``pipeline.training.train.run_command``); returns the exit code."""
+    from pipeline.training.train import run_command
 
     return run_command(args, prog=prog)
 
@@ -97,7 +97,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train", help="fine-tune DGIQA on labelled images with Ray Train (checkpoints, metrics, resume)",
         description="Fine-tune DGIQA on opinion scores with Ray Train; a rerun with the same --output resumes.",
-        epilog="See pipeline/train.py for the recipe and its defaults.")
+        epilog="See pipeline/training/train.py for the recipe and its defaults.")
     add_arguments(train)
     train.set_defaults(run=run)
 

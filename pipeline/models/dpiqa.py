@@ -6,7 +6,7 @@ publish for inference. The module reproduces the authors' student layer for laye
 then ``conv_transpose``, ``fc1``, ``fc2``, ``fc3``), so their files load with a strict load and no renaming.
 
 Data flow for a batch of 512x512 RGB images scaled to [0, 1] (no mean/std normalisation, see
-``pipeline.dpiqa_preprocess``):
+``pipeline.scoring.dpiqa_preprocess``):
 
 1. EfficientNet-B7 ``features`` (its pooling and classifier replaced by identities): 2560 channels at 1/32 scale,
    16x16 for a 512x512 input.

@@ -9,9 +9,9 @@ SCORER = ScorerSpec(
     summary="DP-IQA student (EfficientNet-B7 distilled from a diffusion teacher): one pass per 512x512 image",
     builder="pipeline.models.dpiqa:build_dpiqa_student",
     filter_fn="pipeline.models.dpiqa:checkpoint_filter_fn",
-    preprocessing="pipeline.dpiqa_preprocess:prepare_for_scoring",
-    runner="pipeline.single_pass:SinglePassScorer",
-    to_tensor="pipeline.dpiqa_preprocess:to_tensor",
+    preprocessing="pipeline.scoring.dpiqa_preprocess:prepare_for_scoring",
+    runner="pipeline.scoring.single_pass:SinglePassScorer",
+    to_tensor="pipeline.scoring.dpiqa_preprocess:to_tensor",
     options=frozenset({"exif_transpose"}),
     output_scale=("about MOS/100 on the training set's scale (KonIQ-10k student: roughly 0-1); the raw output of "
                   "the last linear layer, no sigmoid, so a score can fall slightly outside that range"),

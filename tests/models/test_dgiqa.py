@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.models.dgiqa import DGIQA, build_dgiqa, checkpoint_filter_fn
-from pipeline.weights import WeightsError, check_fits, load_strict, read_checkpoint
+from pipeline.scoring.weights import WeightsError, check_fits, load_strict, read_checkpoint
 from tests.conftest import read_layout
 
 

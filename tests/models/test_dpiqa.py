@@ -16,10 +16,10 @@ from pipeline.models.dpiqa import (
     build_dpiqa_student,
     checkpoint_filter_fn,
 )
-from pipeline.sample import synthetic_photo
-from pipeline.scorer import ScorerConfig, make_scorer
 from pipeline.scorers.registry import get_scorer
-from pipeline.weights import WeightsError, load_strict, read_checkpoint
+from pipeline.scoring.sample import synthetic_photo
+from pipeline.scoring.scorer import ScorerConfig, make_scorer
+from pipeline.scoring.weights import WeightsError, load_strict, read_checkpoint
 from tests.conftest import DATA, SKIMAGE_DATA, read_layout
 
 # Scores of the published student code (RomGai/DP-IQA) for the seeded random weights; how they were made is
@@ -202,7 +202,7 @@ def golden_image(entry: dict) -> bytes:
     """The encoded bytes of a recorded image: a scikit-image photograph, or a generated photo saved as PNG."""
     if entry["source"] == "skimage.data":
         return (SKIMAGE_DATA / entry["name"]).read_bytes()
-    assert entry["source"] == "pipeline.sample.synthetic_photo"
+    assert entry["source"] == "pipeline.scoring.sample.synthetic_photo"
     buffer = io.BytesIO()
     Image.fromarray(synthetic_photo(entry["height"], entry["width"], seed=entry["seed"])).save(buffer, "PNG")
     return buffer.getvalue()
@@ -219,7 +219,7 @@ def test_recorded_scores_spread_far_beyond_the_tolerance():
 
 def test_regenerated_weights_are_the_recorded_ones(dpiqa_student):
     recorded = GOLDEN["weights"]
-    assert recorded["generator"] == "pipeline.sample.write_random_dpiqa_student(path, seed=0)"
+    assert recorded["generator"] == "pipeline.scoring.sample.write_random_dpiqa_student(path, seed=0)"
     # Made with 1 and 2 torch threads alike: the calibration runs in float64 and lands on a grid, so the file is
     # the same bit for bit whatever the thread count, and the published scores below hold for it.
     assert set(recorded["sha256_by_torch_threads"].values()) == {recorded["sha256"]}

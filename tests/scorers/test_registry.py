@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from pipeline.scorer import ScorerConfig
 from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, resolve, scorer_names
+from pipeline.scoring.scorer import ScorerConfig
 
 
 def test_both_scorers_are_registered_dgiqa_first():

@@ -1,0 +1,192 @@
+"""Sample data for trying the product without the published weights: random checkpoints and generated photos.
+
+Scores computed with random weights are meaningless as quality judgements; they exercise every step of the
+real pipeline (and let tests run with no network). Files written here say ``random`` in their names.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision.ops import StochasticDepth
+
+from pipeline.models.depth_anything import build_depth_anything
+from pipeline.models.dgiqa import CROP_SIZE, build_dgiqa
+from pipeline.scoring.preprocess import normalize_to_tensor
+
+DGIQA_RANDOM = "dgiqa_random.safetensors"
+
+
+def depth_random_name(encoder: str = "vits") -> str:
+    """File name of a random Depth Anything V1 checkpoint for ``encoder``."""
+    return f"depth_anything_v1_{encoder}14_random.safetensors"
+
+
+def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return path
+
+
+def write_random_dgiqa(path: Path, seed: int = 0) -> Path:
+    """Save a random DGIQA checkpoint whose scores spread across [0, 1] from image to image.
+
+    With PyTorch's default initialisation every image scores within about 1e-3 of 0.5: a test tolerance
+    could then hide two images' scores swapped, crops cut in the wrong place or a broken depth path. So the
+    network keeps its seeded default weights, and only the final linear layer is replaced by one along the
+    first principal direction of the pooled features of a few generated crops, centred and scaled to a logit
+    standard deviation of 1 (the test photographs then score from about 0.17 to 0.95). The calibration runs in
+    float64 and the layer is rounded to float16 values, so the file is the same bit for bit wherever it is
+    made; the tests record its SHA-256 beside the published code's scores for it.
+    """
+    torch.manual_seed(seed)
+    model = build_dgiqa()
+    weight, bias = _spread_head(model, seed)
+    state = model.state_dict()
+    state["fc.weight"], state["fc.bias"] = weight, bias
+    return _save(state, path)
+
+
+def _spread_head(model: torch.nn.Module, seed: int, crops: int = 6, logit_std: float = 1.0,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fc`` weight and bias that spread the scores of ``model`` (see ``write_random_dgiqa``)."""
+    photos = [synthetic_photo(CROP_SIZE, CROP_SIZE, seed=seed + 1000 + i) for i in range(crops)]
+    rgb = torch.stack([normalize_to_tensor(p) for p in photos]).double()
+    # A stand-in depth map (darker is farther): enough to make the depth branch's features vary too.
+    depth = torch.stack([normalize_to_tensor((255 - p.mean(axis=2)).astype(np.uint8)) for p in photos]).double()
+    pooled = []
+    twin = copy.deepcopy(model).double()
+    twin.global_pool.register_forward_hook(lambda module, args, output: pooled.append(output.flatten(1)))
+    with torch.no_grad():
+        twin(rgb, depth)
+    features = pooled[0]
+    mean = features.mean(0)
+    direction = torch.linalg.svd(features - mean, full_matrices=False).Vh[0]
+    direction = direction * direction[direction.abs().argmax()].sign()  # SVD's sign is arbitrary: fix it
+    weight = direction * (logit_std / ((features - mean) @ direction).std())
+    bias = -(weight @ mean)
+    return (weight.to(torch.float16).float().reshape(1, -1).contiguous(),
+            bias.to(torch.float16).float().reshape(1).contiguous())
+
+
+def write_random_depth_anything(path: Path, encoder: str = "vits", seed: int = 0) -> Path:
+    """Save a random Depth Anything V1 checkpoint whose depth maps are not flat.
+
+    With default initialisation the final ReLU zeroes almost every output, so every depth map would be a
+    constant; a positive output bias keeps the maps varied, which the tests need to see depth at work.
+    """
+    torch.manual_seed(seed)
+    state = build_depth_anything(encoder).state_dict()
+    state["depth_head.scratch.output_conv2.2.bias"].fill_(0.5)
+    return _save(state, path)
+
+
+# Raw seed-0 scores of the test photographs lie in [0.033, 0.041]: centred on 0.5 and stretched 80 times.
+_DPIQA_RAW_CENTRE = 0.037
+_DPIQA_SCORE_GAIN = 80.0
+
+
+def _on_grid(values: torch.Tensor, step: float = 2.0**-20) -> torch.Tensor:
+    """``values`` rounded to multiples of ``step`` (about 1e-6).
+
+    A float64 sum's last-place differences (another thread count adds in another order, and a mean that is zero
+    comes out as noise of 1e-15) vanish in the rounding, so a file made from the result is the same bit for bit
+    on any machine.
+    """
+    return torch.round(values / step) * step + 0.0  # + 0.0 turns -0.0 (a rounded tiny negative) into 0.0
+
+
+def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
+    """Save a DP-IQA student checkpoint (a bare state dict, the authors' layout) with random weights.
+
+    With default initialisation and fresh BatchNorm statistics EfficientNet-B7's features all but vanish and
+    every image gets the same score; the running statistics are therefore set from two generated photos and
+    two noise images (one forward pass in training mode, stochastic depth off, in float64 and rounded to
+    multiples of 2^-20, so the statistics, and the file, do not depend on the thread count). Channels that are
+    nearly constant on those four images would then be divided by almost nothing and explode on real photographs
+    (scores in the thousands that move with the last float bit), so each BatchNorm's variances are floored at
+    their median. Last, the score layer gets a fixed gain and offset that spread the test photographs over
+    about [0.2, 0.8] with seed 0, so that a test tolerance of 1e-5 is far below the image-to-image differences.
+    """
+    from pipeline.models.dpiqa import INPUT_SIZE, build_dpiqa_student
+
+    torch.manual_seed(seed)
+    model = build_dpiqa_student()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average of the batches seen
+    rng = np.random.default_rng(seed)
+    side = INPUT_SIZE // 2  # the statistics are per channel: a smaller picture gives them at a quarter of the cost
+    photos = np.stack([synthetic_photo(side, side, seed=seed + i) for i in range(2)]
+                      + [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(2)])
+    model.train().double()
+    for module in model.modules():
+        if isinstance(module, StochasticDepth):
+            module.eval()  # every block on, as in inference, or the statistics would not fit the eval network
+    with torch.no_grad():
+        model(torch.from_numpy(photos).permute(0, 3, 1, 2).double().div(255))
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.clamp_(min=float(module.running_var.median()))
+                module.running_mean.copy_(_on_grid(module.running_mean))
+                module.running_var.copy_(_on_grid(module.running_var))
+        model.float()
+        model.fc3.weight.mul_(_DPIQA_SCORE_GAIN)
+        model.fc3.bias.sub_(_DPIQA_RAW_CENTRE).mul_(_DPIQA_SCORE_GAIN).add_(0.5)
+    return _save(model.eval().state_dict(), path)
+
+
+def synthetic_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 RGB image: sky gradient, ground plane, a few soft shapes and sensor noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    horizon = height * rng.uniform(0.4, 0.6)
+    sky = np.stack([110 + 60 * yy / height, 150 + 50 * yy / height, 235 - 30 * yy / height], axis=-1)
+    ground = np.stack([70 + 40 * yy / height, 110 + 30 * xx / width, 50 + 20 * yy / height], axis=-1)
+    img = np.where((yy < horizon)[..., None], sky, ground)
+    for _ in range(6):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        r = rng.uniform(0.05, 0.2) * min(height, width)
+        mask = np.clip(1.5 - np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / r, 0, 1)[..., None]
+        img = img * (1 - mask) + rng.uniform(20, 235, size=3) * mask
+    img += rng.normal(0, 4, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_sample(folder: Path, encoder: str = "vits") -> dict[str, list[Path] | Path]:
+    """Write sample images and random weights under ``folder``.
+
+    Returns:
+        ``images`` (paths), ``weights`` and ``depth_weights`` (paths).
+    """
+    images_dir, weights_dir = folder / "images", folder / "weights"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (h, w, fmt) in enumerate([(480, 640, "JPEG"), (768, 512, "JPEG"), (400, 600, "PNG")]):
+        path = images_dir / f"sample_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        Image.fromarray(synthetic_photo(h, w, seed=i)).save(path, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+        images.append(path)
+    return {
+        "images": images,
+        "weights": write_random_dgiqa(weights_dir / DGIQA_RANDOM),
+        "depth_weights": write_random_depth_anything(weights_dir / depth_random_name(encoder), encoder),
+    }
+
+
+def write_demo_bucket(folder: Path) -> dict[str, Path]:
+    """A local folder that plays the bucket for the job's demo: images, a CSV manifest, random weights.
+
+    Returns:
+        ``manifest``, ``output``, ``weights`` and ``depth_weights`` paths.
+    """
+    paths = write_sample(folder)
+    manifest = folder / "manifest.csv"
+    lines = ["uri,source"] + [f"{p.relative_to(folder).as_posix()},generated" for p in paths["images"]]
+    manifest.write_text("\n".join(lines) + "\n")
+    return {"manifest": manifest, "output": folder / "scores", "weights": paths["weights"],
+            "depth_weights": paths["depth_weights"]}

@@ -1,0 +1,358 @@
+"""The scorer: both models loaded once, images in, crop-averaged DGIQA scores out.
+
+The same ``Scorer`` serves the ``dgiqa score`` command and the Ray actor pool, so a score does not depend on
+how it was asked for. It is deliberately heavy to construct (weights are read, hashed and loaded) and cheap to
+call; its config is a small picklable dataclass that can be shipped to workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.models import depth_anything as da
+from pipeline.models.attention import ATTENTION_MODES, set_attention
+from pipeline.models.dgiqa import build_dgiqa
+from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
+from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS, changed_options, check_options, get_scorer, resolve
+from pipeline.scorers.registry import PRECISIONS as PRECISION_NAMES
+from pipeline.scoring.preprocess import (
+    PreparedImage,
+    PreprocessConfig,
+    depth_to_map,
+    prepare_bytes,
+    prepare_image,
+    quality_inputs,
+)
+from pipeline.scoring.weights import WeightsError, check_fits, load_strict, read_checkpoint
+
+ENCODER_CHOICES = SCORER_OPTIONS["encoder"].choices
+DEVICE_CHOICES = DEVICES
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """What to load and how to score; cheap to build and to pickle.
+
+    Attributes:
+        weights: URI of the scorer's checkpoint (DGIQA by default).
+        depth_weights: URI of the Depth Anything checkpoint (scorers that need depth: DGIQA).
+        encoder: Depth Anything encoder, or ``auto`` to read it from the checkpoint's shapes.
+        depth_version: ``v1`` (the published DGIQA pairing) or ``v2``.
+        device: ``auto`` (CUDA when this process sees a GPU), ``cpu`` or ``cuda``.
+        crop_batch: Crops per DGIQA forward pass; crops of several images share one pass. Default: 256 on a GPU
+            (a whole batch of images in one pass keeps it busy), 20 on a CPU: measured on 2 EPYC cores, 40 crops
+            a pass ran about 15 % slower per crop than 8 or 20 (its activations no longer stay in cache).
+        depth_batch: Same-size images per Depth Anything forward pass.
+        precision: ``fp32`` (the published numerics), or ``bf16``/``fp16`` autocast for speed on GPUs; the
+            benchmark records how far each moves the scores.
+        compile: Wrap both models in ``torch.compile`` (slow first batches; worth it for long runs on GPUs).
+        attention: ``sdpa`` (fused ``scaled_dot_product_attention``, the default: 1.7x faster Depth Anything on
+            a CPU) or ``math`` (the published explicit products); they differ in rounding only, see
+            ``pipeline.models.attention``.
+        preprocess: Resize, crop and safety limits.
+        storage_options: fsspec options for reading the weights.
+        model: Registered scorer name (``pipeline.scorers.registry``): ``dgiqa`` or ``dpiqa-student``.
+        exif_transpose: Rotate images upright by their EXIF orientation before the DP-IQA student's resize (off
+            as in the authors' code; see ``pipeline.scoring.dpiqa_preprocess``). DGIQA always applies the
+            orientation, as ``cv2.imread`` does, and refuses the option.
+
+    Model-specific settings (``options()``) that ``model`` does not use must keep their defaults: a config that
+    asks for something its scorer would ignore is refused rather than recorded as if honoured.
+    """
+
+    weights: str
+    depth_weights: str | None = None
+    encoder: str = "auto"
+    depth_version: str = "v1"
+    device: str = "auto"
+    crop_batch: int | None = None
+    depth_batch: int = 8
+    precision: str = "fp32"
+    compile: bool = False
+    attention: str = "sdpa"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    storage_options: Mapping | None = None
+    model: str = "dgiqa"
+    exif_transpose: bool = False
+
+    def __post_init__(self):
+        spec = get_scorer(self.model)
+        check_options(self.model, changed_options(self.options()))
+        if spec.needs_depth and not self.depth_weights:
+            raise ValueError(f"--depth-weights is required for --model {self.model}")
+        if self.encoder not in ENCODER_CHOICES:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODER_CHOICES)}, got {self.encoder!r}")
+        if self.depth_version not in da.VERSIONS:
+            raise ValueError(f"depth_version must be one of {', '.join(da.VERSIONS)}, got {self.depth_version!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        if (self.crop_batch is not None and self.crop_batch < 1) or self.depth_batch < 1:
+            raise ValueError(f"crop_batch and depth_batch must be at least 1, got {self.crop_batch}, "
+                             f"{self.depth_batch}")
+
+    def options(self) -> dict[str, object]:
+        """The model-specific settings by their ``SCORER_OPTIONS`` name (the job's field names)."""
+        return {"depth_weights": self.depth_weights, "encoder": self.encoder, "depth_version": self.depth_version,
+                "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_lower_bound,
+                "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose}
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """One image's result.
+
+    Attributes:
+        score: Mean of the crop scores, in [0, 1] (DGIQA); the raw output for single-pass scorers.
+        score_std: Population standard deviation of the crop scores (how much the crops disagree); ``None``
+            for scorers that make one pass over the whole image.
+        num_crops: Crops averaged (1 for single-pass scorers).
+        width: Width of the decoded, EXIF-oriented image.
+        height: Height of the decoded, EXIF-oriented image.
+    """
+
+    score: float
+    score_std: float | None
+    num_crops: int
+    width: int
+    height: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when this process can see a GPU, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this process sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which weights a scorer runs: what ``model_id`` in every output row identifies.
+
+    Attributes:
+        model_id: ``dgiqa@<sha256>+depth-anything-<version>-<encoder>@<sha256>`` for DGIQA,
+            ``<scorer>@<sha256>`` for scorers without a depth model.
+        encoder: The Depth Anything encoder found in the checkpoint (or the scorer's backbone).
+        dgiqa_sha256: SHA-256 of the scorer's weights file.
+        depth_sha256: SHA-256 of the Depth Anything weights file (empty without one).
+        output_scale: What the scores mean (from the scorer's registry entry).
+    """
+
+    model_id: str
+    encoder: str
+    dgiqa_sha256: str
+    depth_sha256: str = ""
+    output_scale: str = ""
+
+
+@dataclass(frozen=True)
+class DepthWeights:
+    """A Depth Anything checkpoint read, remapped and identified; the model is built from it on demand.
+
+    Attributes:
+        encoder: The encoder found in the checkpoint's shapes.
+        version: Depth Anything version (``v1`` or ``v2``).
+        sha256: SHA-256 of the weights file.
+        path: Where the weights came from (for messages).
+        state_dict: The remapped state dict.
+    """
+
+    encoder: str
+    version: str
+    sha256: str
+    path: str
+    state_dict: Mapping[str, torch.Tensor]
+
+    @property
+    def label(self) -> str:
+        """``depth-anything-<version>-<encoder>@<sha256>``: the depth half of a ``model_id``."""
+        return f"depth-anything-{self.version}-{self.encoder}@{self.sha256}"
+
+    def build(self, materialize: bool = True) -> nn.Module:
+        """The architecture with these weights loaded strictly (``materialize``), or only checked on meta."""
+        with contextlib.nullcontext() if materialize else torch.device("meta"):
+            model = da.build_depth_anything(self.encoder, self.version)
+        check = load_strict if materialize else check_fits
+        check(model, self.state_dict, f"Depth Anything {self.encoder} (--depth-weights {self.path})")
+        return model
+
+
+def read_depth_weights(uri: str, encoder: str = "auto", version: str = "v1",
+                       storage_options: Mapping | None = None) -> DepthWeights:
+    """Read a Depth Anything checkpoint and find its encoder; an explicit ``encoder`` must agree with it.
+
+    Raises:
+        WeightsError: The checkpoint cannot be read, is no Depth Anything, or holds another encoder.
+    """
+    ckpt = read_checkpoint(uri, storage_options)
+    state = da.checkpoint_filter_fn(ckpt.state_dict)
+    try:
+        found = da.encoder_of(state)
+    except KeyError as exc:
+        raise WeightsError(f"--depth-weights {ckpt.path}: {exc.args[0]}") from None
+    if encoder not in ("auto", found):
+        raise WeightsError(f"--encoder {encoder} was given, but --depth-weights {ckpt.path} holds a {found} model")
+    return DepthWeights(encoder=found, version=version, sha256=ckpt.sha256, path=ckpt.path, state_dict=state)
+
+
+def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn.Module, nn.Module]:
+    dgiqa_ckpt = read_checkpoint(config.weights, config.storage_options)
+    depth = read_depth_weights(config.depth_weights, config.encoder, config.depth_version, config.storage_options)
+    with contextlib.nullcontext() if materialize else torch.device("meta"):
+        dgiqa = build_dgiqa()
+    check = load_strict if materialize else check_fits
+    check(dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
+    depth_model = depth.build(materialize)
+    info = ModelInfo(model_id=f"dgiqa@{dgiqa_ckpt.sha256}+{depth.label}", encoder=depth.encoder,
+                     dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256,
+                     output_scale=get_scorer("dgiqa").output_scale)
+    return info, dgiqa, depth_model
+
+
+def check_models(config: ScorerConfig) -> ModelInfo:
+    """Read and hash the checkpoints and check them against the architectures, without building the models.
+
+    A job calls this on its driver to fail before any work when weights are unusable, and to know the
+    ``model_id`` it skips already-scored images by.
+
+    Raises:
+        WeightsError: A checkpoint cannot be read or does not fit its model.
+    """
+    if config.model == "dgiqa":
+        return _load_models(config, materialize=False)[0]
+    return resolve(get_scorer(config.model).runner).check(config)
+
+
+def make_scorer(config: ScorerConfig):
+    """The runner of ``config.model``, weights loaded: ``Scorer`` for DGIQA, the registry's class otherwise."""
+    return resolve(get_scorer(config.model).runner)(config)
+
+
+def prepare_item(data: bytes, config: ScorerConfig):
+    """The CPU-side preprocessing of ``config.model`` for one encoded image.
+
+    The preprocessing gets ``config.preprocess`` and, as keyword arguments, the options it declares it uses
+    (the DP-IQA student's ``exif_transpose``).
+
+    Raises:
+        ImageError: The bytes are not a scorable image.
+    """
+    spec = get_scorer(config.model)
+    values = config.options()
+    options = {name: values[name] for name in spec.preprocessing_options}
+    return resolve(spec.preprocessing)(data, config.preprocess, **options)
+
+
+class Scorer:
+    """DGIQA and Depth Anything, loaded once, scoring images the way the published inference does.
+
+    Args:
+        config: What to load.
+
+    Raises:
+        WeightsError: A checkpoint cannot be read or does not fit its model.
+        ValueError: The device cannot be used.
+    """
+
+    prepared_type = PreparedImage
+    # The options of the depth model, and of the DGIQA preprocessing this runner feeds its PreprocessConfig to.
+    uses_options = frozenset({"depth_weights", "encoder", "depth_version", "crops", "depth_input_size",
+                              "draft_decode"})
+
+    def __init__(self, config: ScorerConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.info, self.dgiqa, self.depth_model = _load_models(config, materialize=True)
+        self.dgiqa.to(self.device)
+        self.depth_model.to(self.device)
+        self.model_id = self.info.model_id
+        self.encoder = self.info.encoder
+        self._autocast_dtype = PRECISIONS[config.precision]
+        self.crop_batch = config.crop_batch or (256 if self.device.type == "cuda" else 20)
+        set_attention(self.dgiqa, config.attention)
+        set_attention(self.depth_model, config.attention)
+        if config.compile:
+            self.dgiqa = torch.compile(self.dgiqa)
+            self.depth_model = torch.compile(self.depth_model, dynamic=True)  # depth inputs vary in size
+
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    @torch.inference_mode()
+    def depth_maps(self, prepared: Sequence[PreparedImage]) -> list[np.ndarray]:
+        """The uint8 ``(H, W)`` depth map DGIQA sees for each image (its three channels are equal).
+
+        Images whose depth inputs have the same size share one forward pass (photos from one camera do).
+        """
+        maps: list[np.ndarray | None] = [None] * len(prepared)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(prepared):
+            by_shape.setdefault(tuple(item.depth_input.shape), []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.config.depth_batch):
+                chunk = indices[start:start + self.config.depth_batch]
+                x = torch.stack([prepared[i].depth_input for i in chunk]).to(self.device, non_blocking=True)
+                with self._autocast():
+                    depth = self.depth_model(x).float()
+                for j, i in enumerate(chunk):
+                    maps[i] = depth_to_map(depth[j], prepared[i].height, prepared[i].width)
+        return maps
+
+    def depth_map(self, rgb: np.ndarray) -> np.ndarray:
+        """The uint8 ``(H, W, 3)`` depth map DGIQA sees for an ``(H, W, 3)`` uint8 RGB image."""
+        gray = self.depth_maps([prepare_image(rgb, self.config.preprocess)])[0]
+        return np.repeat(gray[..., None], 3, axis=2)
+
+    @torch.inference_mode()
+    def score_prepared(self, prepared: Sequence[PreparedImage]) -> list[ImageScore]:
+        """Score prepared images; their crops share DGIQA forward passes."""
+        if not prepared:
+            return []
+        cfg = self.config.preprocess
+        rgb_crops, depth_crops = [], []
+        for item, depth_map in zip(prepared, self.depth_maps(prepared), strict=True):
+            image_crops, map_crops = quality_inputs(item.rgb_small, depth_map, cfg)
+            rgb_crops.append(image_crops)
+            depth_crops.append(map_crops)
+        all_rgb, all_depth = torch.cat(rgb_crops), torch.cat(depth_crops)
+        if self.device.type == "cuda":  # page-locked host memory: the copies below overlap with compute
+            all_rgb, all_depth = all_rgb.pin_memory(), all_depth.pin_memory()
+        step = self.crop_batch
+        with self._autocast():
+            crop_scores = torch.cat([
+                self.dgiqa(all_rgb[i:i + step].to(self.device, non_blocking=True),
+                           all_depth[i:i + step].to(self.device, non_blocking=True)).float().cpu()
+                for i in range(0, all_rgb.shape[0], step)
+            ])
+        results = []
+        for i, item in enumerate(prepared):
+            per_crop = crop_scores[i * cfg.num_crops:(i + 1) * cfg.num_crops]
+            results.append(ImageScore(score=per_crop.mean().item(), score_std=per_crop.std(correction=0).item(),
+                                      num_crops=cfg.num_crops, width=item.width, height=item.height))
+        return results
+
+    def score_images(self, images: Sequence[np.ndarray]) -> list[ImageScore]:
+        """Score decoded ``(H, W, 3)`` uint8 RGB images."""
+        return self.score_prepared([prepare_image(rgb, self.config.preprocess) for rgb in images])
+
+    def score_bytes(self, data: bytes) -> ImageScore:
+        """Decode and score one encoded image.
+
+        Raises:
+            ImageError: The bytes are not a scorable image.
+        """
+        return self.score_prepared([prepare_bytes(data, self.config.preprocess)])[0]
