@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baseline import baseline_score  # noqa: E402
+from pipeline.analysis.metrics import finite_or_none, srocc  # noqa: E402
 from pipeline.batch.resources import PeakRss  # noqa: E402
 from pipeline.scoring.preprocess import PreprocessConfig, depth_input_size, prepare_bytes  # noqa: E402
 from pipeline.scoring.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
@@ -105,10 +106,8 @@ def _decode_rate(paths: list[Path], preprocess: PreprocessConfig, repeats: int =
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3:
-        return None
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """``metrics.srocc`` (average ranks, so ties count as ties), or None for fewer than three or constant scores."""
+    return finite_or_none(srocc(a, b)) if len(a) >= 3 else None
 
 
 def _phase(name: str, run, n_images: int, flops: float, peak_tflops: float | None) -> tuple[dict, list[float]]:

@@ -41,7 +41,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import math
@@ -68,7 +67,7 @@ from bench.bench_scoring import _flops, _phase, _spearman  # noqa: E402
 from pipeline.models.attention import set_attention  # noqa: E402
 from pipeline.scoring.preprocess import PreparedImage, PreprocessConfig, prepare_bytes  # noqa: E402
 from pipeline.scoring.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
-from pipeline.scoring.scorer import Scorer, ScorerConfig  # noqa: E402
+from pipeline.scoring.scorer import Scorer, ScorerConfig, autocast  # noqa: E402
 
 ASSUMED_FRACTION_OF_PEAK = 0.4  # the end-to-end target, used to plan each phase's images
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -226,12 +225,6 @@ def _warm(run_once: Callable[[], object], target_s: float) -> float:
         run_once()
         warm = time.perf_counter() - began
     return warm
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def _gpu_memory(device: torch.device) -> dict:
@@ -428,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                         crops = torch.randn(batch * preprocess.num_crops, 3, 224, 224, device=device)
 
                         def once():
-                            with torch.inference_mode(), _autocast(device, precision):
+                            with torch.inference_mode(), autocast(device, precision):
                                 scorer.depth_model(depth_x)
                                 for i in range(0, crops.shape[0], scorer.crop_batch):
                                     scorer.dgiqa(crops[i:i + scorer.crop_batch], crops[i:i + scorer.crop_batch])

@@ -14,7 +14,6 @@ conditions apply to those latest rows.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import posixpath
 from collections.abc import Mapping, Sequence
@@ -29,14 +28,15 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.analysis.formats import FORMATS
 from pipeline.batch.output import PARTITION, RESULT_SCHEMA, STATUS_OK, STATUSES
+from pipeline.batch.run_dates import check_run_date
 
 PARTITIONING = pads.partitioning(pa.schema([pa.field(PARTITION, pa.string())]), flavor="hive")
 KEY = ("uri", "model_id")
 # The columns a selection writes unless asked otherwise: enough to feed the next job (uri, etag and size keep
 # its incremental mode working) and to see why each row was chosen. Manifest columns the job carried follow.
 DEFAULT_COLUMNS = ("uri", "score", "score_std", "model_id", PARTITION, "etag", "size_bytes", "width", "height")
-FORMATS = ("parquet", "csv", "jsonl")
 
 
 class QueryError(ValueError):
@@ -64,14 +64,6 @@ def open_scores(uri: str, storage_options: Mapping | None = None) -> pads.Datase
     merged = pa.unify_schemas([*schemas, PARTITIONING.schema], promote_options="permissive")
     return pads.dataset(found.files, filesystem=found.filesystem, format="parquet", schema=merged,
                         partitioning=PARTITIONING, partition_base_dir=root)
-
-
-def _check_date(name: str, value: str | None) -> None:
-    if value is not None:
-        try:
-            dt.date.fromisoformat(value)
-        except ValueError:
-            raise QueryError(f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -116,8 +108,9 @@ class ScoreFilter:
             raise QueryError(f"--quantiles must be LO,HI with 0 <= LO < HI <= 1, got {self.quantiles}")
         if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
             raise QueryError(f"--min-score {self.min_score} is above --max-score {self.max_score}")
-        _check_date("--from", self.date_from)
-        _check_date("--until", self.date_to)
+        for flag, value in (("--from", self.date_from), ("--until", self.date_to)):
+            if value is not None:
+                check_run_date(value, flag, QueryError)
         if self.date_from and self.date_to and self.date_from > self.date_to:
             raise QueryError(f"--from {self.date_from} is after --until {self.date_to}")
         unknown = set(self.statuses or ()) - set(STATUSES)

@@ -33,6 +33,7 @@ from pipeline.batch.manifest import ManifestReader, open_manifest
 from pipeline.batch.output import STATUS_ERROR, STATUSES, RunOutput, check_writable, output_schema
 from pipeline.batch.plan import Plan, PlannerConfig, make_plan
 from pipeline.batch.resources import PeakRss, peak_rss_bytes, rss_bytes
+from pipeline.batch.run_dates import check_run_date
 from pipeline.batch.stages import WEIGHTS_CHANGED
 from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.scorers.registry import SCORER_OPTIONS, changed_options, check_options, get_scorer
@@ -84,10 +85,7 @@ class JobConfig:
 
     def __post_init__(self):
         if self.run_date is not None:
-            try:
-                dt.date.fromisoformat(self.run_date)
-            except ValueError:
-                raise ValueError(f"--run-date must be YYYY-MM-DD, got {self.run_date!r}") from None
+            check_run_date(self.run_date, "--run-date")
         if self.actors is not None and not 1 <= self.actors[0] <= self.actors[1]:
             raise ValueError(f"--actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")
         if (self.batch_size is not None and self.batch_size < 1) or self.crops < 1 or self.shard_rows < 1:

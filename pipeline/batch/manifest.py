@@ -41,6 +41,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.batch.allowlist import redact_text, redact_uri
+from pipeline.batch.output import protocol
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif")
 TABLE_EXTENSIONS = (".csv", ".csv.gz", ".parquet", ".jsonl", ".ndjson", ".json", ".jsonl.gz")
@@ -137,25 +138,20 @@ def _guarded(source: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Reco
                             f"{redact_text(str(exc))}") from None
 
 
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return "file" if proto in ("file", "local") else proto
-
-
 def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    proto = _protocol(fs)
+    proto = protocol(fs)
     return f"file://{path}" if proto == "file" else f"{proto}://{path}"
 
 
 def _home(fs: fsspec.AbstractFileSystem, path: str, is_dir: bool) -> str:
-    if _protocol(fs) == "file":
+    if protocol(fs) == "file":
         folder = path if is_dir else posixpath.dirname(path)
         return f"file://{folder.rstrip('/')}/"
-    if _protocol(fs) in ("http", "https"):  # a (presigned) URL: its folder, without the query
+    if protocol(fs) in ("http", "https"):  # a (presigned) URL: its folder, without the query
         parts = urlsplit(path)
         folder = parts.path if is_dir else posixpath.dirname(parts.path)
         return f"{parts.scheme}://{parts.netloc}{folder.rstrip('/')}/"
-    return f"{_protocol(fs)}://{path.split('/', 1)[0]}/"
+    return f"{protocol(fs)}://{path.split('/', 1)[0]}/"
 
 
 def _version(info: Mapping) -> str:
@@ -380,7 +376,7 @@ def _listing_pages(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[di
     S3 lists page by page (1,000 keys a request); a local folder is walked in path order; other stores are
     listed with ``find`` at once.
     """
-    if _protocol(fs) == "s3" and hasattr(fs, "_list_pages"):
+    if protocol(fs) == "s3" and hasattr(fs, "_list_pages"):
         bucket, _, prefix = path.partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         pages = fs._list_pages("list_objects_v2", Bucket=bucket, Prefix=prefix, **getattr(fs, "req_kw", {}))
@@ -391,7 +387,7 @@ def _listing_pages(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[di
                 return
             yield [{"name": f"{bucket}/{c['Key']}", "size": c.get("Size"), "ETag": c.get("ETag")}
                    for c in page.get("Contents", [])]
-    elif _protocol(fs) == "file":
+    elif protocol(fs) == "file":
         page = []
         for entry in _walk_sorted(path):
             page.append(entry)
@@ -451,7 +447,7 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
         home = _home(fs, path, is_dir)
         if is_dir:
             root = path.rstrip("/")
-            found = fs.find(root, detail=True) if _protocol(fs) != "file" else None
+            found = fs.find(root, detail=True) if protocol(fs) != "file" else None
             if found is None:
                 found = {e["name"]: e for e in _walk_sorted(root) if e["name"].lower().endswith(
                     FOLDER_TABLE_EXTENSIONS)}
@@ -459,7 +455,7 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
                            and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/")))
             if files:
                 return ManifestReader(uri, "folder", home, fs, path, tuple(
-                    (p, _version(fs.info(p) if _protocol(fs) == "file" else info)) for p, info in files))
+                    (p, _version(fs.info(p) if protocol(fs) == "file" else info)) for p, info in files))
             return ManifestReader(uri, "listing", home, fs, path)
         info = fs.info(path)
         if posixpath.basename(path) == "manifest.json":

@@ -86,10 +86,15 @@ def extra_column_names(extras: pa.Schema) -> dict[str, str]:
     return dict(zip(extras.names, schema.names[len(RESULT_SCHEMA):], strict=True))
 
 
+def protocol(fs: fsspec.AbstractFileSystem) -> str:
+    """An fsspec file system's protocol, ``file`` for the local disk (which fsspec also calls ``local``)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "file" if proto in ("file", "local") else proto
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether an fsspec file system is the local disk (renames are atomic, files can be memory-mapped)."""
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return proto in ("file", "local")
+    return protocol(fs) == "file"
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
+
+from pipeline.batch.run_dates import check_run_date
+from pipeline.limits import DEFAULT_MAX_BYTES
 
 
 def _int_at_least(text: str, minimum: int, expected: str) -> int:
@@ -71,10 +73,9 @@ def non_negative_int(text: str) -> int:
 def iso_date(text: str) -> str:
     """A calendar date ``YYYY-MM-DD``, kept as text (run dates are text partitions)."""
     try:
-        dt.date.fromisoformat(text)
+        return check_run_date(text, "the value")
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
-    return text
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
@@ -92,3 +93,28 @@ def byte_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
     return int(value)
+
+
+def add_storage_options(parser, applies_to: str) -> None:
+    """Add ``--storage-options``, the fsspec options of every URI a command reads or writes.
+
+    Args:
+        parser: An ``argparse`` parser or argument group.
+        applies_to: Which of the command's URIs the options apply to, for the help.
+    """
+    parser.add_argument("--storage-options", type=json_object, default={},
+                        help=f"fsspec options as JSON for {applies_to} (e.g. an S3 endpoint); credentials come "
+                             "from the environment, never from here")
+
+
+def add_read_limit_arguments(group, default_help: str) -> None:
+    """Add ``--allow-prefix`` and ``--max-bytes``, the limits on every image a command reads.
+
+    Args:
+        group: An ``argparse`` parser or argument group.
+        default_help: Where images may be read from when no ``--allow-prefix`` is given.
+    """
+    group.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
+                       help=f"prefix images may be read from (repeatable; default: {default_help})")
+    group.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
+                       help="refuse images larger than this, unread where the size is known (256MiB)")

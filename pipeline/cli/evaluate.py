@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from functools import partial
 
-from pipeline.cli.argtypes import json_object, non_negative_int, positive_int
-from pipeline.cli.label_args import add_label_arguments, add_read_limit_arguments
+from pipeline.cli.argtypes import add_read_limit_arguments, add_storage_options, non_negative_int, positive_int
+from pipeline.cli.label_args import add_label_arguments
 
 
 def _fraction(text: str) -> float:
@@ -49,9 +49,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed, for repeatable intervals (0)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--out", metavar="FILE", help="also write the JSON result here (any fsspec URI)")
-    ev.add_argument("--storage-options", type=json_object, default={},
-                    help="fsspec options as JSON for labels, images, scores and --out; credentials come from the "
-                         "environment")
+    add_storage_options(ev, "labels, images, scores and --out")
     ev.set_defaults(run=partial(_run, "evaluate_command", parser=ev))
 
     sep = commands.add_parser(
@@ -65,6 +63,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     sep.add_argument("--plot", metavar="SVG", help="write the histograms and fitted densities here as SVG")
     sep.add_argument("--bins", type=positive_int, default=20, help="histogram bins over [0, 1] (20)")
     sep.add_argument("--json", action="store_true", help="print the result as JSON")
-    sep.add_argument("--storage-options", type=json_object, default={},
-                     help="fsspec options as JSON for scores, manifests and --plot")
+    add_storage_options(sep, "scores, manifests and --plot")
     sep.set_defaults(run=partial(_run, "separation_command", parser=sep))

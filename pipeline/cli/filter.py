@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli.argtypes import comma_list, float_pair, json_object
-
-FILTER_FORMATS = ("parquet", "csv", "jsonl")
+from pipeline.analysis.formats import FORMATS
+from pipeline.cli.argtypes import add_storage_options, comma_list, float_pair
 
 
 def _filter_command(args: argparse.Namespace) -> int:
@@ -51,7 +50,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     flt.add_argument("output", metavar="OUTPUT_URI", help="the job's --output (folder or s3:// prefix)")
     flt.add_argument("--out", metavar="URI", help="write the selection here (.parquet/.csv/.jsonl); default: "
                      "standard output")
-    flt.add_argument("--format", choices=FILTER_FORMATS,
+    flt.add_argument("--format", choices=FORMATS,
                      help="output format: with --out, when the extension does not say; on standard output csv "
                           "(default), jsonl, or parquet when standard output is redirected (not to a terminal)")
     flt.add_argument("--min-score", type=float, help="keep scores >= this")
@@ -70,6 +69,5 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="consider every night's row, not only the latest per image and model")
     flt.add_argument("--columns", type=comma_list, help="columns to write (default: uri, score, score_std, "
                      "model_id, run_date, etag, size_bytes, width, height and the manifest's own columns)")
-    flt.add_argument("--storage-options", type=json_object, default={},
-                     help="fsspec options as JSON, e.g. an S3 endpoint; credentials come from the environment")
+    add_storage_options(flt, "the scores and --out")
     flt.set_defaults(run=_filter_command)

@@ -1,23 +1,8 @@
-"""Options naming a label file and the limits on the images it names, shared by ``evaluate`` and ``train``."""
+"""Options naming a label file and its layout, shared by ``evaluate`` and ``train``."""
 
 from __future__ import annotations
 
 from pipeline.analysis.label_layouts import LAYOUTS
-from pipeline.cli.argtypes import byte_size
-from pipeline.limits import DEFAULT_MAX_BYTES
-
-
-def add_read_limit_arguments(group, default_help: str) -> None:
-    """Add ``--allow-prefix`` and ``--max-bytes``, the limits on every image a command reads.
-
-    Args:
-        group: An ``argparse`` parser or argument group.
-        default_help: Where images may be read from when no ``--allow-prefix`` is given.
-    """
-    group.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                       help=f"prefix images may be read from (repeatable; default: {default_help})")
-    group.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                       help="refuse images larger than this (256MiB)")
 
 
 def add_label_arguments(group, lower_is_better_help: str) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.argtypes import byte_size, iso_date, json_object, non_negative_int
-from pipeline.limits import DEFAULT_MAX_BYTES
+from pipeline.cli.argtypes import add_read_limit_arguments, add_storage_options, iso_date, non_negative_int
 from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS
 
 
@@ -41,12 +40,8 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="Depth Anything version (v1)")
     report.add_argument("--device", default="auto", choices=DEVICES,
                         help="where the depth model runs: auto, cpu or cuda (auto)")
-    report.add_argument("--storage-options", type=json_object, default={},
-                        help="fsspec options as JSON for the output, the images and the page")
-    report.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                        help="prefix thumbnails may be read from (repeatable; default: the allowed prefixes the "
-                             "shown runs recorded in their summaries; rows of runs without them are not read)")
-    report.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                        help="refuse images larger than this (256MiB)")
+    add_storage_options(report, "the output, the images and the page")
+    add_read_limit_arguments(report, "the allowed prefixes the shown runs recorded in their summaries; rows of "
+                                     "runs without them are not read")
     report.set_defaults(run=_run)
     return report

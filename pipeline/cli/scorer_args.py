@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.argtypes import byte_size, json_object, positive_int
-from pipeline.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from pipeline.cli.argtypes import add_read_limit_arguments, add_storage_options, positive_int
+from pipeline.limits import DEFAULT_MAX_PIXELS
 from pipeline.models.attention import ATTENTION_MODES
 from pipeline.scorers.registry import PRECISIONS, SCORER_OPTIONS, scorer_names, summaries, used_by
 
@@ -46,10 +46,7 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
                              f"README; {used_by('draft_decode')})")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (%(default)s)")
-    parser.add_argument("--allow-prefix", action="append", default=[], metavar="URI",
-                        help=f"prefix images may be read from (repeatable; default: {allow_prefix_default})")
-    parser.add_argument("--max-bytes", type=byte_size, default=DEFAULT_MAX_BYTES, metavar="SIZE",
-                        help="refuse objects larger than this, unread where the size is known (256MiB)")
+    add_read_limit_arguments(parser, allow_prefix_default)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="model arithmetic: fp32 (the published numbers) or bf16/fp16 autocast (faster, scores "
                              "move slightly, see README)")
@@ -57,5 +54,4 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
                         help="torch.compile both models (pays off over many images of a few sizes)")
     parser.add_argument("--attention", default="sdpa", choices=ATTENTION_MODES,
                         help="sdpa (fused kernel, default) or math (the published explicit products); rounding only")
-    parser.add_argument("--storage-options", type=json_object, default={},
-                        help="fsspec options as JSON (e.g. an S3 endpoint); credentials come from the environment")
+    add_storage_options(parser, "every URI")

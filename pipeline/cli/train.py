@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli.argtypes import float_pair, json_object, non_negative_int, positive_int
-from pipeline.cli.label_args import add_label_arguments, add_read_limit_arguments
+from pipeline.cli.argtypes import (
+    add_read_limit_arguments,
+    add_storage_options,
+    float_pair,
+    non_negative_int,
+    positive_int,
+)
+from pipeline.cli.label_args import add_label_arguments
 from pipeline.scorers.registry import SCORER_OPTIONS
 
 
@@ -32,8 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_label_arguments(data, "generic layout: labels are DMOS-like; they are flipped (1 - x) for training")
     data.add_argument("--label-range", type=float_pair, metavar="LO,HI",
                       help="map LO..HI to 0..1 (default: the layout's published scale; generic: min-max)")
-    data.add_argument("--storage-options", type=json_object, default={},
-                      help="fsspec options as JSON for every URI; credentials come from the environment")
+    add_storage_options(data, "every URI")
     add_read_limit_arguments(data, "the --images-prefix, else the label file's folder")
 
     out = parser.add_argument_group("models and output")

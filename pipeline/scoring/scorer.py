@@ -36,6 +36,15 @@ DEVICE_CHOICES = DEVICES
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The arithmetic of ``precision`` on ``device``: nothing for fp32 (the published numbers), else autocast.
+
+    Every scorer and the GPU check use this one context, so a precision means the same everywhere.
+    """
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class ScorerConfig:
     """What to load and how to score; cheap to build and to pickle.
@@ -279,18 +288,12 @@ class Scorer:
         self.depth_model.to(self.device)
         self.model_id = self.info.model_id
         self.encoder = self.info.encoder
-        self._autocast_dtype = PRECISIONS[config.precision]
         self.crop_batch = config.crop_batch or (256 if self.device.type == "cuda" else 20)
         set_attention(self.dgiqa, config.attention)
         set_attention(self.depth_model, config.attention)
         if config.compile:
             self.dgiqa = torch.compile(self.dgiqa)
             self.depth_model = torch.compile(self.depth_model, dynamic=True)  # depth inputs vary in size
-
-    def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     @torch.inference_mode()
     def depth_maps(self, prepared: Sequence[PreparedImage]) -> list[np.ndarray]:
@@ -306,7 +309,7 @@ class Scorer:
             for start in range(0, len(indices), self.config.depth_batch):
                 chunk = indices[start:start + self.config.depth_batch]
                 x = torch.stack([prepared[i].depth_input for i in chunk]).to(self.device, non_blocking=True)
-                with self._autocast():
+                with autocast(self.device, self.config.precision):
                     depth = self.depth_model(x).float()
                 for j, i in enumerate(chunk):
                     maps[i] = depth_to_map(depth[j], prepared[i].height, prepared[i].width)
@@ -332,7 +335,7 @@ class Scorer:
         if self.device.type == "cuda":  # page-locked host memory: the copies below overlap with compute
             all_rgb, all_depth = all_rgb.pin_memory(), all_depth.pin_memory()
         step = self.crop_batch
-        with self._autocast():
+        with autocast(self.device, self.config.precision):
             crop_scores = torch.cat([
                 self.dgiqa(all_rgb[i:i + step].to(self.device, non_blocking=True),
                            all_depth[i:i + step].to(self.device, non_blocking=True)).float().cpu()

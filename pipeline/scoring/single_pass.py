@@ -7,7 +7,6 @@ conversion of a batch of those arrays to the network's input. So a new single-pa
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import torch
 
 from pipeline.models.attention import set_attention
 from pipeline.scorers.registry import ScorerSpec, get_scorer, resolve
-from pipeline.scoring.scorer import PRECISIONS, ImageScore, ModelInfo, ScorerConfig, prepare_item, resolve_device
+from pipeline.scoring.scorer import ImageScore, ModelInfo, ScorerConfig, autocast, prepare_item, resolve_device
 from pipeline.scoring.weights import check_fits, load_strict, read_checkpoint
 
 
@@ -79,7 +78,6 @@ class SinglePassScorer:
         self.model_id = self.info.model_id
         self.encoder = self.info.encoder
         self._to_tensor = resolve(self.spec.to_tensor)
-        self._autocast_dtype = PRECISIONS[config.precision]
         self.batch = config.crop_batch or (64 if self.device.type == "cuda" else 4)
         if config.compile:
             self.model = torch.compile(self.model)
@@ -94,11 +92,6 @@ class SinglePassScorer:
         check_fits(model, ckpt.state_dict, f"{spec.name} (--weights {ckpt.path})", resolve(spec.filter_fn))
         return _info(spec, ckpt.sha256)
 
-    def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
-
     @torch.inference_mode()
     def score_prepared(self, prepared: Sequence[PreparedPixels]) -> list[ImageScore]:
         """One forward pass per batch of images; the raw network output is the score."""
@@ -108,7 +101,7 @@ class SinglePassScorer:
             x = self._to_tensor(chunk)
             if self.device.type == "cuda":
                 x = x.pin_memory()
-            with self._autocast():
+            with autocast(self.device, self.config.precision):
                 out = self.model(x.to(self.device, non_blocking=True)).float().reshape(-1).cpu()
             scores += out.tolist()
         return [ImageScore(score=s, score_std=None, num_crops=1, width=item.width, height=item.height)

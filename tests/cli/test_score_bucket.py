@@ -48,7 +48,7 @@ def test_unusable_inputs_fail_before_any_work(tmp_path, checkpoints):
             "--depth-weights", str(checkpoints["depth"])]
     cases = [
         (["--manifest", str(tmp_path / "nope.csv"), *base], "no manifest at"),
-        (["--manifest", str(manifest), *base, "--run-date", "22-11-2026"], "--run-date must be YYYY-MM-DD"),
+        (["--manifest", str(manifest), *base, "--run-date", "22-11-2026"], "--run-date must be a date YYYY-MM-DD"),
         (["--manifest", str(manifest), *base[:2], "--weights", str(tmp_path / "w.pth"),
           "--depth-weights", str(checkpoints["depth"])], "no weights at"),
         (["--manifest", str(manifest), *base[:2], "--weights", str(checkpoints["depth"]),
