@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                         weights=str(dgiqa_weights), depth_weights=str(state["depth_weights"]), device=device.type,
                         precision=precision, depth_batch=max(batches), preprocess=preprocess)))
                     return {"device": device.type, "encoder": encoder, "precision": precision,
-                            "crop_batch": box[0].crop_batch, "depth_batch": max(batches)}
+                            "crop_batch": box[0].forward_batch, "depth_batch": max(batches)}
 
                 report.run(f"load_{encoder}_{precision}", "setup", 30 if encoder == "vitl" else 15, load)
                 if not scorer_box:
@@ -423,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                         def once():
                             with torch.inference_mode(), autocast(device, precision):
                                 scorer.depth_model(depth_x)
-                                for i in range(0, crops.shape[0], scorer.crop_batch):
-                                    scorer.dgiqa(crops[i:i + scorer.crop_batch], crops[i:i + scorer.crop_batch])
+                                for i in range(0, crops.shape[0], scorer.forward_batch):
+                                    scorer.dgiqa(crops[i:i + scorer.forward_batch], crops[i:i + scorer.forward_batch])
                             _sync(device)
 
                         _reset_gpu_memory(device)

@@ -55,9 +55,10 @@ class ScorerConfig:
         encoder: Depth Anything encoder, or ``auto`` to read it from the checkpoint's shapes.
         depth_version: ``v1`` (the published DGIQA pairing) or ``v2``.
         device: ``auto`` (CUDA when this process sees a GPU), ``cpu`` or ``cuda``.
-        crop_batch: Crops per DGIQA forward pass; crops of several images share one pass. Default: 256 on a GPU
-            (a whole batch of images in one pass keeps it busy), 20 on a CPU: measured on 2 EPYC cores, 40 crops
-            a pass ran about 15 % slower per crop than 8 or 20 (its activations no longer stay in cache).
+        forward_batch: Items per forward pass of the scorer's network: crops for DGIQA (crops of several images
+            share one pass; default 256 on a GPU, where a whole batch of images in one pass keeps it busy, and 20
+            on a CPU: on 2 EPYC cores 40 crops a pass ran about 15 % slower per crop than 8 or 20, its
+            activations no longer staying in cache), whole images for one-pass scorers (64 on a GPU, 4 on a CPU).
         depth_batch: Same-size images per Depth Anything forward pass.
         precision: ``fp32`` (the published numerics), or ``bf16``/``fp16`` autocast for speed on GPUs; the
             benchmark records how far each moves the scores.
@@ -81,7 +82,7 @@ class ScorerConfig:
     encoder: str = "auto"
     depth_version: str = "v1"
     device: str = "auto"
-    crop_batch: int | None = None
+    forward_batch: int | None = None
     depth_batch: int = 8
     precision: str = "fp32"
     compile: bool = False
@@ -106,8 +107,8 @@ class ScorerConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
-        if (self.crop_batch is not None and self.crop_batch < 1) or self.depth_batch < 1:
-            raise ValueError(f"crop_batch and depth_batch must be at least 1, got {self.crop_batch}, "
+        if (self.forward_batch is not None and self.forward_batch < 1) or self.depth_batch < 1:
+            raise ValueError(f"forward_batch and depth_batch must be at least 1, got {self.forward_batch}, "
                              f"{self.depth_batch}")
 
     def options(self) -> dict[str, object]:
@@ -154,14 +155,14 @@ class ModelInfo:
         model_id: ``dgiqa@<sha256>+depth-anything-<version>-<encoder>@<sha256>`` for DGIQA,
             ``<scorer>@<sha256>`` for scorers without a depth model.
         encoder: The Depth Anything encoder found in the checkpoint (or the scorer's backbone).
-        dgiqa_sha256: SHA-256 of the scorer's weights file.
+        weights_sha256: SHA-256 of the scorer's weights file.
         depth_sha256: SHA-256 of the Depth Anything weights file (empty without one).
         output_scale: What the scores mean (from the scorer's registry entry).
     """
 
     model_id: str
     encoder: str
-    dgiqa_sha256: str
+    weights_sha256: str
     depth_sha256: str = ""
     output_scale: str = ""
 
@@ -225,7 +226,7 @@ def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn
     check(dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
     depth_model = depth.build(materialize)
     info = ModelInfo(model_id=f"dgiqa@{dgiqa_ckpt.sha256}+{depth.label}", encoder=depth.encoder,
-                     dgiqa_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256,
+                     weights_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256,
                      output_scale=get_scorer("dgiqa").output_scale)
     return info, dgiqa, depth_model
 
@@ -288,7 +289,7 @@ class Scorer:
         self.depth_model.to(self.device)
         self.model_id = self.info.model_id
         self.encoder = self.info.encoder
-        self.crop_batch = config.crop_batch or (256 if self.device.type == "cuda" else 20)
+        self.forward_batch = config.forward_batch or (256 if self.device.type == "cuda" else 20)
         set_attention(self.dgiqa, config.attention)
         set_attention(self.depth_model, config.attention)
         if config.compile:
@@ -334,7 +335,7 @@ class Scorer:
         all_rgb, all_depth = torch.cat(rgb_crops), torch.cat(depth_crops)
         if self.device.type == "cuda":  # page-locked host memory: the copies below overlap with compute
             all_rgb, all_depth = all_rgb.pin_memory(), all_depth.pin_memory()
-        step = self.crop_batch
+        step = self.forward_batch
         with autocast(self.device, self.config.precision):
             crop_scores = torch.cat([
                 self.dgiqa(all_rgb[i:i + step].to(self.device, non_blocking=True),

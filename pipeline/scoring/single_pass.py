@@ -44,7 +44,7 @@ class PreparedPixels:
 
 
 def _info(spec: ScorerSpec, sha256: str) -> ModelInfo:
-    return ModelInfo(model_id=f"{spec.name}@{sha256}", encoder=spec.backbone, dgiqa_sha256=sha256,
+    return ModelInfo(model_id=f"{spec.name}@{sha256}", encoder=spec.backbone, weights_sha256=sha256,
                      output_scale=spec.output_scale)
 
 
@@ -78,7 +78,7 @@ class SinglePassScorer:
         self.model_id = self.info.model_id
         self.encoder = self.info.encoder
         self._to_tensor = resolve(self.spec.to_tensor)
-        self.batch = config.crop_batch or (64 if self.device.type == "cuda" else 4)
+        self.forward_batch = config.forward_batch or (64 if self.device.type == "cuda" else 4)
         if config.compile:
             self.model = torch.compile(self.model)
 
@@ -96,8 +96,8 @@ class SinglePassScorer:
     def score_prepared(self, prepared: Sequence[PreparedPixels]) -> list[ImageScore]:
         """One forward pass per batch of images; the raw network output is the score."""
         scores: list[float] = []
-        for start in range(0, len(prepared), self.batch):
-            chunk = np.stack([item.pixels for item in prepared[start:start + self.batch]])
+        for start in range(0, len(prepared), self.forward_batch):
+            chunk = np.stack([item.pixels for item in prepared[start:start + self.forward_batch]])
             x = self._to_tensor(chunk)
             if self.device.type == "cuda":
                 x = x.pin_memory()

@@ -230,7 +230,7 @@ def test_regenerated_weights_are_the_recorded_ones(dpiqa_student):
 def test_scores_equal_the_published_student_code(dpiqa_student):
     # One image per pass, as the published numbers were computed, on the path of `dgiqa score --model dpiqa-student`.
     scorer = make_scorer(ScorerConfig(weights=str(dpiqa_student), model="dpiqa-student", device="cpu",
-                                      crop_batch=1))
+                                      forward_batch=1))
     expected = {entry["name"]: entry["score"] for entry in GOLDEN["images"]}
     got = {entry["name"]: scorer.score_bytes(golden_image(entry)).score for entry in GOLDEN["images"]}
     deviation = {name: abs(got[name] - expected[name]) for name in expected}

@@ -86,8 +86,8 @@ def test_bad_images_raise_image_errors(fast_scorer, data, message):
 
 def test_model_id_names_both_weights(fast_scorer):
     info = fast_scorer.info
-    assert fast_scorer.model_id == f"dgiqa@{info.dgiqa_sha256}+depth-anything-v1-vits@{info.depth_sha256}"
-    assert len(info.dgiqa_sha256) == 64 and fast_scorer.encoder == "vits"
+    assert fast_scorer.model_id == f"dgiqa@{info.weights_sha256}+depth-anything-v1-vits@{info.depth_sha256}"
+    assert len(info.weights_sha256) == 64 and fast_scorer.encoder == "vits"
     # The driver's check sees the same model id without building the models.
     assert check_models(fast_scorer.config) == info
 

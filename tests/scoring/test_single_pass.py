@@ -2,7 +2,6 @@
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from pipeline.scoring.sample import write_random_dgiqa
 from pipeline.scoring.scorer import ScorerConfig, check_models, make_scorer
 from pipeline.scoring.single_pass import PreparedPixels, SinglePassScorer
 from pipeline.scoring.weights import WeightsError
+from tests.conftest import DATA
 
 EVERYWHERE = Allowlist(["/"])  # these tests read their own temporary files
 
@@ -30,7 +30,7 @@ def student(dpiqa_student):
 def scorer(student):
     # One image per pass: random EfficientNet-B7 weights are chaotic enough that the last float bit of a
     # batch-size-dependent kernel choice shows in the score; trained weights are not (see tests/models).
-    return make_scorer(ScorerConfig(weights=str(student), model="dpiqa-student", device="cpu", crop_batch=1))
+    return make_scorer(ScorerConfig(weights=str(student), model="dpiqa-student", device="cpu", forward_batch=1))
 
 
 def _authors_inference(model: torch.nn.Module, path) -> float:
@@ -110,7 +110,7 @@ EXIF_CHANGE = 1e-2
 
 def test_exif_transpose_flag_scores_a_rotated_photo_upright(student, capsys):
     # Stored 300x451 with the EXIF tag "rotate 90 degrees to view": squashed to 512x512 sideways or upright.
-    photo = str(Path(__file__).parent / "data" / "chelsea_exif_rotated.jpg")
+    photo = str(DATA / "chelsea_exif_rotated.jpg")
     rows = []
     for flag in ([], ["--exif-transpose"]):
         code = dgiqa(["score", "--model", "dpiqa-student", "--weights", str(student), "--device", "cpu", "--json",
