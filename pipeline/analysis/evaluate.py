@@ -49,8 +49,8 @@ from pipeline.analysis.metrics import (
     Separation,
     compute_metrics,
     density_separation,
-    separation_svg,
 )
+from pipeline.analysis.svg import separation_svg
 from pipeline.batch.allowlist import RejectedURI, normalize_uri, redact_text, redact_uri
 from pipeline.batch.output import check_writable
 from pipeline.limits import DEFAULT_MAX_BYTES

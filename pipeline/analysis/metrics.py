@@ -25,7 +25,6 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from xml.sax.saxutils import escape
 
 import numpy as np
 from scipy import stats
@@ -454,99 +453,3 @@ def density_separation(high_scores: Sequence[float] | np.ndarray,
     high, low = fit_gaussian(high_scores, "high-quality"), fit_gaussian(low_scores, "low-quality")
     d_prime = (high.mean - low.mean) / math.sqrt((high.std**2 + low.std**2) / 2)
     return Separation(high=high, low=low, overlap=gaussian_overlap(high, low), d_prime=d_prime)
-
-
-SVG_WIDTH, SVG_HEIGHT = 720, 420
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 24, 64, 56
-COLOURS = {"high": "#1f77b4", "low": "#d62728"}
-
-
-def _y_ticks(top: float) -> list[float]:
-    raw = top / 4
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    return [i * step for i in range(int(math.floor(top / step + 1e-9)) + 1)]
-
-
-def separation_svg(high_scores: Sequence[float] | np.ndarray, low_scores: Sequence[float] | np.ndarray,
-                   separation: Separation | None = None, bins: int = 20, title: str | None = None) -> str:
-    """A standalone SVG document: both sets' histograms and fitted densities over scores in [0, 1].
-
-    Histograms are drawn as densities (bar areas sum to 1) so they share the y axis with the fitted curves.
-    Scores outside [0, 1] are counted in the edge bins. Each histogram is a ``<g class="histogram-high">``
-    (``-low``) of bars, each curve a ``<polyline class="density-high">`` (``-low``), so readers and tests can
-    find them without measuring pixels. No fonts, scripts or links are referenced.
-
-    Args:
-        high_scores: Scores of the high-quality set.
-        low_scores: Scores of the low-quality set.
-        separation: Its numbers, computed here when not given.
-        bins: Histogram bins over [0, 1].
-        title: Title line; default states the overlap and d'.
-    """
-    if bins < 1:
-        raise MetricsError(f"bins must be at least 1, got {bins}")
-    separation = separation or density_separation(high_scores, low_scores)
-    sets = {"high": (np.asarray(high_scores, dtype=float), separation.high),
-            "low": (np.asarray(low_scores, dtype=float), separation.low)}
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    grid = np.linspace(0.0, 1.0, 401)
-    hists = {k: np.histogram(np.clip(v, 0, 1), bins=edges)[0] / (len(v) * (1.0 / bins)) for k, (v, _) in sets.items()}
-    curves = {k: fit.pdf(grid) for k, (_, fit) in sets.items()}
-    top = max(max(h.max() for h in hists.values()), max(c.max() for c in curves.values())) * 1.08
-    ticks = _y_ticks(top)
-    top = max(top, ticks[-1])
-    plot_w, plot_h = SVG_WIDTH - _LEFT - _RIGHT, SVG_HEIGHT - _TOP - _BOTTOM
-    bottom = _TOP + plot_h
-
-    def px(x: float) -> float:
-        return _LEFT + plot_w * x
-
-    def py(y: float) -> float:
-        return bottom - plot_h * y / top
-
-    title = title or (f"high vs low quality: overlap {separation.overlap:.3f}, d' {separation.d_prime:.2f}")
-    out = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
-        f'viewBox="0 0 {SVG_WIDTH} {SVG_HEIGHT}" font-family="sans-serif" font-size="12">',
-        f"<title>{escape(title)}</title>",
-        f'<rect width="{SVG_WIDTH}" height="{SVG_HEIGHT}" fill="white"/>',
-        f'<text x="{_LEFT}" y="24" font-size="14">{escape(title)}</text>',
-    ]
-    for tick in ticks:
-        y = py(tick)
-        out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_LEFT + plot_w}" y2="{y:.1f}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
-    for i in range(11):
-        x = px(i / 10)
-        out.append(f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 5}" stroke="black"/>')
-        out.append(f'<text x="{x:.1f}" y="{bottom + 18}" text-anchor="middle">{i / 10:g}</text>')
-    for key, heights in hists.items():
-        out.append(f'<g class="histogram-{key}" fill="{COLOURS[key]}" fill-opacity="0.3" stroke="{COLOURS[key]}" '
-                   'stroke-opacity="0.6">')
-        for lo, hi, h in zip(edges[:-1], edges[1:], heights, strict=True):
-            out.append(f'<rect x="{px(lo):.1f}" y="{py(h):.1f}" width="{px(hi) - px(lo):.1f}" '
-                       f'height="{bottom - py(h):.1f}" data-density="{h:.6g}"/>')
-        out.append("</g>")
-    for key, values in curves.items():
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(grid, values, strict=True))
-        out.append(f'<polyline class="density-{key}" fill="none" stroke="{COLOURS[key]}" stroke-width="2" '
-                   f'points="{points}"/>')
-    out += [
-        f'<line x1="{_LEFT}" y1="{bottom}" x2="{_LEFT + plot_w}" y2="{bottom}" stroke="black"/>',
-        f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{bottom}" stroke="black"/>',
-        f'<text x="{_LEFT + plot_w / 2:.1f}" y="{SVG_HEIGHT - 12}" text-anchor="middle">quality score</text>',
-        f'<text x="16" y="{_TOP + plot_h / 2:.1f}" text-anchor="middle" '
-        f'transform="rotate(-90 16 {_TOP + plot_h / 2:.1f})">density</text>',
-    ]
-    out.append('<g class="legend">')  # above the plot, where no bar or curve can hide it
-    for i, (key, (_, fit)) in enumerate(sets.items()):
-        x, y = _LEFT + 320 * i, 46
-        text = f"{key} quality: n={fit.n}, mean {fit.mean:.3f}, sd {fit.std:.3f}"
-        out.append(f'<rect x="{x}" y="{y - 9}" width="16" height="12" fill="{COLOURS[key]}" fill-opacity="0.3"/>')
-        out.append(f'<line x1="{x}" y1="{y - 3}" x2="{x + 16}" y2="{y - 3}" stroke="{COLOURS[key]}" '
-                   'stroke-width="2"/>')
-        out.append(f'<text x="{x + 22}" y="{y + 1}">{escape(text)}</text>')
-    out += ["</g>", "</svg>"]
-    return "\n".join(out) + "\n"

@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 
 from pipeline.analysis import report
 from pipeline.analysis.query import QueryError
+from pipeline.analysis.report import build as report_build
+from pipeline.analysis.report import thumbnails as report_thumbnails
 from pipeline.batch.output import RESULT_SCHEMA
 from pipeline.cli import report as cli_report
 from pipeline.models.depth_anything import build_depth_anything
@@ -270,13 +272,13 @@ def test_normalize_error(message, reason):
 
 def test_lowest_and_highest_are_the_right_images_in_order_and_only_ok_rows_are_read(library, tmp_path, monkeypatch):
     opened = []
-    real_read = report.read_image_bytes
+    real_read = report_thumbnails.read_image_bytes
 
     def spy(uri, *args, **kwargs):
         opened.append(str(uri))
         return real_read(uri, *args, **kwargs)
 
-    monkeypatch.setattr(report, "read_image_bytes", spy)
+    monkeypatch.setattr(report_thumbnails, "read_image_bytes", spy)
     page = report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=3,
                                                    allow_prefixes=library["allow"]))
     tree = parse(page)
@@ -307,8 +309,9 @@ def test_lowest_and_highest_are_the_right_images_in_order_and_only_ok_rows_are_r
 
 def test_every_ok_row_in_score_order_each_image_read_once(library, monkeypatch):
     opened = []
-    real_read = report.read_image_bytes
-    monkeypatch.setattr(report, "read_image_bytes", lambda uri, *a, **k: opened.append(uri) or real_read(uri, *a, **k))
+    real_read = report_thumbnails.read_image_bytes
+    monkeypatch.setattr(report_thumbnails, "read_image_bytes",
+                        lambda uri, *a, **k: opened.append(uri) or real_read(uri, *a, **k))
     tree = parse(report.build_report(report.ReportConfig(library["out"], date_from=NIGHTS[0], thumbnails=50,
                                                          allow_prefixes=library["allow"])))
     ok = sorted((r for r in library["rows"] if r["status"] == "ok"), key=lambda r: r["score"])
@@ -635,8 +638,9 @@ def test_thumbnails_are_read_only_under_the_prefixes_the_runs_recorded(library, 
     """No --allow-prefix: night 1's run recorded its allowed prefixes, so its images are shown; nights 2 and 3
     recorded none (a damaged summary, no summary), so their rows get a placeholder and are never read."""
     opened = []
-    real_read = report.read_image_bytes
-    monkeypatch.setattr(report, "read_image_bytes", lambda uri, *a, **k: opened.append(uri) or real_read(uri, *a, **k))
+    real_read = report_thumbnails.read_image_bytes
+    monkeypatch.setattr(report_thumbnails, "read_image_bytes",
+                        lambda uri, *a, **k: opened.append(uri) or real_read(uri, *a, **k))
     _, tree = _page(library, tmp_path, "--from", NIGHTS[0], "--thumbnails", "50", allow=False)
     ok = sorted((r for r in library["rows"] if r["status"] == "ok"), key=lambda r: r["score"])
     night_one = {r["uri"] for r in ok if r["night"] == NIGHTS[0]}
@@ -751,8 +755,8 @@ def test_unwritable_page_fails_in_one_line_before_anything_is_read(library, tmp_
 
     html = str(tmp_path) if where == "folder" else where
     calls = []
-    monkeypatch.setattr(report, "open_scores", lambda *a, **k: calls.append(("open_scores", a)))
-    monkeypatch.setattr(report, "read_image_bytes", lambda *a, **k: calls.append(("read_image_bytes", a)))
+    monkeypatch.setattr(report_build, "open_scores", lambda *a, **k: calls.append(("open_scores", a)))
+    monkeypatch.setattr(report_thumbnails, "read_image_bytes", lambda *a, **k: calls.append(("read_image_bytes", a)))
     code = cli.main(["report", library["out"], "--html", html, "--allow-prefix", library["allow"][0]])
     err = capsys.readouterr().err
     assert code == 2 and calls == []

@@ -1,8 +1,14 @@
 import re
+import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from pipeline.analysis import svg
+from pipeline.analysis.metrics import density_separation
+from pipeline.analysis.svg import separation_svg
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.mark.parametrize(("top", "ticks"), [
@@ -54,3 +60,31 @@ def test_box_plot_escapes_group_names_and_orders_boxes():
 def test_empty_or_inverted_charts_are_refused(make):
     with pytest.raises(ValueError, match="needs at least one"):
         make()
+
+
+def test_separation_svg_is_well_formed_with_two_histograms_two_curves_and_a_legend():
+    rng = np.random.default_rng(11)
+    high, low = np.clip(rng.normal(0.72, 0.07, 200), 0, 1), np.clip(rng.normal(0.35, 0.1, 150), 0, 1)
+    sep = density_separation(high, low)
+    root = ET.fromstring(separation_svg(high, low, sep, bins=25))
+    assert root.tag == f"{SVG}svg"
+    curves = {el.get("class"): el for el in root.iter(f"{SVG}polyline")}
+    assert set(curves) == {"density-high", "density-low"}
+    bars = {g.get("class"): g.findall(f"{SVG}rect") for g in root.iter(f"{SVG}g")
+            if (g.get("class") or "").startswith("histogram-")}
+    assert {k: len(v) for k, v in bars.items()} == {"histogram-high": 25, "histogram-low": 25}
+    # Bars are densities: their areas (density x bin width) sum to 1.
+    for rects in bars.values():
+        assert sum(float(r.get("data-density")) for r in rects) / 25 == pytest.approx(1.0)
+    # Each curve peaks above its set's mean: x in pixels maps linearly from [0, 1].
+    xs = [float(t.get("x")) for t in root.iter(f"{SVG}text") if t.text in ("0", "1")]
+    x0, x1 = min(xs), max(xs)
+    for key, fit in (("high", sep.high), ("low", sep.low)):
+        points = [tuple(map(float, p.split(","))) for p in curves[f"density-{key}"].get("points").split()]
+        peak_x = min(points, key=lambda p: p[1])[0]
+        assert (peak_x - x0) / (x1 - x0) == pytest.approx(fit.mean, abs=0.005)
+    texts = " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
+    assert "quality score" in texts and "density" in texts
+    assert f"high quality: n=200, mean {sep.high.mean:.3f}" in texts and "low quality: n=150" in texts
+    assert f"overlap {sep.overlap:.3f}" in texts
+    assert "http" not in separation_svg(high, low).replace("http://www.w3.org/2000/svg", "")
