@@ -65,9 +65,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_scoring import _flops, _phase, _spearman  # noqa: E402
 from pipeline.models.attention import set_attention  # noqa: E402
+from pipeline.scoring.precision import autocast  # noqa: E402
 from pipeline.scoring.preprocess import PreparedImage, PreprocessConfig, prepare_bytes  # noqa: E402
 from pipeline.scoring.sample import synthetic_photo, write_random_depth_anything, write_random_dgiqa  # noqa: E402
-from pipeline.scoring.scorer import Scorer, ScorerConfig, autocast  # noqa: E402
+from pipeline.scoring.scorer import Scorer, ScorerConfig  # noqa: E402
 
 ASSUMED_FRACTION_OF_PEAK = 0.4  # the end-to-end target, used to plan each phase's images
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -20,11 +20,11 @@ from pipeline.models.attention import ATTENTION_MODES, set_attention
 from pipeline.models.dgiqa import build_dgiqa
 from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
 from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS, changed_options, check_options, get_scorer, resolve
-from pipeline.scorers.registry import PRECISIONS as PRECISION_NAMES
+from pipeline.scoring.depth import depth_passes
+from pipeline.scoring.precision import PRECISIONS, autocast
 from pipeline.scoring.preprocess import (
     PreparedImage,
     PreprocessConfig,
-    depth_to_map,
     prepare_bytes,
     prepare_image,
     quality_inputs,
@@ -33,16 +33,6 @@ from pipeline.scoring.weights import WeightsError, check_fits, load_strict, read
 
 ENCODER_CHOICES = SCORER_OPTIONS["encoder"].choices
 DEVICE_CHOICES = DEVICES
-PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16, torch.float16), strict=True))
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The arithmetic of ``precision`` on ``device``: nothing for fp32 (the published numbers), else autocast.
-
-    Every scorer and the GPU check use this one context, so a precision means the same everywhere.
-    """
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -303,17 +293,10 @@ class Scorer:
         Images whose depth inputs have the same size share one forward pass (photos from one camera do).
         """
         maps: list[np.ndarray | None] = [None] * len(prepared)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, item in enumerate(prepared):
-            by_shape.setdefault(tuple(item.depth_input.shape), []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.config.depth_batch):
-                chunk = indices[start:start + self.config.depth_batch]
-                x = torch.stack([prepared[i].depth_input for i in chunk]).to(self.device, non_blocking=True)
-                with autocast(self.device, self.config.precision):
-                    depth = self.depth_model(x).float()
-                for j, i in enumerate(chunk):
-                    maps[i] = depth_to_map(depth[j], prepared[i].height, prepared[i].width)
+        for done in depth_passes(self.depth_model, prepared, self.device, self.config.depth_batch,
+                                 self.config.precision):
+            for i, depth_map in done:
+                maps[i] = depth_map
         return maps
 
     def depth_map(self, rgb: np.ndarray) -> np.ndarray:

@@ -15,7 +15,8 @@ import torch
 
 from pipeline.models.attention import set_attention
 from pipeline.scorers.registry import ScorerSpec, get_scorer, resolve
-from pipeline.scoring.scorer import ImageScore, ModelInfo, ScorerConfig, autocast, prepare_item, resolve_device
+from pipeline.scoring.precision import autocast
+from pipeline.scoring.scorer import ImageScore, ModelInfo, ScorerConfig, prepare_item, resolve_device
 from pipeline.scoring.weights import check_fits, load_strict, read_checkpoint
 
 

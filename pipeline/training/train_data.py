@@ -51,11 +51,11 @@ from pipeline.batch.objects import ObjectTooLarge
 from pipeline.batch.output import atomic_target
 from pipeline.batch.stages import read_image_bytes
 from pipeline.limits import DEFAULT_MAX_BYTES
+from pipeline.scoring.depth import depth_passes
 from pipeline.scoring.preprocess import (
     ImageError,
     PreprocessConfig,
     decode_for_scoring,
-    depth_to_map,
     normalize_to_tensor,
     prepare_bytes,
     quality_inputs,
@@ -378,19 +378,14 @@ class DepthMapper:
 
     @torch.inference_mode()
     def _compute(self, results: list[dict], missing: list[tuple[int, str, object]]) -> None:
-        by_shape: dict[tuple[int, ...], list[tuple[int, str, object]]] = {}
-        for entry in missing:
-            by_shape.setdefault(tuple(entry[2].depth_input.shape), []).append(entry)
-        for group in by_shape.values():
-            for start in range(0, len(group), self.batch):
-                chunk = group[start:start + self.batch]
-                x = torch.stack([p.depth_input for _, _, p in chunk]).to(self.device)
-                depth = self._model()(x).float()
-                self.forwards += 1
-                for j, (i, path, prepared) in enumerate(chunk):
-                    full = depth_to_map(depth[j], prepared.height, prepared.width)
-                    write_png(path, resize_short_side(full, self.cache.preprocess), self.cache.storage_options)
-                    results[i]["status"] = STATUS_COMPUTED
+        if not missing:
+            return
+        for done in depth_passes(self._model(), [p for _, _, p in missing], self.device, self.batch):
+            self.forwards += 1
+            for k, full in done:
+                i, path, _ = missing[k]
+                write_png(path, resize_short_side(full, self.cache.preprocess), self.cache.storage_options)
+                results[i]["status"] = STATUS_COMPUTED
 
     def forward_count(self) -> int:
         """Depth-model forward passes this mapper ran (0 when every map was cached)."""

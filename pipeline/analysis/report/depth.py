@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.analysis.report.config import ReportConfig
-from pipeline.scoring.preprocess import PreparedImage, depth_to_map
+from pipeline.scoring.depth import depth_passes
+from pipeline.scoring.preprocess import PreparedImage
 from pipeline.scoring.scorer import read_depth_weights, resolve_device
 
 
@@ -30,11 +31,10 @@ class DepthMaps:
     model: nn.Module
     device: torch.device
 
-    @torch.inference_mode()
     def gray(self, prepared: PreparedImage) -> np.ndarray:
-        """The uint8 ``(height, width)`` depth map of one prepared image."""
-        depth = self.model(prepared.depth_input[None].to(self.device)).float()[0]
-        return depth_to_map(depth, prepared.height, prepared.width)
+        """The uint8 ``(height, width)`` depth map of one prepared image (one at a time: a failure is one tile's)."""
+        [[(_, depth_map)]] = depth_passes(self.model, [prepared], self.device, batch=1)
+        return depth_map
 
 
 def load_depth_maps(config: ReportConfig) -> DepthMaps | None:
