@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.batch.error_reasons import error_reason_sql
+
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_REJECTED = "rejected"
@@ -260,7 +262,7 @@ class RunOutput:
         return pa.RecordBatchReader.from_batches(schema, batches())
 
     def staged_counts(self, memory_mb: int = 256) -> tuple[dict[str, int], dict[str, int]]:
-        """Counts of the staged rows by status, and the 20 commonest error reasons (see ``error_reason``)."""
+        """Counts of the staged rows by status, and the 20 commonest causes of failure (``error_reasons``)."""
         from pipeline.batch.plan import duckdb_connection
 
         if not self._staged_shards():
@@ -270,7 +272,7 @@ class RunOutput:
             statuses = dict(con.sql("SELECT status, count(*) FROM staged GROUP BY status").fetchall())
             con.register("staged", self._staged_stream())
             reasons = con.sql(f"""
-                SELECT {ERROR_REASON_SQL} AS reason, count(*) AS n FROM staged
+                SELECT {error_reason_sql('error')} AS reason, count(*) AS n FROM staged
                 WHERE error IS NOT NULL AND error <> '' GROUP BY reason ORDER BY n DESC, reason LIMIT 20""")
             return statuses, dict(reasons.fetchall())
 
@@ -325,7 +327,6 @@ class RunOutput:
 
 
 # A message's kind, for counting: URIs masked, the part before the first ': ', at most 80 characters.
-ERROR_REASON_SQL = r"left(split_part(regexp_replace(error, '\S+://\S*', '<uri>', 'g'), ': ', 1), 80)"
 
 
 DONE_COLUMNS = ("uri", "etag", "size_bytes")

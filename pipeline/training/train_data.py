@@ -47,6 +47,7 @@ from PIL import Image
 from pipeline.analysis.labels import LIVE_MOS, LabelError, Labels, absolute_uri
 from pipeline.analysis.metrics import finite_or_none
 from pipeline.batch.allowlist import Allowlist, RejectedURI, redact_text, redact_uri
+from pipeline.batch.error_reasons import error_reason
 from pipeline.batch.objects import ObjectTooLarge
 from pipeline.batch.output import atomic_target
 from pipeline.batch.stages import read_image_bytes
@@ -591,7 +592,7 @@ def chunks(values: Sequence, size: int) -> Iterator[list]:
 def describe_failures(results: Sequence[Mapping], limit: int = 20) -> dict[str, int]:
     """Log each skipped image with its reason (the first ``limit``), and count the reasons.
 
-    Refused images (``rejected``) count as ``rejected`` whatever their message; URIs are logged redacted.
+    Reasons are ``error_reason``'s causes, as in the job's summary and the report; URIs are logged redacted.
     """
     counts: dict[str, int] = {}
     failed = [r for r in results if r["status"] in UNUSABLE]
@@ -600,22 +601,10 @@ def describe_failures(results: Sequence[Mapping], limit: int = 20) -> dict[str, 
     if len(failed) > limit:
         logger.warning("... and %d more images skipped", len(failed) - limit)
     for row in failed:
-        reason = "rejected" if row["status"] == STATUS_REJECTED else failure_reason(row["error"] or "")
+        reason = error_reason(row["error"])
         counts[reason] = counts.get(reason, 0) + 1
     return counts
 
-
-def failure_reason(message: str) -> str:
-    """A short category for a skipped image's error message, for the counts in the summary."""
-    lowered = message.lower()
-    for needle, reason in (("no such file", "missing"), ("not a recognised image", "not an image"),
-                           ("truncated or corrupt", "corrupt"), ("empty file", "empty"), ("cannot read", "unreadable"),
-                           ("(--max-bytes)", "too large"), ("refused", "too large"),
-                           ("pixels, over the limit", "too large"),
-                           ("shorter side", "too small"), ("aspect ratio", "too elongated"), ("folder", "folder")):
-        if needle in lowered:
-            return reason
-    return "other"
 
 
 def dumps(record: Mapping) -> str:

@@ -256,20 +256,6 @@ def test_error_reasons_grouped_with_uris_and_numbers_normalised(library, all_dat
     ]
 
 
-@pytest.mark.parametrize(("message", "reason"), [
-    ("no such file or object: s3://b/x/1.jpg", "no such file or object: <uri>"),
-    ("no such file or object: /data/lib/2024/a b.jpg", "no such file or object: <uri> b.jpg"),
-    ("not a recognised image format (1000 bytes, starting b'<html>40')",
-     "not a recognised image format (N bytes, starting '…')"),
-    ("image is 12x9; its shorter side must be at least 16 px", "image is NxN; its shorter side must be at least N px"),
-    ("etag mismatch: 9f86d081884c7d65 vs 2c26b46b68ffc68f", "etag mismatch: <hex> vs <hex>"),
-    ("", "(no message)"),
-    (None, "(no message)"),
-])
-def test_normalize_error(message, reason):
-    assert report.normalize_error(message) == reason
-
-
 def test_lowest_and_highest_are_the_right_images_in_order_and_only_ok_rows_are_read(library, tmp_path, monkeypatch):
     opened = []
     real_read = report_thumbnails.read_image_bytes

@@ -22,7 +22,7 @@ URIs and messages on the page are redacted (``pipeline.batch.allowlist.redact_ur
 
 from pipeline.analysis.report.build import build_report, run_command
 from pipeline.analysis.report.config import ReportConfig, ReportError
-from pipeline.analysis.report.failures import ErrorGroup, normalize_error
+from pipeline.analysis.report.failures import ErrorGroup
 from pipeline.analysis.report.page import CSP, ERROR_GROUPS_SHOWN, HISTOGRAM_BINS, STYLE
 from pipeline.analysis.report.selection import TileGrid
 from pipeline.analysis.report.thumbnails import (
@@ -50,6 +50,5 @@ __all__ = [
     "build_report",
     "run_command",
     "fetch_threads",
-    "normalize_error",
     "thumbnail_access",
 ]

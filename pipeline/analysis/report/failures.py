@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -10,29 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.batch.allowlist import redact_text, redact_uri
-
-_NORMALIZERS = [
-    (re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s,;()'\"]*"), "<uri>"),
-    (re.compile(r"(?<![\w/.<>])(?:/[^\s/,;()'\"]+)+/?"), "<uri>"),
-    (re.compile(r"\bb?'(?:[^'\\]|\\.)*'|\bb?\"(?:[^\"\\]|\\.)*\""), "'…'"),
-    (re.compile(r"\b[0-9a-fA-F]{8,}\b"), "<hex>"),
-    (re.compile(r"\d+(?:\.\d+)?"), "N"),
-    (re.compile(r"\s+"), " "),
-]
-
-
-def normalize_error(message: str | None) -> str:
-    """An error message with URIs, paths, quoted values, hashes and numbers replaced by placeholders.
-
-    Messages name the image and its sizes; without them, one cause (a truncated file, a missing object) reads
-    the same for every image, so the report can count causes instead of listing every message.
-    """
-    if not message:
-        return "(no message)"
-    text = message
-    for pattern, replacement in _NORMALIZERS:
-        text = pattern.sub(replacement, text)
-    return text.strip()
+from pipeline.batch.error_reasons import error_reason
 
 
 @dataclass(frozen=True)
@@ -70,7 +47,7 @@ def error_groups(dataset: pads.Dataset, failed: pc.Expression) -> list[ErrorGrou
         for status, message, uri, count in zip(*(distinct.column(c).to_pylist() for c in
                                                  ("status", "error", "uri_min", "uri_count")), strict=True):
             message, uri = redact_text(message), redact_uri(uri)
-            group = groups.setdefault((status, normalize_error(message)), [0, uri, message])
+            group = groups.setdefault((status, error_reason(message)), [0, uri, message])
             group[0] += count
             if uri < group[1]:
                 group[1], group[2] = uri, message
