@@ -16,7 +16,7 @@ from pipeline.scorers.registry import SCORER_OPTIONS
 
 
 def _init_arg(text: str) -> str:
-    from pipeline.training.train import parse_init
+    from pipeline.training.config import parse_init
 
     try:
         parse_init(text)

@@ -34,17 +34,10 @@ from pipeline.models.dgiqa import build_dgiqa
 from pipeline.scoring.preprocess import PreprocessConfig
 from pipeline.scoring.scorer import Scorer, ScorerConfig
 from pipeline.scoring.weights import WeightsError
-from pipeline.training.train import (
-    TrainConfig,
-    WorkerPlan,
-    _train_epoch,
-    build_initial_model,
-    config_from_args,
-    dgiqa_loss,
-    make_optimizer,
-    run_command,
-    run_training,
-)
+from pipeline.training.config import TrainConfig, config_from_args
+from pipeline.training.init import build_initial_model
+from pipeline.training.loop import WorkerPlan, _train_epoch, dgiqa_loss, make_optimizer
+from pipeline.training.train import run_command, run_training
 from pipeline.training.train_data import LabelMap, epoch_order, label_map_for, split_indices
 from tests.conftest import SKIMAGE_DATA, read_layout
 
