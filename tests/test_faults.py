@@ -113,17 +113,36 @@ class DyingScoreActor(ScoreActor):
         return super().__call__(batch)
 
 
-def test_actor_that_dies_is_restarted_and_its_batch_redone(local_ray, checkpoints, tmp_path):
+def run_dying(marker: str, images: str, output: str, weights: str, depth_weights: str) -> None:
+    """The job with ``DyingScoreActor`` on a Ray of this process's own; prints its summary as JSON.
+
+    A process of its own: after an actor died, Ray Data may still be replacing actors of that process's Ray, and a
+    job started next in the same process saw its own actor die (see ``tests/test_weights_changed.py``).
+    """
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    DyingScoreActor.marker = str(tmp_path / "actor-died")
+    DyingScoreActor.marker = marker
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    summary = run_job(JobConfig(manifest=images, output=output, actor_class=DyingScoreActor, weights=weights,
+                                depth_weights=depth_weights, run_date="2026-11-22", **FAST_JOB))
+    print(json.dumps(summary), flush=True)
+    ray.shutdown()
+
+
+def test_actor_that_dies_is_restarted_and_its_batch_redone(checkpoints, tmp_path):
+    marker = tmp_path / "actor-died"
     images = tmp_path / "bucket"
     images.mkdir()
     for i in range(6):
         (images / f"{i}.jpg").write_bytes(_jpeg(i))
-    summary = run_job(JobConfig(manifest=str(images), output=str(tmp_path / "out"), actor_class=DyingScoreActor,
-                                weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
-                                run_date="2026-11-22", **FAST_JOB))
-    assert Path(DyingScoreActor.marker).exists()  # the fault happened
+    code = "import sys; from tests.test_faults import run_dying; run_dying(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", code, str(marker), str(images), str(tmp_path / "out"),
+                           str(checkpoints["dgiqa"]), str(checkpoints["depth"])],
+                          cwd=REPO, env={**JOB_ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert marker.exists()  # the fault happened
     assert summary["status_counts"] == {"ok": 6, "error": 0, "rejected": 0}
     _counts_close(pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table(), 6)
 

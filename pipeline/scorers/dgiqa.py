@@ -6,6 +6,7 @@ from pipeline.scorers.registry import ScorerSpec
 
 SCORER = ScorerSpec(
     name="dgiqa",
+    title="DGIQA",
     summary="DGIQA (Ramesh et al.): Swin-T RGB and depth branches, mean of random 224 px crops",
     builder="pipeline.models.dgiqa:build_dgiqa",
     filter_fn="pipeline.models.dgiqa:checkpoint_filter_fn",

@@ -6,6 +6,7 @@ from pipeline.scorers.registry import ScorerSpec
 
 SCORER = ScorerSpec(
     name="dpiqa-student",
+    title="DP-IQA student",
     summary="DP-IQA student (EfficientNet-B7 distilled from a diffusion teacher): one pass per 512x512 image",
     builder="pipeline.models.dpiqa:build_dpiqa_student",
     filter_fn="pipeline.models.dpiqa:checkpoint_filter_fn",

@@ -81,6 +81,7 @@ class ScorerSpec:
 
     Attributes:
         name: What ``--model`` takes and ``model_id`` starts with.
+        title: The model's name in messages (``DGIQA``).
         summary: One line for ``--help``.
         builder: ``module:function`` building the network with random weights.
         filter_fn: ``module:function`` remapping checkpoint keys to the network's.
@@ -95,6 +96,7 @@ class ScorerSpec:
     """
 
     name: str
+    title: str
     summary: str
     builder: str
     filter_fn: str

@@ -17,8 +17,6 @@ from torch import nn
 
 from pipeline.models import depth_anything as da
 from pipeline.models.attention import ATTENTION_MODES, set_attention
-from pipeline.models.dgiqa import build_dgiqa
-from pipeline.models.dgiqa import checkpoint_filter_fn as dgiqa_filter
 from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS, changed_options, check_options, get_scorer, resolve
 from pipeline.scoring.depth import depth_passes
 from pipeline.scoring.precision import PRECISIONS, autocast
@@ -208,17 +206,21 @@ def read_depth_weights(uri: str, encoder: str = "auto", version: str = "v1",
 
 
 def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn.Module, nn.Module]:
-    dgiqa_ckpt = read_checkpoint(config.weights, config.storage_options)
+    """A depth-guided scorer's network and depth model, checked against their checkpoints.
+
+    Both are built from the scorer's spec, on the meta device unless ``materialize`` (checking reads shapes only).
+    """
+    spec = get_scorer(config.model)
+    ckpt = read_checkpoint(config.weights, config.storage_options)
     depth = read_depth_weights(config.depth_weights, config.encoder, config.depth_version, config.storage_options)
     with contextlib.nullcontext() if materialize else torch.device("meta"):
-        dgiqa = build_dgiqa()
+        network = resolve(spec.builder)()
     check = load_strict if materialize else check_fits
-    check(dgiqa, dgiqa_ckpt.state_dict, f"DGIQA (--weights {dgiqa_ckpt.path})", dgiqa_filter)
+    check(network, ckpt.state_dict, f"{spec.title} (--weights {ckpt.path})", resolve(spec.filter_fn))
     depth_model = depth.build(materialize)
-    info = ModelInfo(model_id=f"dgiqa@{dgiqa_ckpt.sha256}+{depth.label}", encoder=depth.encoder,
-                     weights_sha256=dgiqa_ckpt.sha256, depth_sha256=depth.sha256,
-                     output_scale=get_scorer("dgiqa").output_scale)
-    return info, dgiqa, depth_model
+    info = ModelInfo(model_id=f"{spec.name}@{ckpt.sha256}+{depth.label}", encoder=depth.encoder,
+                     weights_sha256=ckpt.sha256, depth_sha256=depth.sha256, output_scale=spec.output_scale)
+    return info, network, depth_model
 
 
 def check_models(config: ScorerConfig) -> ModelInfo:
@@ -230,13 +232,11 @@ def check_models(config: ScorerConfig) -> ModelInfo:
     Raises:
         WeightsError: A checkpoint cannot be read or does not fit its model.
     """
-    if config.model == "dgiqa":
-        return _load_models(config, materialize=False)[0]
     return resolve(get_scorer(config.model).runner).check(config)
 
 
 def make_scorer(config: ScorerConfig):
-    """The runner of ``config.model``, weights loaded: ``Scorer`` for DGIQA, the registry's class otherwise."""
+    """The runner the registry names for ``config.model``, weights loaded."""
     return resolve(get_scorer(config.model).runner)(config)
 
 
@@ -270,6 +270,11 @@ class Scorer:
     # The options of the depth model, and of the DGIQA preprocessing this runner feeds its PreprocessConfig to.
     uses_options = frozenset({"depth_weights", "encoder", "depth_version", "crops", "depth_input_size",
                               "draft_decode"})
+
+    @staticmethod
+    def check(config: ScorerConfig) -> ModelInfo:
+        """Read and hash both checkpoints and check them against the architectures built on the meta device."""
+        return _load_models(config, materialize=False)[0]
 
     def __init__(self, config: ScorerConfig):
         self.config = config

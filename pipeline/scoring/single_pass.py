@@ -71,7 +71,7 @@ class SinglePassScorer:
         self.device = resolve_device(config.device)
         ckpt = read_checkpoint(config.weights, config.storage_options)
         self.model = resolve(self.spec.builder)()
-        load_strict(self.model, ckpt.state_dict, f"{self.spec.name} (--weights {ckpt.path})",
+        load_strict(self.model, ckpt.state_dict, f"{self.spec.title} (--weights {ckpt.path})",
                     resolve(self.spec.filter_fn))
         self.model.eval().to(self.device)
         set_attention(self.model, config.attention)  # a no-op for the EfficientNet student; kept for later models
@@ -90,7 +90,7 @@ class SinglePassScorer:
         ckpt = read_checkpoint(config.weights, config.storage_options)
         with torch.device("meta"):
             model = resolve(spec.builder)()
-        check_fits(model, ckpt.state_dict, f"{spec.name} (--weights {ckpt.path})", resolve(spec.filter_fn))
+        check_fits(model, ckpt.state_dict, f"{spec.title} (--weights {ckpt.path})", resolve(spec.filter_fn))
         return _info(spec, ckpt.sha256)
 
     @torch.inference_mode()

@@ -51,3 +51,15 @@ def test_a_spec_with_an_unknown_option_is_refused_when_declared():
     spec = get_scorer("dgiqa")
     with pytest.raises(RuntimeError, match=r"declares unknown options \['crop'\]"):
         dataclasses.replace(spec, options=frozenset({"crop"}))
+
+
+def test_no_code_outside_the_registry_special_cases_a_scorer_by_name():
+    """The registry is the only road: every scorer is built, checked and run through its spec."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "pipeline"
+    pattern = re.compile(r"""\bmodel\s*[!=]=\s*["']|["'](dgiqa|dpiqa-student)["']\s*[!=]=\s*\w*model""")
+    found = [f"{path.relative_to(root)}:{n}" for path in sorted(root.rglob("*.py")) if "scorers" not in path.parts
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

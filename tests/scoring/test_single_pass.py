@@ -64,7 +64,8 @@ def test_model_id_names_the_scorer_and_its_weights(scorer, student):
 
 def test_dgiqa_weights_are_refused_for_the_student(tmp_path):
     dgiqa_weights = write_random_dgiqa(tmp_path / "dgiqa.safetensors")
-    with pytest.raises(WeightsError, match="dpiqa-student"):
+    refused = r"^DP-IQA student \(--weights .*dgiqa.safetensors\) checkpoint does not fit the model"
+    with pytest.raises(WeightsError, match=refused):
         check_models(ScorerConfig(weights=str(dgiqa_weights), model="dpiqa-student"))
 
 

@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter
 
 from pipeline.analysis.labels import LabelError, Labels, read_labels
 from pipeline.analysis.metrics import srocc
+from pipeline.cli import train as cli_train
 from pipeline.models.dgiqa import build_dgiqa
 from pipeline.scoring.preprocess import PreprocessConfig
 from pipeline.scoring.scorer import Scorer, ScorerConfig
@@ -37,7 +38,7 @@ from pipeline.scoring.weights import WeightsError
 from pipeline.training.config import TrainConfig, config_from_args
 from pipeline.training.init import build_initial_model
 from pipeline.training.loop import WorkerPlan, _train_epoch, dgiqa_loss, make_optimizer
-from pipeline.training.train import run_command, run_training
+from pipeline.training.train import run_training
 from pipeline.training.train_data import LabelMap, epoch_order, label_map_for, split_indices
 from tests.conftest import SKIMAGE_DATA, read_layout
 
@@ -321,8 +322,13 @@ def test_checkpoints_are_published_layout_state_dicts_that_dgiqa_score_loads(tra
 
 
 def test_unreadable_images_are_skipped_and_counted(trained):
-    assert trained.summary["images"] == {"labelled": 34, "usable": 32, "skipped": 2,
-                                         "skipped_reasons": {"corrupt": 1, "missing": 1}}
+    images = trained.summary["images"]
+    reasons = images.pop("skipped_reasons")
+    assert images == {"labelled": 34, "usable": 32, "skipped": 2}
+    # Causes as the job's summary and the report count them (pipeline.batch.error_reasons).
+    assert reasons.pop("no such file or object: <uri>") == 1
+    [(corrupt, count)] = reasons.items()
+    assert corrupt.startswith("truncated or corrupt image data") and count == 1
     # By default images may be read from the --images-prefix only, at most 256 MiB each.
     assert trained.summary["allowed_prefixes"] == [f"file://{trained.config.labels.images_prefix}/"]
     assert trained.summary["max_bytes"] == 256 * 2**20 and trained.summary["depth_cache"]["rejected"] == 0
@@ -501,7 +507,7 @@ def test_dgiqa_train_has_the_documented_defaults():
 
     parser = build_parser()
     args = parser.parse_args(["train", "labels.csv", "--output", "out", "--init", "random", "--depth-weights", "d"])
-    assert args.run is run_command
+    assert args.run is cli_train.run  # which calls run_command once the arguments are parsed
     config = config_from_args(args)
     assert config.recipe.lr == 1e-4 and config.recipe.epochs == 20 and config.recipe.batch_size == 16
     assert config.recipe.consistency_weight == 0.1 and config.recipe.val_crops == 20
