@@ -1,1 +1,1 @@
-"""Plain PyTorch models, apart from any pipeline stage, and the registry of scorers built from them."""
+"""Plain PyTorch models, apart from any pipeline stage: a file per model family, its builder and key remapping."""
