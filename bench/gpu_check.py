@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     # A dry run's bf16 runs at batch 1, forward passes only: a CPU without bf16 instructions is slow at it.
     precision_batches = {"bf16": (1,), "fp32": (1, 2)} if dry else {"bf16": (8, 32), "fp32": (8, 32)}
     batches = sorted({b for bs in precision_batches.values() for b in bs})
-    preprocess = PreprocessConfig(num_crops=1, depth_lower_bound=70) if dry else PreprocessConfig()
+    preprocess = PreprocessConfig(num_crops=1, depth_input_size=70) if dry else PreprocessConfig()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dgiqa-gpu-check-"))
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu": gpu_name, "device": device.type, "cpu_count": os.cpu_count(), "workers": args.workers},
         "plan": {"budget_s": budget_s, "target_s": target_s, "sizes": [f"{w}x{h}" for w, h in sizes],
                  "encoders": encoders, "batches": precision_batches, "crops": preprocess.num_crops,
-                 "depth_lower_bound": preprocess.depth_lower_bound, "distinct_images_per_size": distinct,
+                 "depth_lower_bound": preprocess.depth_input_size, "distinct_images_per_size": distinct,
                  "reference_images_per_size": reference_count,
                  "assumed_fraction_of_peak": ASSUMED_FRACTION_OF_PEAK},
     })

@@ -21,7 +21,7 @@ SKIMAGE_DATA = Path(os.path.dirname(skimage.__file__)) / "data"
 PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png"]
 
 # Small depth inputs keep most tests fast; the full 518 px path has its own tests.
-FAST = PreprocessConfig(num_crops=2, depth_lower_bound=70)
+FAST = PreprocessConfig(num_crops=2, depth_input_size=70)
 
 
 # The longest modules, started first: the suite runs on two xdist workers one module at a time

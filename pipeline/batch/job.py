@@ -106,7 +106,7 @@ class JobConfig:
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
             precision=self.precision, compile=self.compile, attention=self.attention, model=self.model,
             exif_transpose=self.exif_transpose,
-            preprocess=PreprocessConfig(num_crops=self.crops, depth_lower_bound=self.depth_input_size,
+            preprocess=PreprocessConfig(num_crops=self.crops, depth_input_size=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 
 

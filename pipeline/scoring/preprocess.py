@@ -59,7 +59,7 @@ class PreprocessConfig:
         num_crops: Random 224x224 crops averaged into one score.
         crop_size: Crop side in pixels (the Swin backbones are built for 224).
         short_side: Shorter side after the quality-branch resize.
-        depth_lower_bound: Both sides of the depth-model input are at least this many pixels.
+        depth_input_size: Both sides of the depth-model input are at least this many pixels (``--depth-input-size``).
         depth_multiple: Depth-model input sides are multiples of this (the ViT patch size).
         seed: Seed of the per-image crop-position generator.
         max_pixels: Images with more pixels are refused before decoding, so a decompression bomb never
@@ -79,7 +79,7 @@ class PreprocessConfig:
     num_crops: int = 20
     crop_size: int = 224
     short_side: int = 384
-    depth_lower_bound: int = 518
+    depth_input_size: int = 518
     depth_multiple: int = 14
     seed: int = 42
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -283,7 +283,7 @@ def _constrain_to_multiple(x: float, multiple: int, min_val: int) -> int:
 
 def depth_input_size(height: int, width: int, config: PreprocessConfig = PreprocessConfig()) -> tuple[int, int]:
     """``(height, width)`` of the depth-model input: both sides >= the lower bound, multiples of 14."""
-    bound = config.depth_lower_bound
+    bound = config.depth_input_size
     scale_h, scale_w = bound / height, bound / width
     scale = scale_w if scale_w > scale_h else scale_h  # scale so that the output is a lower bound
     return (_constrain_to_multiple(scale * height, config.depth_multiple, bound),
@@ -493,7 +493,7 @@ def preprocess_peak_bytes(max_pixels: int, config: PreprocessConfig = Preprocess
         config: The depth input's lower bound and multiple, and ``max_aspect``.
     """
     long_side = math.sqrt(max_pixels * config.max_aspect)
-    intermediate = 12 * (config.depth_lower_bound + config.depth_multiple) * long_side
+    intermediate = 12 * (config.depth_input_size + config.depth_multiple) * long_side
     peak = max(_DECODE_BYTES_PER_PIXEL * max_pixels, 3 * max_pixels + intermediate)
     return int(peak) + _PEAK_OVERHEAD_BYTES
 

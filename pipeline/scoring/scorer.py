@@ -102,7 +102,7 @@ class ScorerConfig:
     def options(self) -> dict[str, object]:
         """The model-specific settings by their ``SCORER_OPTIONS`` name (the job's field names)."""
         return {"depth_weights": self.depth_weights, "encoder": self.encoder, "depth_version": self.depth_version,
-                "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_lower_bound,
+                "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_input_size,
                 "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose}
 
 

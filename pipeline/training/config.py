@@ -122,7 +122,7 @@ class Recipe:
         """Sizes of inference (384 short side, 224 crops, crop seed 42) with the held-out crop count."""
         from pipeline.scoring.preprocess import PreprocessConfig  # torch: not needed to parse the command line
 
-        return PreprocessConfig(num_crops=self.val_crops, depth_lower_bound=self.depth_input_size)
+        return PreprocessConfig(num_crops=self.val_crops, depth_input_size=self.depth_input_size)
 
 
 @dataclass(frozen=True)

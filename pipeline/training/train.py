@@ -249,7 +249,8 @@ def _run_training(config: TrainConfig) -> dict:
                    "digest": _labels_digest(uris, raw, labels.groups)},
         "label_map": asdict(label_map), "recipe": asdict(recipe), "depth_model": depth_weights.label,
         "preprocess": {"short_side": preprocess.short_side, "crop_size": preprocess.crop_size,
-                       "depth_lower_bound": preprocess.depth_lower_bound, "crop_seed": preprocess.seed},
+                       # The key keeps its old name: runs recorded before the rename resume without a difference.
+                       "depth_lower_bound": preprocess.depth_input_size, "crop_seed": preprocess.seed},
     }
     stores = [RunStore(config.split_folder(k), options) for k in range(config.splits)]
     states = [store.read_state() for store in stores]

@@ -258,7 +258,7 @@ class DepthCache:
     @property
     def folder(self) -> str:
         """``<root>/<model label>/input<N>-short<S>``."""
-        sizes = f"input{self.preprocess.depth_lower_bound}-short{self.preprocess.short_side}"
+        sizes = f"input{self.preprocess.depth_input_size}-short{self.preprocess.short_side}"
         return posixpath.join(self.root.rstrip("/"), self.model_label, sizes)
 
     def path(self, uri: str, version: str) -> str:

@@ -42,7 +42,7 @@ MODEL_B = "dgiqa@cccc+depth-anything-v1-vits@dddd"
 NIGHTS = ("2026-11-20", "2026-11-21", "2026-11-22")
 XSS_DIR = "x<script>alert(1)<"
 XSS_FILE = "script>\"quoted\" 'single'.jpg"  # with the folder: .../x<script>alert(1)</script>"quoted" 'single'.jpg
-SMALL_DEPTH = PreprocessConfig(depth_lower_bound=70)
+SMALL_DEPTH = PreprocessConfig(depth_input_size=70)
 
 
 def _row(uri, status, score=None, error=None, model=MODEL_A, night=NIGHTS[0]):

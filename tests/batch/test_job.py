@@ -52,7 +52,7 @@ def direct_scorer(checkpoints) -> Scorer:
     and writes rows through Parquet: a row paired with the wrong image shows as a score that is off.
     """
     config = ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]), device="cpu",
-                          preprocess=PreprocessConfig(num_crops=1, depth_lower_bound=70))
+                          preprocess=PreprocessConfig(num_crops=1, depth_input_size=70))
     return Scorer(config)
 
 

@@ -104,8 +104,8 @@ def test_short_side_rule(hw, expected):
 
 def test_depth_model_input_matches_published_arithmetic():
     rgb = synthetic_photo(100, 150, seed=3)
-    cfg = PreprocessConfig(depth_lower_bound=70)
-    x = depth_model_input(rgb, PreprocessConfig(depth_lower_bound=70, reference=True))
+    cfg = PreprocessConfig(depth_input_size=70)
+    x = depth_model_input(rgb, PreprocessConfig(depth_input_size=70, reference=True))
     h, w = depth_input_size(100, 150, cfg)
     assert x.shape == (3, h, w) and x.dtype == torch.float32
     # Bicubic on float RGB in [0, 1] (not on uint8), then ImageNet mean/std.

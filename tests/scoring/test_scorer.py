@@ -120,7 +120,7 @@ def test_full_size_path_on_a_photo(checkpoints, photo_paths):
     result = scorer.score_bytes(data)
     assert 0 < result.score < 1 and (result.width, result.height) == (600, 400)
     fast = Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
-                               device="cpu", preprocess=PreprocessConfig(num_crops=2, depth_lower_bound=70)))
+                               device="cpu", preprocess=PreprocessConfig(num_crops=2, depth_input_size=70)))
     # The depth resolution reaches the score: the published 518 px depth input is not a detail.
     assert abs(fast.score_bytes(data).score - result.score) > 1e-7
 
@@ -167,7 +167,7 @@ def test_scorer_options_defaults_are_the_configs_defaults():
     ("dpiqa-student", {"encoder": "vits"}, "--encoder"),
     ("dpiqa-student", {"depth_version": "v2"}, "--depth-version"),
     ("dpiqa-student", {"preprocess": PreprocessConfig(num_crops=3)}, "--crops"),
-    ("dpiqa-student", {"preprocess": PreprocessConfig(depth_lower_bound=70)}, "--depth-input-size"),
+    ("dpiqa-student", {"preprocess": PreprocessConfig(depth_input_size=70)}, "--depth-input-size"),
     ("dpiqa-student", {"preprocess": PreprocessConfig(draft=True)}, "--draft-decode"),
     ("dgiqa", {"depth_weights": "d.pth", "exif_transpose": True}, "--exif-transpose"),
 ])

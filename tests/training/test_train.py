@@ -273,7 +273,7 @@ def test_training_lowers_the_loss_and_best_pth_ranks_the_held_out_images_as_logg
     # The held-out images scored by the product's own scorer (inference protocol, depth model run afresh): best.pth
     # ranks them exactly as the training log says.
     val_uris, targets = _held_out(trained.config)
-    fast = PreprocessConfig(num_crops=1, depth_lower_bound=DEPTH_INPUT)
+    fast = PreprocessConfig(num_crops=1, depth_input_size=DEPTH_INPUT)
     scorer = Scorer(ScorerConfig(weights=str(trained.output / "best.pth"), depth_weights=str(checkpoints["depth"]),
                                  device="cpu", preprocess=fast))
     scores = [scorer.score_bytes(Path(uri).read_bytes()).score for uri in val_uris]
