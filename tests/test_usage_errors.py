@@ -42,7 +42,8 @@ def files(tmp_path_factory, checkpoints) -> dict[str, str]:
     table = pa.table({
         "uri": uris, "etag": ["e"] * n, "size_bytes": [1000] * n, "width": [640] * n, "height": [480] * n,
         "score": [0.1 * i for i in range(n)], "score_std": [0.01] * n, "num_crops": [20] * n, "status": ["ok"] * n,
-        "error": [None] * n, "model_id": [MODEL] * n, "encoder": ["vits"] * n,
+        "error": [None] * n, "model_id": [MODEL] * n, "scorer": ["dgiqa"] * n, "weights_sha256": ["aaaa"] * n,
+        "aux_model": [None] * n,
         "scored_at": [dt.datetime(2026, 11, 22, 3, tzinfo=dt.UTC)] * n, "run_id": ["run-1"] * n,
     }, schema=output_schema(pa.schema([])))
     run = RunOutput(str(scores), "2026-11-22", "k", output_schema(pa.schema([])))

@@ -168,10 +168,11 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
     # Ray Data's progress bars on a terminal; in a log (a Ray job, a CronJob) the job's own progress lines say
     # the same every --log-every seconds, where Ray Data would add a ten-line block every ten seconds.
     ctx.enable_progress_bars = sys.stderr.isatty()
-    # An actor that dies in __init__ is replaced at most twice in a row, then the run fails (Ray re-raises the
-    # actor's error). A transient death (a node lost while loading) is survived; an actor that refuses its
-    # weights (changed since the driver checked them) ends the run in seconds, not after wait_for_min_actors_s.
-    ctx.max_consecutive_actor_init_deaths = 2
+    # An actor that dies in __init__ is replaced up to ten times in a row, then the run fails (Ray re-raises the
+    # actor's error): a node lost while loading, or a pending actor the pool cancelled on a busy machine (Ray
+    # reports that as an init death too), is survived; a load that always fails still ends the run. Weights
+    # changed since the driver checked them end it at the first batch instead (ScoreActor.refusal).
+    ctx.max_consecutive_actor_init_deaths = 10
     batch = _batch_size(config, gpus)
     # One decode task per plan file (see _write_plan_files); Ray's Parquet reader would merge small files.
     ds = ray.data.from_items([{"path": p} for p in plan_files], override_num_blocks=len(plan_files))
@@ -257,7 +258,8 @@ def _result_rows(batch: pa.Table, info: ModelInfo, run_id: str, scored_at: dt.da
     Columns the batch lacks (scores of rows decided on the driver) are nulls; the run's constants are filled in.
     """
     n = batch.num_rows
-    constants = {"model_id": info.model_id, "encoder": info.encoder, "run_id": run_id, "scored_at": scored_at}
+    constants = {"model_id": info.model_id, "scorer": info.scorer, "weights_sha256": info.weights_sha256,
+                 "aux_model": info.aux_model or None, "run_id": run_id, "scored_at": scored_at}
     columns = {}
     for f in schema:
         if f.name in constants:

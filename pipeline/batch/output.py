@@ -61,7 +61,10 @@ RESULT_SCHEMA = pa.schema([
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
     pa.field("model_id", pa.string(), nullable=False),
-    pa.field("encoder", pa.string(), nullable=False),
+    # What model_id names, as columns (before 2026-12 partitions had ``encoder`` instead: see README's migration).
+    pa.field("scorer", pa.string(), nullable=False),
+    pa.field("weights_sha256", pa.string(), nullable=False),
+    pa.field("aux_model", pa.string()),
     pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("run_id", pa.string(), nullable=False),
 ])

@@ -142,16 +142,20 @@ class ModelInfo:
     Attributes:
         model_id: ``dgiqa@<sha256>+depth-anything-<version>-<encoder>@<sha256>`` for DGIQA,
             ``<scorer>@<sha256>`` for scorers without a depth model.
+        scorer: The registered scorer's name (``--model``).
         encoder: The Depth Anything encoder found in the checkpoint (or the scorer's backbone).
         weights_sha256: SHA-256 of the scorer's weights file.
         depth_sha256: SHA-256 of the Depth Anything weights file (empty without one).
+        aux_model: The auxiliary model's ``name@sha256`` (the depth model), empty without one.
         output_scale: What the scores mean (from the scorer's registry entry).
     """
 
     model_id: str
+    scorer: str
     encoder: str
     weights_sha256: str
     depth_sha256: str = ""
+    aux_model: str = ""
     output_scale: str = ""
 
 
@@ -218,7 +222,8 @@ def _load_models(config: ScorerConfig, materialize: bool) -> tuple[ModelInfo, nn
     check = load_strict if materialize else check_fits
     check(network, ckpt.state_dict, f"{spec.title} (--weights {ckpt.path})", resolve(spec.filter_fn))
     depth_model = depth.build(materialize)
-    info = ModelInfo(model_id=f"{spec.name}@{ckpt.sha256}+{depth.label}", encoder=depth.encoder,
+    info = ModelInfo(model_id=f"{spec.name}@{ckpt.sha256}+{depth.label}", scorer=spec.name, aux_model=depth.label,
+                     encoder=depth.encoder,
                      weights_sha256=ckpt.sha256, depth_sha256=depth.sha256, output_scale=spec.output_scale)
     return info, network, depth_model
 

@@ -45,7 +45,7 @@ class PreparedPixels:
 
 
 def _info(spec: ScorerSpec, sha256: str) -> ModelInfo:
-    return ModelInfo(model_id=f"{spec.name}@{sha256}", encoder=spec.backbone, weights_sha256=sha256,
+    return ModelInfo(model_id=f"{spec.name}@{sha256}", scorer=spec.name, encoder=spec.backbone, weights_sha256=sha256,
                      output_scale=spec.output_scale)
 
 

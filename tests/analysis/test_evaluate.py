@@ -33,8 +33,9 @@ def _write_night(output: Path, run_date: str, rows: list[dict], name: str = "par
     full = [{"uri": r["uri"], "etag": None, "size_bytes": None, "width": 640, "height": 480,
              "score": r.get("score"), "score_std": 0.0 if r.get("score") is not None else None,
              "num_crops": 20 if r.get("score") is not None else None, "status": r.get("status", "ok"),
-             "error": r.get("error"), "model_id": r.get("model_id", MODEL_A), "encoder": "vits",
-             "scored_at": when, "run_id": f"{run_date}-{name}"} for r in rows]
+             "error": r.get("error"), "model_id": r.get("model_id", MODEL_A), "scorer": "dgiqa",
+             "weights_sha256": "aaaa", "aux_model": None, "scored_at": when, "run_id": f"{run_date}-{name}"}
+            for r in rows]
     folder = output / f"run_date={run_date}"
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(full, schema=RESULT_SCHEMA), folder / f"{name}.parquet")

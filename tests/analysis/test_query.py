@@ -3,10 +3,12 @@
 import datetime as dt
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -35,7 +37,8 @@ def _rows(uris, scores, statuses, model, night, extra=None):
         "score": [s if st == "ok" else None for s, st in zip(scores, statuses, strict=True)],
         "score_std": [0.01 if st == "ok" else None for st in statuses], "num_crops": [20] * n,
         "status": statuses, "error": [None if st == "ok" else f"{st} reason" for st in statuses],
-        "model_id": [model] * n, "encoder": ["vits"] * n, "scored_at": [at] * n, "run_id": [f"run-{night}"] * n,
+        "model_id": [model] * n, "scorer": ["dgiqa"] * n, "weights_sha256": ["aaaa"] * n, "scored_at": [at] * n,
+        "aux_model": [None] * n, "run_id": [f"run-{night}"] * n,
     }
     extras = pa.schema([pa.field(k, pa.string()) for k in (extra or {})])
     table.update(extra or {})
@@ -304,3 +307,30 @@ def test_readme_pyarrow_query_gives_what_dgiqa_filter_gives(scores_output):
     table, _ = select(open_scores(str(scores_output)),
                       ScoreFilter(min_score=0.6, date_from=NIGHTS[1], date_to=NIGHTS[1], latest=False))
     assert sorted(namespace["night"].column("uri").to_pylist()) == sorted(table.column("uri").to_pylist())
+
+
+def test_partitions_from_before_the_scorer_columns_read_beside_new_ones(tmp_path):
+    """Migration: older partitions hold ``encoder`` where newer ones hold ``scorer``, ``weights_sha256`` and
+    ``aux_model``; ``dgiqa filter`` reads both, and README's SQL gives old rows the values new rows carry."""
+    root = tmp_path / "scores"
+    depth = "depth-anything-v1-vits@" + "b" * 64
+    model = f"dgiqa@{'a' * 64}+{depth}"
+    new, extras = _rows(["file:///lib/new.jpg"], [0.7], ["ok"], model, "2026-12-02")
+    new = new.set_column(new.schema.get_field_index("weights_sha256"), "weights_sha256", pa.array(["a" * 64]))
+    new = new.set_column(new.schema.get_field_index("aux_model"), "aux_model", pa.array([depth]))
+    _commit(root, "2026-12-02", model, new, extras, "new")
+    old = new.drop_columns(["scorer", "weights_sha256", "aux_model"]).append_column("encoder", pa.array(["vits"]))
+    old = old.set_column(0, "uri", pa.array(["file:///lib/old.jpg"]))
+    (root / "run_date=2026-11-01").mkdir()
+    pq.write_table(old, root / "run_date=2026-11-01" / "part-old.parquet")
+
+    table, _ = select(open_scores(str(root)), ScoreFilter(latest=False),
+                            columns=["uri", "model_id", "scorer", "encoder"])
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    assert rows["file:///lib/old.jpg"]["encoder"] == "vits" and rows["file:///lib/old.jpg"]["scorer"] is None
+    assert rows["file:///lib/new.jpg"]["scorer"] == "dgiqa" and rows["file:///lib/new.jpg"]["encoder"] is None
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    sql = re.search(r"```sql\n(SELECT .*?)```", readme, re.S).group(1).replace("'<output>", f"'{root}")
+    derived = {r[0]: r[1:] for r in duckdb.sql(sql).fetchall()}
+    assert derived["file:///lib/old.jpg"] == derived["file:///lib/new.jpg"] == ("dgiqa", "a" * 64, depth)

@@ -48,7 +48,8 @@ SMALL_DEPTH = PreprocessConfig(depth_input_size=70)
 def _row(uri, status, score=None, error=None, model=MODEL_A, night=NIGHTS[0]):
     return {"uri": str(uri), "etag": "e", "size_bytes": 1, "width": 128, "height": 96,
             "score": score, "score_std": 0.0 if score is not None else None, "num_crops": 20 if score else None,
-            "status": status, "error": error, "model_id": model, "encoder": "vits",
+            "status": status, "error": error, "model_id": model, "scorer": "dgiqa", "weights_sha256": "aaaa",
+            "aux_model": None,
             "scored_at": dt.datetime.fromisoformat(night + "T03:00:00+00:00"), "run_id": f"run-{night}",
             "night": night}
 

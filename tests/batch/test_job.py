@@ -282,5 +282,5 @@ def test_the_dpiqa_student_runs_through_the_same_job(bucket, tmp_path, dpiqa_stu
     assert rows["corrupt.jpg"]["status"] == "error"
     ok = [r for name, r in rows.items() if name != "corrupt.jpg"]
     assert len(ok) == 3 and all(r["status"] == "ok" and r["num_crops"] == 1 and r["score_std"] is None
-                                and r["encoder"] == "efficientnet_b7" for r in ok)
+                                and r["scorer"] == "dpiqa-student" and r["aux_model"] is None for r in ok)
     assert len({r["score"] for r in ok}) == 3

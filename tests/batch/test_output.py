@@ -28,8 +28,8 @@ def _rows(n: int, start: int = 0, model_id: str = "m1", status: str = "ok", extr
         "size_bytes": list(range(n)), "width": [10] * n, "height": [20] * n,
         "score": [((i * 37) % 100) / 100 if status == "ok" else None for i in range(n)],
         "score_std": [0.01] * n, "num_crops": [20] * n, "status": [status] * n,
-        "error": [None if status == "ok" else "boom"] * n, "model_id": [model_id] * n, "encoder": ["vits"] * n,
-        "scored_at": [now] * n, "run_id": ["r1"] * n,
+        "error": [None if status == "ok" else "boom"] * n, "model_id": [model_id] * n, "scorer": ["dgiqa"] * n,
+        "weights_sha256": ["aaaa"] * n, "aux_model": [None] * n, "scored_at": [now] * n, "run_id": ["r1"] * n,
     }
     data.update(extras or {})
     return pa.table(data)

@@ -31,7 +31,8 @@ def _history(output: Path, rows: list[dict], run_date: str, model_id: str = MODE
         "size_bytes": [r.get("size") for r in rows], "width": [1] * n, "height": [1] * n,
         "score": [0.5] * n, "score_std": [0.0] * n, "num_crops": [1] * n,
         "status": [r.get("status", "ok") for r in rows], "error": [None] * n, "model_id": [model_id] * n,
-        "encoder": ["vits"] * n, "scored_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+        "scorer": ["dgiqa"] * n, "weights_sha256": ["aaaa"] * n, "aux_model": [None] * n,
+        "scored_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
         "run_id": ["r"] * n})
     out = RunOutput(str(output), run_date, f"hist{abs(hash(run_date + model_id)) % 10**6}-x", schema)
     out.write_shard(0, table.cast(pa.schema([pa.field("row_index", pa.int64()), *schema])))
@@ -134,7 +135,7 @@ def test_manifest_files_whose_columns_differ_are_united(tmp_path):
         plan.close()
 
 
-def _write_scale_case(folder: Path, n: int, model_id: str, encoder: str) -> tuple[Path, Path]:
+def _write_scale_case(folder: Path, n: int, model_id: str, scorer: str) -> tuple[Path, Path]:
     """A Parquet manifest of n rows, every one already scored ok by ``model_id``: a night with nothing to do."""
     folder.mkdir()
     uris = pc.binary_join_element_wise(f"file://{folder}/photos/", pc.cast(pa.array(np.arange(n)), pa.string()),
@@ -145,7 +146,8 @@ def _write_scale_case(folder: Path, n: int, model_id: str, encoder: str) -> tupl
     (folder / "out" / "run_date=2026-11-29").mkdir(parents=True)
     history = {"uri": uris, "etag": manifest.column("etag"), "size_bytes": manifest.column("size"),
                "status": pa.repeat(pa.scalar("ok"), n), "model_id": pa.repeat(pa.scalar(model_id), n),
-               "encoder": pa.repeat(pa.scalar(encoder), n), "run_id": pa.repeat(pa.scalar("r"), n),
+               "scorer": pa.repeat(pa.scalar(scorer), n), "weights_sha256": pa.repeat(pa.scalar("aaaa"), n),
+               "run_id": pa.repeat(pa.scalar("r"), n),
                "scored_at": pa.repeat(pa.scalar(0, pa.timestamp("us", tz="UTC")), n)}
     history = pa.table({f.name: history.get(f.name, pa.nulls(n, f.type)) for f in RESULT_SCHEMA}).cast(RESULT_SCHEMA)
     pq.write_table(history, folder / "out" / "run_date=2026-11-29" / "part-h.parquet", row_group_size=16_384)
@@ -167,7 +169,7 @@ def test_driver_memory_does_not_grow_with_manifest_and_history(checkpoints, tmp_
                                      device="cpu"))
     peaks = {}
     for n in (1000, 2_000_000):
-        manifest, output = _write_scale_case(tmp_path / f"n{n}", n, info.model_id, info.encoder)
+        manifest, output = _write_scale_case(tmp_path / f"n{n}", n, info.model_id, info.scorer)
         command = [sys.executable, str(REPO / "jobs" / "score_bucket.py"), "--manifest", str(manifest),
                    "--output", str(output), "--weights", str(checkpoints["dgiqa"]),
                    "--depth-weights", str(checkpoints["depth"]), "--run-date", "2026-11-30",
