@@ -12,7 +12,7 @@ from pipeline.cli.argtypes import (
     positive_int,
 )
 from pipeline.cli.label_args import add_label_arguments
-from pipeline.scorers.registry import SCORER_OPTIONS
+from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, resolve, trainable_scorers
 
 
 def _init_arg(text: str) -> str:
@@ -26,10 +26,8 @@ def _init_arg(text: str) -> str:
 
 
 def run(args: argparse.Namespace, prog: str = "dgiqa") -> int:
-    """Train from parsed options (``pipeline.training.train.run_command``); returns the exit code."""
-    from pipeline.training.train import run_command
-
-    return run_command(args, prog=prog)
+    """Train from parsed options with the trainer the scorer's spec names; returns the exit code."""
+    return resolve(get_scorer(args.model).trainer)(args, prog=prog)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_read_limit_arguments(data, "the --images-prefix, else the label file's folder")
 
     out = parser.add_argument_group("models and output")
+    out.add_argument("--model", default=trainable_scorers()[0], choices=trainable_scorers(),
+                     help="which scorer to train (the registry's scorers that train: "
+                          f"{', '.join(trainable_scorers())})")
     out.add_argument("--output", required=True, metavar="URI",
                      help="folder or fsspec URI for checkpoints, metrics and summary; a rerun resumes there")
     out.add_argument("--init", required=True, type=_init_arg, metavar="SPEC",

@@ -15,4 +15,5 @@ SCORER = ScorerSpec(
     options=frozenset({"depth_weights", "encoder", "depth_version", "crops", "depth_input_size", "draft_decode"}),
     output_scale="[0, 1] from a sigmoid, higher is better (the training set's MOS scaled to [0, 1])",
     needs_depth=True,
+    trainer="pipeline.training.train:run_command",
 )

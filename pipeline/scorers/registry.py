@@ -93,6 +93,8 @@ class ScorerSpec:
         to_tensor: ``module:function`` from a batch of prepared uint8 arrays to the network's input tensor,
             for single-pass scorers.
         needs_depth: Whether ``--depth-weights`` is required.
+        trainer: ``module:function`` running ``dgiqa train --model <name>`` from its parsed arguments (returns
+            the exit code); empty for a scorer that does not train here.
     """
 
     name: str
@@ -107,6 +109,7 @@ class ScorerSpec:
     backbone: str = ""
     to_tensor: str = ""
     needs_depth: bool = False
+    trainer: str = ""
 
     def __post_init__(self):
         # A typo would otherwise make the option look unused and refuse it.
@@ -204,6 +207,11 @@ def resolve_options(model: str, given: Mapping[str, object]) -> dict[str, object
     check_options(model, [name for name, value in given.items() if value is not None])
     return {name: option.default if given.get(name) is None else given[name]
             for name, option in SCORER_OPTIONS.items()}
+
+
+def trainable_scorers() -> tuple[str, ...]:
+    """The scorers ``dgiqa train`` can train: those whose spec names a trainer."""
+    return tuple(name for name, spec in _specs().items() if spec.trainer)
 
 
 def summaries() -> str:

@@ -63,3 +63,17 @@ def test_no_code_outside_the_registry_special_cases_a_scorer_by_name():
     found = [f"{path.relative_to(root)}:{n}" for path in sorted(root.rglob("*.py")) if "scorers" not in path.parts
              for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_training_goes_through_the_spec_and_refuses_scorers_that_do_not_train(capsys):
+    from pipeline.cli import build_parser
+    from pipeline.scorers.registry import trainable_scorers
+
+    assert trainable_scorers() == ("dgiqa",)
+    assert callable(resolve(get_scorer("dgiqa").trainer)) and not get_scorer("dpiqa-student").trainer
+    base = ["train", "labels.csv", "--output", "out", "--init", "random", "--depth-weights", "d"]
+    assert build_parser().parse_args(base).model == "dgiqa"
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([*base, "--model", "dpiqa-student"])
+    assert exited.value.code == 2
+    assert "argument --model: invalid choice: 'dpiqa-student' (choose from 'dgiqa')" in capsys.readouterr().err
