@@ -16,6 +16,12 @@ from pipeline.scoring.sample import depth_random_name, write_random_depth_anythi
 from pipeline.scoring.scorer import Scorer, ScorerConfig
 
 DATA = Path(__file__).parent / "data"
+
+# Two xdist workers on two cores start Ray clusters side by side with model-loading jobs: Ray's own start-up
+# waits (GCS 30 s, dashboard 60 s) are too short for such a machine. Every Ray a test starts, in this process
+# or in a subprocess that copies this environment, waits longer instead of failing to start.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 SKIMAGE_DATA = Path(os.path.dirname(skimage.__file__)) / "data"
 # Real photographs shipped with scikit-image.
 PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png"]

@@ -198,20 +198,28 @@ class ScoreActor:
     Args:
         config: What to load (a small picklable dataclass).
         expected_model_id: The model id the driver computed; an actor that reads other weights (a file
-            replaced mid-run) refuses to start rather than mixing two models in one run.
+            replaced mid-run) refuses its first batch rather than mixing two models in one run.
     """
 
     def __init__(self, config: ScorerConfig, expected_model_id: str, num_threads: int | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.scorer = make_scorer(config)
+        # Refused at the first batch, not here: an exception in a batch ends the run at once, while an actor
+        # that dies in __init__ is replaced (Ray Data's max_consecutive_actor_init_deaths) and would load the
+        # changed weights again, several times over, before the run gave up.
+        self.refusal = None
         if self.scorer.model_id != expected_model_id:
-            raise WeightsChanged(f"{WEIGHTS_CHANGED}: the driver checked {expected_model_id}, this actor read "
-                                 f"{self.scorer.model_id}")
-        logger.info("scoring actor ready on %s with %s", self.scorer.device, self.scorer.model_id)
+            self.refusal = (f"{WEIGHTS_CHANGED}: the driver checked {expected_model_id}, this actor read "
+                            f"{self.scorer.model_id}")
+            logger.error("%s", self.refusal)
+        else:
+            logger.info("scoring actor ready on %s with %s", self.scorer.device, self.scorer.model_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Score the ``ok`` rows of a batch; returns ``SCORE_COLUMNS`` (then the passed-through columns)."""
+        if self.refusal:
+            raise WeightsChanged(self.refusal)
         rows = batch.select([n for n in batch.column_names if n in SCORE_COLUMNS or n == "prepared"]).to_pylist()
         out = {name: [row.get(name) if name in ("row_index", "status", "error", "width", "height") else None
                       for row in rows] for name in SCORE_COLUMNS}

@@ -73,6 +73,8 @@ def test_actor_rows_carry_their_own_images_scores(files, fast_scorer):
         assert [rows[uri]["status"] for uri in (files[1], files[2])] == ["error", "error"]
 
 
-def test_actor_refuses_other_weights(fast_scorer):
-    with pytest.raises(WeightsChanged, match="weights changed since the job started"):
-        ScoreActor(fast_scorer.config, "dgiqa@something-else")
+def test_actor_refuses_other_weights_at_its_first_batch(fast_scorer):
+    actor = ScoreActor(fast_scorer.config, "dgiqa@something-else")
+    with pytest.raises(WeightsChanged, match="weights changed since the job started: the driver checked "
+                                             "dgiqa@something-else, this actor read dgiqa@"):
+        actor(pa.table({"row_index": [0], "status": ["ok"]}))
