@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pipeline.batch.run_dates import check_run_date
 from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.models import depth_anything as da
 from pipeline.scoring.preprocess import PreprocessConfig
 from pipeline.scoring.scorer import DEVICE_CHOICES, ENCODER_CHOICES
-
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class ReportError(ValueError):
@@ -63,7 +60,7 @@ class ReportConfig:
         for name in ("run_date", "date_from", "date_to"):
             value = getattr(self, name)
             if value is not None:
-                _check_date(value, name)
+                check_run_date(value, name, ReportError)
         if self.run_date is not None and (self.date_from is not None or self.date_to is not None):
             raise ReportError("give either a run date or a range (from/to), not both")
         if self.date_from is not None and self.date_to is not None and self.date_from > self.date_to:
@@ -78,13 +75,3 @@ class ReportConfig:
             raise ReportError(f"depth_version must be one of {', '.join(da.VERSIONS)}, got {self.depth_version!r}")
         if self.max_bytes < 1:
             raise ReportError(f"max_bytes must be at least 1, got {self.max_bytes}")
-
-
-def _check_date(text: str, what: str) -> str:
-    try:
-        if not _DATE.fullmatch(text):
-            raise ValueError
-        dt.date.fromisoformat(text)
-    except ValueError:
-        raise ReportError(f"{what} must be a date as YYYY-MM-DD, got {text!r}") from None
-    return text
