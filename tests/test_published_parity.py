@@ -44,6 +44,8 @@ JOB_TOLERANCE = 2e-5
 BF16_TOLERANCE = 1e-1
 # JPEG draft-mode decode of the 12 MP photo: measured 1.1e-2.
 DRAFT_TOLERANCE = 2e-2
+# --decode gpu run on the CPU (torchvision's decode, PyTorch's resizes): measured at most 1.1e-4 on the JPEGs.
+DEVICE_DECODE_TOLERANCE = 1e-3
 
 
 def _sha256(data: bytes) -> str:
@@ -90,7 +92,7 @@ def test_the_test_weights_are_the_ones_the_published_code_ran(checkpoints):
 def test_recorded_scores_spread_far_beyond_every_tolerance():
     scores = [record["score"] for record in GOLDEN["images"].values()]
     spread = max(scores) - min(scores)
-    for tolerance in (FP32_TOLERANCE, JOB_TOLERANCE, DRAFT_TOLERANCE):
+    for tolerance in (FP32_TOLERANCE, JOB_TOLERANCE, DRAFT_TOLERANCE, DEVICE_DECODE_TOLERANCE):
         assert spread >= 10 * tolerance
     assert spread >= 7 * BF16_TOLERANCE
     # The crops of one image differ too, so crops cut at other places would show.
@@ -138,6 +140,20 @@ def test_a_12_mp_jpeg_scores_as_published_full_reference_and_draft(checkpoints):
     assert deltas["default"] <= FP32_TOLERANCE and deltas["reference"] <= FP32_TOLERANCE
     assert 0 < deltas["draft"] <= DRAFT_TOLERANCE
     print("\n12 MP JPEG vs published: " + ", ".join(f"{k} {v:.1e}" for k, v in deltas.items()))
+
+
+@pytest.mark.slow
+def test_decoding_on_the_device_stays_within_its_tolerance_of_the_published_scores(checkpoints):
+    """``--decode gpu`` with the CPU as the device: the same arithmetic as on a GPU but nvJPEG's decode."""
+    scorer = _scorer(checkpoints, decode="gpu")
+    jpegs = [name for name in GOLDEN["images"] if name.endswith(".jpg")]
+    deltas = {}
+    for name in jpegs:
+        result = scorer.score_bytes(_image_bytes(name))
+        assert [result.width, result.height] == GOLDEN["images"][name]["size"], name  # EXIF orientation applied
+        deltas[name] = abs(result.score - GOLDEN["images"][name]["score"])
+    assert len(jpegs) == 3 and 0 < max(deltas.values()) <= DEVICE_DECODE_TOLERANCE
+    print("\n--decode gpu on the CPU vs published: " + ", ".join(f"{k} {v:.1e}" for k, v in deltas.items()))
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ class JobConfig:
     draft_decode: bool = False
     model: str = "dgiqa"
     exif_transpose: bool = False  # the DP-IQA student's option; see ScorerConfig
+    decode: str = "cpu"  # DGIQA's: cpu (OpenCV, as published) or gpu (JPEGs decoded in the actors)
     plan_memory_mb: int = PlannerConfig.memory_mb
     spill_dir: str | None = None
     actor_class: type | None = None  # the scoring actor; None -> pipeline.batch.stages.ScoreActor (tests swap it)
@@ -105,7 +106,7 @@ class JobConfig:
             weights=self.weights, depth_weights=self.depth_weights, encoder=self.encoder,
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
             precision=self.precision, compile=self.compile, attention=self.attention, model=self.model,
-            exif_transpose=self.exif_transpose,
+            exif_transpose=self.exif_transpose, decode=self.decode,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_input_size=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 

@@ -26,6 +26,7 @@ from pipeline.batch.allowlist import Allowlist, RejectedURI, redact_text, redact
 from pipeline.batch.objects import ObjectTooLarge, read_object
 from pipeline.batch.output import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from pipeline.limits import DEFAULT_MAX_BYTES
+from pipeline.scoring.device_decode import EncodedImage
 from pipeline.scoring.preprocess import ImageError
 from pipeline.scoring.scorer import ScorerConfig, make_scorer, prepare_item
 from pipeline.scoring.weights import WeightsError
@@ -189,7 +190,9 @@ class WeightsChanged(WeightsError):
 
 
 def _unpack(row: dict, prepared_type: type):
-    return prepared_type.from_arrays(unpack_arrays(row["prepared"]), row["height"], row["width"])
+    arrays = unpack_arrays(row["prepared"])
+    kind = EncodedImage if "encoded" in arrays else prepared_type  # --decode gpu: decoded in the actor
+    return kind.from_arrays(arrays, row["height"], row["width"])
 
 
 class ScoreActor:

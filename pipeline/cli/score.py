@@ -43,6 +43,7 @@ def _score_command(args: argparse.Namespace) -> int:
         compile=args.compile,
         model=args.model,
         exif_transpose=options["exif_transpose"],
+        decode=options["decode"],
     )
     allowlist = Allowlist(args.allow_prefix or _folders_of(args.images))
     scorer = make_scorer(config)

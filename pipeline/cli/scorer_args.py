@@ -44,6 +44,10 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
     parser.add_argument("--draft-decode", action="store_true", default=None,
                         help="decode large JPEGs at reduced scale (faster decoding; scores move slightly, see "
                              f"README; {used_by('draft_decode')})")
+    parser.add_argument("--decode", choices=SCORER_OPTIONS["decode"].choices,
+                        help="where JPEGs are decoded and resized: cpu (OpenCV, the published pixels; default) or "
+                             "gpu (torchvision on the scorer's device, for nodes whose CPUs cannot feed the GPU; "
+                             f"scores move slightly, see README; {used_by('decode')})")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (%(default)s)")
     add_read_limit_arguments(parser, allow_prefix_default)

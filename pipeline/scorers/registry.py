@@ -66,6 +66,7 @@ SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("depth_input_size", 518),
     ScorerOption("draft_decode", False),
     ScorerOption("exif_transpose", False),
+    ScorerOption("decode", "cpu", choices=("cpu", "gpu")),
 )}
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -233,6 +233,20 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` of an opened image once its EXIF orientation is applied, from the header alone.
+
+    Raises:
+        ImageError: The EXIF data cannot be read.
+    """
+    width, height = im.size
+    try:
+        transposed = im.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS
+    except Exception as exc:  # noqa: BLE001 - a broken EXIF block
+        raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
+    return (width, height) if transposed else (height, width)
+
+
 def _decode(data: bytes, config: PreprocessConfig, draft: bool) -> tuple[np.ndarray, int, int]:
     """Decode, convert and orient one image, holding at most Pillow's pixels and one RGB array at a time.
 
@@ -458,14 +472,24 @@ def prepare_image(rgb: np.ndarray, config: PreprocessConfig = PreprocessConfig()
                          depth_input=depth_model_input(rgb, config, (height, width)), height=height, width=width)
 
 
-def prepare_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> PreparedImage:
+def prepare_bytes(data: bytes, config: PreprocessConfig = PreprocessConfig(), decode: str = "cpu"):
     """Decode (in draft mode if configured) and prepare one encoded image.
+
+    With ``decode="gpu"`` a JPEG is only checked from its header here and decoded on the scorer's device
+    (``pipeline.scoring.device_decode``); the result is then an ``EncodedImage``.
 
     Raises:
         ImageError: The bytes are not a scorable image.
     """
+    if decode == "gpu":
+        from pipeline.scoring.device_decode import prepare_for_device
+
+        return prepare_for_device(data, config)
     rgb, height, width = decode_for_scoring(data, config)
     return prepare_image(rgb, config, (height, width))
+
+
+prepare_bytes.uses_options = frozenset({"decode"})  # read by pipeline.scorers.registry
 
 
 # Bytes per pixel held while decoding: Pillow's pixels (4 for RGB, at most 4 for any mode) and the RGB array (3),

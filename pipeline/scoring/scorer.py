@@ -19,11 +19,11 @@ from pipeline.models import depth_anything as da
 from pipeline.models.attention import ATTENTION_MODES, set_attention
 from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS, changed_options, check_options, get_scorer, resolve
 from pipeline.scoring.depth import depth_passes
+from pipeline.scoring.device_decode import decode_on_device
 from pipeline.scoring.precision import PRECISIONS, autocast
 from pipeline.scoring.preprocess import (
     PreparedImage,
     PreprocessConfig,
-    prepare_bytes,
     prepare_image,
     quality_inputs,
 )
@@ -60,6 +60,8 @@ class ScorerConfig:
         exif_transpose: Rotate images upright by their EXIF orientation before the DP-IQA student's resize (off
             as in the authors' code; see ``pipeline.scoring.dpiqa_preprocess``). DGIQA always applies the
             orientation, as ``cv2.imread`` does, and refuses the option.
+        decode: ``cpu`` (OpenCV's pixels, as published) or ``gpu``: JPEGs decoded and resized on the scorer's
+            device (``pipeline.scoring.device_decode``; scores move slightly).
 
     Model-specific settings (``options()``) that ``model`` does not use must keep their defaults: a config that
     asks for something its scorer would ignore is refused rather than recorded as if honoured.
@@ -79,6 +81,7 @@ class ScorerConfig:
     storage_options: Mapping | None = None
     model: str = "dgiqa"
     exif_transpose: bool = False
+    decode: str = "cpu"
 
     def __post_init__(self):
         spec = get_scorer(self.model)
@@ -95,6 +98,11 @@ class ScorerConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        if self.decode not in SCORER_OPTIONS["decode"].choices:
+            raise ValueError(f"decode must be one of {', '.join(SCORER_OPTIONS['decode'].choices)}, got "
+                             f"{self.decode!r}")
+        if self.decode == "gpu" and self.preprocess.draft:
+            raise ValueError("--draft-decode and --decode gpu exclude each other (draft decoding is a CPU decode)")
         if (self.forward_batch is not None and self.forward_batch < 1) or self.depth_batch < 1:
             raise ValueError(f"forward_batch and depth_batch must be at least 1, got {self.forward_batch}, "
                              f"{self.depth_batch}")
@@ -103,7 +111,7 @@ class ScorerConfig:
         """The model-specific settings by their ``SCORER_OPTIONS`` name (the job's field names)."""
         return {"depth_weights": self.depth_weights, "encoder": self.encoder, "depth_version": self.depth_version,
                 "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_input_size,
-                "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose}
+                "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose, "decode": self.decode}
 
 
 @dataclass(frozen=True)
@@ -273,7 +281,7 @@ class Scorer:
 
     prepared_type = PreparedImage
     # The options of the depth model, and of the DGIQA preprocessing this runner feeds its PreprocessConfig to.
-    uses_options = frozenset({"depth_weights", "encoder", "depth_version", "crops", "depth_input_size",
+    uses_options = frozenset({"depth_weights", "encoder", "depth_version", "crops", "depth_input_size", "decode",
                               "draft_decode"})
 
     @staticmethod
@@ -316,10 +324,12 @@ class Scorer:
 
     @torch.inference_mode()
     def score_prepared(self, prepared: Sequence[PreparedImage]) -> list[ImageScore]:
-        """Score prepared images; their crops share DGIQA forward passes."""
+        """Score prepared images (``EncodedImage`` ones decoded on the device first); crops share forward passes."""
         if not prepared:
             return []
         cfg = self.config.preprocess
+        if self.config.decode == "gpu":
+            prepared = decode_on_device(prepared, cfg, self.device)
         rgb_crops, depth_crops = [], []
         for item, depth_map in zip(prepared, self.depth_maps(prepared), strict=True):
             image_crops, map_crops = quality_inputs(item.rgb_small, depth_map, cfg)
@@ -352,4 +362,4 @@ class Scorer:
         Raises:
             ImageError: The bytes are not a scorable image.
         """
-        return self.score_prepared([prepare_bytes(data, self.config.preprocess)])[0]
+        return self.score_prepared([prepare_item(data, self.config)])[0]
