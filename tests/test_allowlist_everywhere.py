@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,6 @@ from PIL import Image
 
 from pipeline.batch.output import RESULT_SCHEMA
 from pipeline.scoring.sample import synthetic_photo
-from tests.conftest import local_ray_without_auth
 from tests.s3proxy import FaultyProxy
 
 MAX_BYTES = 100_000
@@ -218,25 +219,19 @@ def test_train_refuses_hostile_label_rows_before_any_request(hostile, checkpoint
     _assert_no_request_left_the_allowlist(h)
 
 
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    """Ray on this machine, started after the S3 server so its workers inherit the test credentials."""
-    with local_ray_without_auth():
-        yield
-
-
-def test_evaluate_weights_scores_only_allowed_images_and_lists_the_refused(hostile, checkpoints, local_ray,
-                                                                           capsys):
-    from pipeline.cli import main
-
+def test_evaluate_weights_scores_only_allowed_images_and_lists_the_refused(hostile, checkpoints, s3_server):
+    """``dgiqa evaluate --weights`` as a user runs it: its own process, which starts its own local Ray (a Ray
+    session of this test process's own, after other modules' sessions, saw its first actor cancelled at once)."""
     h = hostile
     _reset(h)
-    code = main(["evaluate", *_common(h, h.labels_more), "--weights", str(checkpoints["dgiqa"]), "--depth-weights",
-                 str(checkpoints["depth"]), "--crops", "1", "--depth-input-size", "70", "--bootstrap", "0",
-                 "--json", "--output", str(h.folder / "scores")])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    result = json.loads(captured.out)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "evaluate", *_common(h, h.labels_more), "--weights",
+         str(checkpoints["dgiqa"]), "--depth-weights", str(checkpoints["depth"]), "--crops", "1",
+         "--depth-input-size", "70", "--bootstrap", "0", "--json", "--output", str(h.folder / "scores")],
+        env={**os.environ, "RAY_ADDRESS": "local"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Ray may print its own lines ("(raylet) ...") on standard output too: the document is the JSON object.
+    result, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
     assert result["matched"] == 4 and result["labels_without_score"] == len(h.rows)
     failures = result["failures"]
     assert len(failures) == len(h.rows)
@@ -246,7 +241,7 @@ def test_evaluate_weights_scores_only_allowed_images_and_lists_the_refused(hosti
         assert row["status"] == "rejected" and reason in row["error"], (name, row)
     big = by_uri[_one("big", list(by_uri))]
     assert big["status"] == "error" and f"over the limit of {MAX_BYTES} bytes (--max-bytes)" in big["error"]
-    assert not [s for s in SECRETS if s in captured.out + captured.err]
+    assert not [s for s in SECRETS if s in proc.stdout + proc.stderr]
     _assert_no_request_left_the_allowlist(h)
 
 

@@ -141,7 +141,8 @@ def test_actor_that_dies_is_restarted_and_its_batch_redone(checkpoints, tmp_path
                           cwd=REPO, env={**JOB_ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Ray prints its own lines ("(raylet) ...") on standard output too: the summary is the JSON line.
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     assert marker.exists()  # the fault happened
     assert summary["status_counts"] == {"ok": 6, "error": 0, "rejected": 0}
     _counts_close(pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table(), 6)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -36,7 +38,9 @@ def ray_head(tmp_path_factory, s3_server):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, client, agent = (_free_port() for _ in range(4))
-    temp_dir = tmp_path_factory.mktemp("ray")
+    # A short folder under /tmp: Ray's dashboard binds Unix sockets in it, whose paths may not exceed 107 bytes,
+    # and pytest's own folders (with xdist's popen-gwN level) are longer than that.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))
     log = (temp_dir / "head.log").open("wb")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -51,6 +55,7 @@ def ray_head(tmp_path_factory, s3_server):
     finally:
         stop_process_tree(head)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_job_server(head: subprocess.Popen, address: str, log: Path, timeout_s: float = 600) -> None:

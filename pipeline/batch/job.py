@@ -244,8 +244,10 @@ def _run_key(config: JobConfig, reader: ManifestReader, model_id: str, run_date:
            "max_bytes": config.max_bytes,
            "allow": sorted(config.allow_prefixes), "incremental": config.incremental,
            "shard_rows": config.shard_rows, "precision": config.precision, "limit": config.limit}
-    job.update({name: getattr(config, name) for name in get_scorer(config.model).options
-                if not SCORER_OPTIONS[name].in_model_id})
+    for name in get_scorer(config.model).options:
+        option, value = SCORER_OPTIONS[name], getattr(config, name)
+        if not option.in_model_id and (option.keyed_at_default or value != option.default):
+            job[name] = value
     job_key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
     rows = {"files": [list(f) for f in reader.files], "plan": plan.fingerprint}
     rows_key = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:12]

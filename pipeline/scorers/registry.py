@@ -44,12 +44,15 @@ class ScorerOption:
             job's run key need not; the other options change rows without changing ``model_id`` and enter the
             run key.
         choices: The values the flag accepts, where it is a choice.
+        keyed_at_default: Whether the run key holds the option at its default value too; False for options added
+            after runs were keyed without them, so that those runs resume.
     """
 
     name: str
     default: object
     in_model_id: bool = False
     choices: tuple[str, ...] = ()
+    keyed_at_default: bool = True
 
     @property
     def flag(self) -> str:
@@ -66,7 +69,7 @@ SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("depth_input_size", 518),
     ScorerOption("draft_decode", False),
     ScorerOption("exif_transpose", False),
-    ScorerOption("decode", "cpu", choices=("cpu", "gpu")),
+    ScorerOption("decode", "cpu", choices=("cpu", "gpu"), keyed_at_default=False),
 )}
 
 PRECISIONS = ("fp32", "bf16", "fp16")

@@ -109,8 +109,9 @@ def test_dgiqa_run_keys_are_those_of_earlier_versions():
 
 def test_dgiqa_options_that_change_rows_change_the_run_key():
     keys = {_key(depth_weights="d.pth"), _key(depth_weights="d.pth", crops=3),
-            _key(depth_weights="d.pth", depth_input_size=70), _key(depth_weights="d.pth", draft_decode=True)}
-    assert len(keys) == 4
+            _key(depth_weights="d.pth", depth_input_size=70), _key(depth_weights="d.pth", draft_decode=True),
+            _key(depth_weights="d.pth", decode="gpu")}
+    assert len(keys) == 5
 
 
 def test_the_students_run_key_ignores_dgiqa_options_and_names_its_exif_option():

@@ -99,7 +99,7 @@ def _job_script():
 JOB = ["--manifest", "m.csv", "--output", "out", "--weights", "w.pth"]
 STUDENT_OWN = "(its own options are --exif-transpose)"
 DGIQA_OWN = "(its own options are --depth-weights, --encoder, --depth-version, --crops, --depth-input-size, " \
-            "--draft-decode)"
+            "--draft-decode, --decode)"
 
 
 @pytest.mark.parametrize(("model", "option"), [
