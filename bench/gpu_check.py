@@ -478,6 +478,30 @@ def main(argv: list[str] | None = None) -> int:
                 del scorer, scorer_box
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if encoder != encoders[0]:
+                continue
+
+            def decoded_on_device(encoder=encoder, state=state) -> dict:
+                """--decode gpu: the reference JPEGs decoded and resized on the device, against the CPU fp32 scores."""
+                scorer = Scorer(ScorerConfig(
+                    weights=str(dgiqa_weights), depth_weights=str(state["depth_weights"]), device=device.type,
+                    depth_batch=max(batches), preprocess=preprocess, decode="gpu"))
+                deltas, images, wall = {}, 0, 0.0
+                for name, blobs in jpegs.items():
+                    reference = state["reference"][name]
+                    _sync(device)
+                    start = time.perf_counter()
+                    items = [prepare_bytes(data, preprocess, decode="gpu") for data in blobs[:len(reference)]]
+                    ours = [r.score for r in scorer.score_prepared(items)]
+                    _sync(device)
+                    wall += time.perf_counter() - start
+                    images += len(ours)
+                    deltas[name] = max(abs(a - b) for a, b in zip(ours, reference, strict=True))
+                return {"device": device.type, "encoder": encoder, "precision": "fp32", "images": images,
+                        "images_per_s": round(images / wall, 3), "max_abs_score_delta_by_size": deltas,
+                        "max_abs_score_delta_vs_cpu_fp32": max(deltas.values()), **_gpu_memory(device)}
+
+            report.run(f"score_decode_device_{encoder}_fp32", "score", target_s * 2 + 20, decoded_on_device)
         report.data["status"] = "complete"
     except BaseException as exc:
         report.data["status"] = f"aborted: {type(exc).__name__}: {exc}"

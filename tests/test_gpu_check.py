@@ -53,6 +53,11 @@ def test_the_dry_run_records_every_phase_with_its_figures(tmp_path):
             # Same weights, same images, fp32 on the CPU: the reference itself.
             tolerance = 1e-4 if row["precision"] == "fp32" else 0.5  # batch 2 vs 1: rounding
             assert 0 <= row["max_abs_score_delta_vs_cpu_fp32"] <= tolerance, row
+    # --decode gpu with the CPU as the device: torchvision's decode and PyTorch's resizes against OpenCV's pixels.
+    decoded = phases["score_decode_device_vits_fp32"]
+    assert decoded["images"] == len(sizes) and decoded["images_per_s"] > 0, decoded
+    assert set(decoded["max_abs_score_delta_by_size"]) == set(sizes)
+    assert 0 < decoded["max_abs_score_delta_vs_cpu_fp32"] <= 1e-2, decoded
 
 
 def test_a_budget_too_small_skips_phases_and_says_why(tmp_path):
