@@ -80,6 +80,7 @@ class JobConfig:
     model: str = "dgiqa"
     exif_transpose: bool = False  # the DP-IQA student's option; see ScorerConfig
     decode: str = "cpu"  # DGIQA's: cpu (OpenCV, as published) or gpu (JPEGs decoded in the actors)
+    trained_on: str = "livec"  # DPAM-IQA's preprocessing preset; see ScorerConfig
     plan_memory_mb: int = PlannerConfig.memory_mb
     spill_dir: str | None = None
     actor_class: type | None = None  # the scoring actor; None -> pipeline.batch.stages.ScoreActor (tests swap it)
@@ -106,7 +107,7 @@ class JobConfig:
             weights=self.weights, depth_weights=self.depth_weights, encoder=self.encoder,
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
             precision=self.precision, compile=self.compile, attention=self.attention, model=self.model,
-            exif_transpose=self.exif_transpose, decode=self.decode,
+            exif_transpose=self.exif_transpose, decode=self.decode, trained_on=self.trained_on,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_input_size=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 

@@ -44,6 +44,7 @@ def _score_command(args: argparse.Namespace) -> int:
         model=args.model,
         exif_transpose=options["exif_transpose"],
         decode=options["decode"],
+        trained_on=options["trained_on"],
     )
     allowlist = Allowlist(args.allow_prefix or _folders_of(args.images))
     scorer = make_scorer(config)

@@ -48,6 +48,10 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
                         help="where JPEGs are decoded and resized: cpu (OpenCV, the published pixels; default) or "
                              "gpu (torchvision on the scorer's device, for nodes whose CPUs cannot feed the GPU; "
                              f"scores move slightly, see README; {used_by('decode')})")
+    parser.add_argument("--trained-on", choices=SCORER_OPTIONS["trained_on"].choices,
+                        help="the training set of the checkpoint, which sets the authors' preprocessing for it "
+                             "(superpixel settings; whole image or five 224 px crops); livec is the authors' "
+                             f"single-image inference ({used_by('trained_on')}; livec)")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (%(default)s)")
     add_read_limit_arguments(parser, allow_prefix_default)

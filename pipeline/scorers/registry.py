@@ -60,7 +60,8 @@ class ScorerOption:
         return "--" + self.name.replace("_", "-")
 
 
-# Defaults are PreprocessConfig's and JobConfig's, the choices Depth Anything's (tests hold them equal).
+# Defaults are PreprocessConfig's and JobConfig's, the choices Depth Anything's and DPAM's presets (tests hold them
+# equal).
 SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("depth_weights", None, in_model_id=True),
     ScorerOption("encoder", "auto", in_model_id=True, choices=("auto", "vits", "vitb", "vitl")),
@@ -70,6 +71,8 @@ SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("draft_decode", False),
     ScorerOption("exif_transpose", False),
     ScorerOption("decode", "cpu", choices=("cpu", "gpu"), keyed_at_default=False),
+    ScorerOption("trained_on", "livec", choices=("livec", "koniq10k", "spaq", "kadid10k", "tid2013", "csiq"),
+                 keyed_at_default=False),
 )}
 
 PRECISIONS = ("fp32", "bf16", "fp16")

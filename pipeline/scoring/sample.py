@@ -85,6 +85,33 @@ def write_random_depth_anything(path: Path, encoder: str = "vits", seed: int = 0
     return _save(state, path)
 
 
+def write_random_dpam(path: Path, seed: int = 0) -> Path:
+    """Save a DPAM-IQA checkpoint (a bare state dict, the authors' layout) whose scores feel every input.
+
+    With default initialisation two of the three inputs are all but ignored: the superpixel branch's weighting
+    layer (a 1x1 convolution, then a ReLU) has a negative weight and bias with seed 0 and zeroes the similarity
+    map, and the two fusion attentions, whose queries carry the texture and superpixel inputs, are so flat that
+    any query gives the same mixture (swapping the superpixels or blanking the texture moved a score by under
+    1e-7). A parity test could then not see a wrong superpixel or texture input. So that layer passes the
+    similarity map through (weight 1, bias 0), and the fusion attentions' query and key weights are multiplied
+    by 64 (a power of two, so the file is the same bit for bit wherever it is made): blanking the texture then
+    moves a score by about 1e-3, another image's superpixels by about 5e-4, while the test photographs still
+    score from about 0.06 to 0.08. The file is 690 MB.
+    """
+    from pipeline.models.dpam import build_dpam
+
+    torch.manual_seed(seed)
+    model = build_dpam()
+    with torch.no_grad():
+        weighting = model.simi_matrix.similarity_weight_block[0]
+        weighting.weight.fill_(1.0)
+        weighting.bias.zero_()
+        for attention in model.teablock:
+            attention.c_q.weight.mul_(64)
+            attention.c_k.weight.mul_(64)
+    return _save(model.state_dict(), path)
+
+
 # Raw seed-0 scores of the test photographs lie in [0.033, 0.041]: centred on 0.5 and stretched 80 times.
 _DPIQA_RAW_CENTRE = 0.037
 _DPIQA_SCORE_GAIN = 80.0

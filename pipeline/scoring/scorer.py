@@ -62,6 +62,8 @@ class ScorerConfig:
             orientation, as ``cv2.imread`` does, and refuses the option.
         decode: ``cpu`` (OpenCV's pixels, as published) or ``gpu``: JPEGs decoded and resized on the scorer's
             device (``pipeline.scoring.device_decode``; scores move slightly).
+        trained_on: DPAM-IQA's preprocessing preset: the training set whose authors' data loader the
+            checkpoint was trained with (``pipeline.scoring.dpam_preprocess.PRESETS``).
 
     Model-specific settings (``options()``) that ``model`` does not use must keep their defaults: a config that
     asks for something its scorer would ignore is refused rather than recorded as if honoured.
@@ -82,6 +84,7 @@ class ScorerConfig:
     model: str = "dgiqa"
     exif_transpose: bool = False
     decode: str = "cpu"
+    trained_on: str = "livec"
 
     def __post_init__(self):
         spec = get_scorer(self.model)
@@ -101,6 +104,9 @@ class ScorerConfig:
         if self.decode not in SCORER_OPTIONS["decode"].choices:
             raise ValueError(f"decode must be one of {', '.join(SCORER_OPTIONS['decode'].choices)}, got "
                              f"{self.decode!r}")
+        if self.trained_on not in SCORER_OPTIONS["trained_on"].choices:
+            raise ValueError(f"trained_on must be one of {', '.join(SCORER_OPTIONS['trained_on'].choices)}, got "
+                             f"{self.trained_on!r}")
         if self.decode == "gpu" and self.preprocess.draft:
             raise ValueError("--draft-decode and --decode gpu exclude each other (draft decoding is a CPU decode)")
         if (self.forward_batch is not None and self.forward_batch < 1) or self.depth_batch < 1:
@@ -111,7 +117,8 @@ class ScorerConfig:
         """The model-specific settings by their ``SCORER_OPTIONS`` name (the job's field names)."""
         return {"depth_weights": self.depth_weights, "encoder": self.encoder, "depth_version": self.depth_version,
                 "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_input_size,
-                "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose, "decode": self.decode}
+                "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose, "decode": self.decode,
+                "trained_on": self.trained_on}
 
 
 @dataclass(frozen=True)

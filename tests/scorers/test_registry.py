@@ -6,12 +6,11 @@ from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, resolve, score
 from pipeline.scoring.scorer import ScorerConfig
 
 
-def test_both_scorers_are_registered_dgiqa_first():
-    assert scorer_names()[0] == "dgiqa"
-    assert set(scorer_names()) == {"dgiqa", "dpiqa-student"}
+def test_every_scorer_is_registered_dgiqa_first():
+    assert scorer_names() == ("dgiqa", "dpam", "dpiqa-student")
 
 
-@pytest.mark.parametrize("name", ["dgiqa", "dpiqa-student"])
+@pytest.mark.parametrize("name", ["dgiqa", "dpam", "dpiqa-student"])
 def test_every_reference_of_a_spec_resolves_to_a_callable(name):
     spec = get_scorer(name)
     refs = [spec.builder, spec.filter_fn, spec.preprocessing, spec.runner] + ([spec.to_tensor] if spec.to_tensor
@@ -22,7 +21,7 @@ def test_every_reference_of_a_spec_resolves_to_a_callable(name):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'brisque'; models are dgiqa, dpiqa-student"):
+    with pytest.raises(ValueError, match="unknown model 'brisque'; models are dgiqa, dpam, dpiqa-student"):
         get_scorer("brisque")
 
 
@@ -32,7 +31,7 @@ def test_depth_weights_are_required_only_where_a_depth_model_is_used():
     assert ScorerConfig(weights="w.pth", model="dpiqa-student").depth_weights is None
 
 
-@pytest.mark.parametrize("name", ["dgiqa", "dpiqa-student"])
+@pytest.mark.parametrize("name", ["dgiqa", "dpam", "dpiqa-student"])
 def test_a_spec_declares_exactly_the_options_its_code_reads(name):
     """The light declaration (what ``--help`` and the checks use) agrees with what runner and preprocessing read."""
     spec = get_scorer(name)
@@ -47,6 +46,14 @@ def test_the_option_choices_are_the_depth_models():
     assert SCORER_OPTIONS["depth_version"].choices == da.VERSIONS
 
 
+def test_the_trained_on_choices_are_the_dpam_presets():
+    from pipeline.scoring import dpam_preprocess
+
+    assert SCORER_OPTIONS["trained_on"].choices == tuple(dpam_preprocess.PRESETS)
+    assert SCORER_OPTIONS["trained_on"].default == dpam_preprocess.DEFAULT_PRESET
+    assert not SCORER_OPTIONS["trained_on"].keyed_at_default  # runs keyed before the option existed resume
+
+
 def test_a_spec_with_an_unknown_option_is_refused_when_declared():
     spec = get_scorer("dgiqa")
     with pytest.raises(RuntimeError, match=r"declares unknown options \['crop'\]"):
@@ -59,7 +66,7 @@ def test_no_code_outside_the_registry_special_cases_a_scorer_by_name():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "pipeline"
-    pattern = re.compile(r"""\bmodel\s*[!=]=\s*["']|["'](dgiqa|dpiqa-student)["']\s*[!=]=\s*\w*model""")
+    pattern = re.compile(r"""\bmodel\s*[!=]=\s*["']|["'](dgiqa|dpam|dpiqa-student)["']\s*[!=]=\s*\w*model""")
     found = [f"{path.relative_to(root)}:{n}" for path in sorted(root.rglob("*.py")) if "scorers" not in path.parts
              for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
