@@ -35,6 +35,48 @@ FAST = PreprocessConfig(num_crops=2, depth_input_size=70)
 RUN_FIRST = ("tests/training/test_train.py", "tests/test_faults.py", "tests/test_job_submit.py")
 
 
+def weights_fingerprint(path: Path) -> dict[str, list[float]]:
+    """Per tensor of a safetensors file: its float64 sum and its dot product with a fixed random sign pattern.
+
+    A file made with another seed, another calibration or another key differs in every tensor by far more
+    than ``assert_regenerated`` allows; the last-bit differences of timm's truncated-normal initialisation
+    between instruction sets (see there) move these numbers by about 1e-7 of their size.
+    """
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    out = {}
+    for key, value in sorted(load_file(str(path)).items()):
+        flat = value.astype(np.float64).ravel()
+        signs = np.random.default_rng(len(flat)).integers(0, 2, len(flat)) * 2 - 1
+        out[key] = [float(flat.sum()), float(flat @ signs)]
+    return out
+
+
+def assert_regenerated(path: Path, sha256: str, fingerprint_name: str) -> None:
+    """``path`` is the recorded file: the same bytes, or where the init's kernels differ, the same weights.
+
+    The random test weights come from seeded PyTorch initialisation, and timm's truncated-normal init (Swin,
+    ViT, DINOv2) gives last-bit differences from one instruction set to another (measured on one machine: the
+    DGIQA file changes with ``ATEN_CPU_CAPABILITY=default`` or ``MKL_CBWR=AVX2``), so the SHA-256 recorded
+    beside the published numbers holds on machines of the recording one's kind. Elsewhere the per-tensor
+    fingerprints in ``random_weights_fingerprints.json`` must agree within 1e-5 of each tensor's size.
+    """
+    import hashlib
+    import json
+    import math
+
+    if hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return
+    recorded = json.loads((DATA / "random_weights_fingerprints.json").read_text())["files"][fingerprint_name]
+    got = weights_fingerprint(path)
+    assert got.keys() == recorded.keys()
+    for key, (total, projection) in got.items():
+        scale = max(abs(recorded[key][0]), abs(recorded[key][1]), 1.0)
+        assert math.isclose(total, recorded[key][0], rel_tol=0, abs_tol=1e-5 * scale), key
+        assert math.isclose(projection, recorded[key][1], rel_tol=0, abs_tol=1e-5 * scale), key
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Move the ``RUN_FIRST`` modules to the front, longest first; the rest keep pytest's order (a stable sort)."""
     items.sort(key=lambda item: RUN_FIRST.index(path) if (path := item.nodeid.split("::")[0]) in RUN_FIRST

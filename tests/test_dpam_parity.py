@@ -7,7 +7,6 @@ at least 5e-4 apart, fifty times the tolerance, so a score paired with the wrong
 texture input, or a crop cut in the wrong place cannot hide under it.
 """
 
-import hashlib
 import json
 import shutil
 from itertools import combinations
@@ -20,7 +19,7 @@ import ray
 from pipeline.batch.job import JobConfig, run_job
 from pipeline.cli import main
 from pipeline.scoring.sample import write_random_dpam
-from tests.conftest import DATA, SKIMAGE_DATA
+from tests.conftest import DATA, SKIMAGE_DATA, assert_regenerated
 
 GOLDEN = json.loads((DATA / "dpam_published_scores.json").read_text())
 TOLERANCE = GOLDEN["tolerance"]  # 1e-5: float32 on the CPU, one image per forward pass as the authors run it
@@ -31,7 +30,7 @@ JOB_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = write_random_dpam(tmp_path_factory.mktemp("dpam") / "dpam_random.safetensors")
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == GOLDEN["weights"]["sha256"]
+    assert_regenerated(path, GOLDEN["weights"]["sha256"], "dpam")
     return path
 
 

@@ -25,9 +25,9 @@ from PIL import Image
 
 from pipeline.cli import main as dgiqa
 from pipeline.scoring.preprocess import PreprocessConfig, prepare_bytes
-from pipeline.scoring.sample import synthetic_photo
+from pipeline.scoring.sample import depth_random_name, synthetic_photo, write_random_depth_anything
 from pipeline.scoring.scorer import Scorer, ScorerConfig
-from tests.conftest import DATA, SKIMAGE_DATA
+from tests.conftest import DATA, SKIMAGE_DATA, assert_regenerated
 
 GOLDEN = json.loads((DATA / "dgiqa_published_scores.json").read_text())
 LARGE = "generated_12mp.jpg"
@@ -85,8 +85,15 @@ def _scorer(checkpoints, crops: int = GOLDEN["crops"], **options) -> Scorer:
 
 
 def test_the_test_weights_are_the_ones_the_published_code_ran(checkpoints):
-    assert _sha256(checkpoints["dgiqa"].read_bytes()) == GOLDEN["weights"]["dgiqa"]["sha256"]
-    assert _sha256(checkpoints["depth"].read_bytes()) == GOLDEN["weights"]["depth"]["sha256"]
+    assert_regenerated(checkpoints["dgiqa"], GOLDEN["weights"]["dgiqa"]["sha256"], "dgiqa")
+    assert_regenerated(checkpoints["depth"], GOLDEN["weights"]["depth"]["sha256"], "depth_anything_v1_vits14")
+
+
+def test_the_weights_check_refuses_other_weights(tmp_path):
+    """Another seed's file fails the fingerprint comparison that tolerates the init's last-bit differences."""
+    other = write_random_depth_anything(tmp_path / depth_random_name("vits"), seed=1)
+    with pytest.raises(AssertionError, match=r"^(depth_head|pretrained)\."):
+        assert_regenerated(other, GOLDEN["weights"]["depth"]["sha256"], "depth_anything_v1_vits14")
 
 
 def test_recorded_scores_spread_far_beyond_every_tolerance():
