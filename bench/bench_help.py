@@ -36,8 +36,7 @@ def main() -> None:
     rows = [(f"dgiqa {' '.join(c)} --help".replace("  ", " "),
              [python, "-c", "import sys, pipeline.cli; sys.exit(pipeline.cli.main(sys.argv[1:]))", *c, "--help"])
             for c in COMMANDS]
-    rows += [(f"jobs/{name}.py --help", [python, f"jobs/{name}.py", "--help"]) for name in ("score_bucket",
-                                                                                             "train_dgiqa")]
+    rows += [(f"jobs/{name}.py --help", [python, f"jobs/{name}.py", "--help"]) for name in ("score_bucket", "train")]
     rows += [("python -c 'import torch' (for comparison)", [python, "-c", "import torch"]),
              ("python -c 'pass' (interpreter start)", [python, "-c", "pass"])]
     for name, argv in rows:

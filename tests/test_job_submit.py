@@ -112,7 +112,7 @@ def test_ray_job_submit_scores_full_size_images_from_s3(ray_head, s3, checkpoint
 
 @pytest.mark.slow
 def test_ray_job_submit_fine_tunes_with_ray_train(ray_head, checkpoints, tmp_path):
-    """``jobs/train_dgiqa.py`` submitted for real: Ray Train's workers import ``pipeline`` from the working dir."""
+    """``jobs/train.py`` submitted for real: Ray Train's workers import ``pipeline`` from the working dir."""
     from tests.training.test_train import write_distortion_set
 
     address, env = ray_head
@@ -121,7 +121,7 @@ def test_ray_job_submit_fine_tunes_with_ray_train(ray_head, checkpoints, tmp_pat
     output = tmp_path / "run"
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "jobs/train_dgiqa.py", str(labels), "--images-prefix", str(labels.parent), "--output",
+         "python", "jobs/train.py", str(labels), "--images-prefix", str(labels.parent), "--output",
          str(output), "--init", f"dgiqa:{checkpoints['dgiqa']}", "--depth-weights", str(checkpoints["depth"]),
          "--depth-input-size", "70", "--epochs", "1", "--batch-size", "4", "--consistency-weight", "0",
          "--val-crops", "1", "--val-fraction", "0.3", "--freeze-backbones", "--freeze-bn", "--loader-workers", "0",

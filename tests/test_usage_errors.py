@@ -20,7 +20,7 @@ from pipeline.batch.output import RunOutput, output_schema
 from pipeline.cli import main as dgiqa
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-PREFIX = re.compile(r"^(dgiqa|dgiqa evaluate|dgiqa separation|train_dgiqa\.py): error: ")
+PREFIX = re.compile(r"^(dgiqa|dgiqa evaluate|dgiqa separation|train\.py): error: ")
 MODEL = "dgiqa@aaaa+depth-anything-v1-vits@bbbb"
 
 
@@ -153,9 +153,9 @@ CASES = [
     pytest.param("filter_scores", ["{none}", "--out", "/proc/dgiqa-x.csv"], "cannot write to --out /proc/dgiqa-x.csv",
                  id="job-filter-out-proc"),
     pytest.param("filter_scores", ["{none}"], "no scores at", id="job-filter-missing-scores"),
-    pytest.param("train_dgiqa", ["{none}.csv", "--output", "/proc/dgiqa-x", "--init", "random", "--depth-weights",
+    pytest.param("train", ["{none}.csv", "--output", "/proc/dgiqa-x", "--init", "random", "--depth-weights",
                                  "{none}"], "cannot write to --output /proc/dgiqa-x", id="job-train-output-proc"),
-    pytest.param("train_dgiqa", ["{labels}", "--output", "{tmp}/job-train", "--init", "random", "--depth-weights",
+    pytest.param("train", ["{labels}", "--output", "{tmp}/job-train", "--init", "random", "--depth-weights",
                                  "{dgiqa}"], "not a Depth Anything checkpoint", id="job-train-depth-is-dgiqa"),
     *_weights_cases(),
 ]

@@ -18,4 +18,5 @@ SCORER = ScorerSpec(
     output_scale=("the training set's MOS min-max scaled to [0, 1] (the authors' labels), higher is better; a "
                   "weighted mean of ReLU outputs, so never below 0 and not bounded above"),
     backbone="vit_base_patch8_224",
+    trainer="pipeline.training.dpam_train:run_command",
 )

@@ -120,7 +120,8 @@ def texture_image(bgr: np.ndarray) -> np.ndarray:
     return cv2.resize(planes, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
 
 
-def _vit_input(bgr: np.ndarray) -> np.ndarray:
+def vit_input(bgr: np.ndarray) -> np.ndarray:
+    """``(224, 224, 3)`` uint8 RGB: ``bgr`` resized with OpenCV's bicubic, aspect ratio not kept."""
     resized = cv2.resize(bgr, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
     return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
@@ -158,11 +159,12 @@ def superpixel_features(bgr: np.ndarray, preset: DpamPreset, seed: int = SLIC_SE
     return out
 
 
-def prepare_dpam(data: bytes, config: PreprocessConfig | None = None,
-                 trained_on: str = DEFAULT_PRESET) -> PreparedDpam:
+def prepare_dpam(data: bytes, config: PreprocessConfig | None = None, trained_on: str = DEFAULT_PRESET,
+                 superpixels: np.ndarray | None = None) -> PreparedDpam:
     """Decode one image and make its DPAM inputs with the preprocessing of the loader for ``trained_on``.
 
-    Of ``config`` (the defaults when None) only the size limits apply.
+    Of ``config`` (the defaults when None) only the size limits apply. ``superpixels``: the image's features
+    computed before (training's cache), so SLIC is not run again.
 
     Raises:
         ImageError: The bytes are not a scorable image, or (five-crop presets) a side is under 224 px.
@@ -181,9 +183,10 @@ def prepare_dpam(data: bytes, config: PreprocessConfig | None = None,
         views = [bgr[top:top + CROP_SIZE, left:left + CROP_SIZE] for top, left in five_crop_corners(height, width)]
     else:
         views = [bgr]
-    return PreparedDpam(rgb=np.stack([_vit_input(view) for view in views]),
+    return PreparedDpam(rgb=np.stack([vit_input(view) for view in views]),
                         texture=np.stack([texture_image(view) for view in views]),
-                        superpixels=superpixel_features(bgr, preset), height=height, width=width)
+                        superpixels=superpixel_features(bgr, preset) if superpixels is None else superpixels,
+                        height=height, width=width)
 
 
 def prepare_for_scoring(data: bytes, config: PreprocessConfig, trained_on: str = DEFAULT_PRESET) -> PreparedDpam:

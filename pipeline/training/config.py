@@ -125,6 +125,70 @@ class Recipe:
         return PreprocessConfig(num_crops=self.val_crops, depth_input_size=self.depth_input_size)
 
 
+DPAM_INIT_KINDS = ("dpam", "vit", "random")
+
+
+def parse_dpam_init(spec: str) -> tuple[str, str | None]:
+    """``dpam:URI``, ``vit:URI`` or ``random`` -> ``(kind, uri)`` (``dgiqa train --model dpam``).
+
+    Raises:
+        ValueError: Anything else.
+    """
+    kind, sep, uri = spec.partition(":")
+    if spec == "random":
+        return "random", None
+    if kind in ("dpam", "vit") and sep and uri:
+        return kind, uri
+    raise ValueError(f"--init for --model dpam must be dpam:URI, vit:URI or random, got {spec!r}")
+
+
+@dataclass(frozen=True)
+class DpamRecipe:
+    """What decides DPAM-IQA's trained weights: the authors' recipe (``train_maniqa.py``) by default.
+
+    Attributes:
+        init: ``dpam:URI`` (the authors' checkpoint layout), ``vit:URI`` (a timm ``vit_base_patch8_224`` state
+            dict, as the authors start from ImageNet weights; its classifier is kept, unused) or ``random``.
+        epochs: Passes over the training images (200).
+        batch_size: Images per optimizer step over all workers (12).
+        lr: Adam's learning rate (1e-5).
+        weight_decay: Adam's L2 penalty, added to the gradient as ``torch.optim.Adam`` does (1e-5).
+        t_max: The cosine schedule's half period in optimizer steps (50): the authors step it after every
+            batch, so the rate falls to 0 and rises again every 100 steps.
+        flip_prob: Probability of a horizontal flip of a training image's ViT and texture inputs (0.7).
+        val_fraction: Share of the labelled images held out.
+        seed: Seed of the split, initialisation, flips, crops and dropout.
+        freeze_backbone: Train everything but the ViT (no backward pass through it: about three times faster
+            steps; small datasets).
+        baseline: Evaluate the untrained model first (epoch 0 of the metrics log).
+        trained_on: The preprocessing preset (``--trained-on``): which of the authors' loaders the images go
+            through, in training (a random 224 crop for the synthetic sets' presets) and evaluation (as
+            ``dgiqa score --model dpam`` scores).
+    """
+
+    init: str
+    epochs: int = 200
+    batch_size: int = 12
+    lr: float = 1e-5
+    weight_decay: float = 1e-5
+    t_max: int = 50
+    flip_prob: float = 0.7
+    val_fraction: float = 0.2
+    seed: int = 0
+    freeze_backbone: bool = False
+    baseline: bool = True
+    trained_on: str = "livec"
+
+    def __post_init__(self):
+        parse_dpam_init(self.init)
+        if self.epochs < 1 or self.batch_size < 1 or self.t_max < 1:
+            raise ValueError("--epochs, --batch-size and --t-max must be at least 1")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.flip_prob <= 1:
+            raise ValueError("need --lr > 0, --weight-decay >= 0 and 0 <= --flip-prob <= 1")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be between 0 and 1, got {self.val_fraction:g}")
+
+
 @dataclass(frozen=True)
 class Resources:
     """How the run uses the cluster; may change between a run and its resumption.
@@ -210,40 +274,138 @@ class TrainConfig:
         Next to the data rather than the output, so every later experiment on the same images (another
         ``--output``, other hyperparameters) reuses the maps; the cache's folder names keep depth models apart.
         """
-        if self.depth_cache:
-            return self.depth_cache
-        path = self.labels.path.rstrip("/")
-        folder = path if self.labels.layout == "live-challenge" else posixpath.dirname(path)
-        return posixpath.join(folder, "depth_cache")
+        return self.depth_cache or posixpath.join(_labels_folder(self.labels), "depth_cache")
 
     def split_folder(self, split: int) -> str:
         """Where split ``split`` writes: the output itself for a single split."""
-        return self.output if self.splits == 1 else posixpath.join(self.output.rstrip("/"), f"split_{split}")
+        return _split_folder(self.output, self.splits, split)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A ``TrainConfig`` from parsed ``add_arguments`` options.
+def _split_folder(output: str, splits: int, split: int) -> str:
+    return output if splits == 1 else posixpath.join(output.rstrip("/"), f"split_{split}")
 
-    Raises:
-        ValueError: A value out of range.
+
+def _labels_folder(labels: LabelSource) -> str:
+    """The folder of the label file (the live-challenge dataset folder itself), where caches go by default."""
+    path = labels.path.rstrip("/")
+    return path if labels.layout == "live-challenge" else posixpath.dirname(path)
+
+
+@dataclass(frozen=True)
+class DpamTrainConfig:
+    """One ``dgiqa train --model dpam`` run; the fields DGIQA's ``TrainConfig`` shares mean the same.
+
+    Attributes:
+        labels: The labelled images.
+        output: Output root URI.
+        recipe: The authors' recipe and the preprocessing preset.
+        resources: Workers, GPUs, the actors that compute missing superpixel features (``--depth-actors``).
+        splits: Repeated random splits.
+        superpixel_cache: Superpixel-feature cache root; None for ``superpixel_cache`` next to the labels.
+        storage_options: fsspec options for every URI.
+        allow_prefixes: Where images may be read from (see ``TrainConfig``).
+        max_bytes: The byte limit per image.
     """
+
+    labels: LabelSource
+    output: str
+    recipe: DpamRecipe
+    resources: Resources = field(default_factory=Resources)
+    splits: int = 1
+    superpixel_cache: str | None = None
+    storage_options: Mapping | None = None
+    allow_prefixes: tuple[str, ...] = ()
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self):
+        if self.splits < 1:
+            raise ValueError(f"--splits must be at least 1, got {self.splits}")
+        if self.max_bytes < 1:
+            raise ValueError("--max-bytes must be at least 1")
+
+    @property
+    def cache_root(self) -> str:
+        """``--superpixel-cache``, or ``superpixel_cache`` next to the label file."""
+        return self.superpixel_cache or posixpath.join(_labels_folder(self.labels), "superpixel_cache")
+
+    def split_folder(self, split: int) -> str:
+        """Where split ``split`` writes: the output itself for a single split."""
+        return _split_folder(self.output, self.splits, split)
+
+
+# Options of one trainer only: (dest, flag, default). Given for the other model they are refused, not ignored.
+DGIQA_ONLY = (("depth_weights", "--depth-weights", None), ("depth_cache", "--depth-cache", None),
+              ("consistency_weight", "--consistency-weight", None), ("crops_per_image", "--crops-per-image", None),
+              ("val_crops", "--val-crops", None), ("min_lr", "--min-lr", None), ("freeze_bn", "--freeze-bn", False),
+              ("encoder", "--encoder", None), ("depth_version", "--depth-version", None),
+              ("depth_input_size", "--depth-input-size", None))
+DPAM_ONLY = (("trained_on", "--trained-on", None), ("t_max", "--t-max", None), ("flip_prob", "--flip-prob", None),
+             ("superpixel_cache", "--superpixel-cache", None))
+
+
+def _refuse_other_models_options(args: argparse.Namespace, others: tuple, model: str) -> None:
+    for dest, flag, default in others:
+        if getattr(args, dest, default) != default:
+            raise ValueError(f"{flag} is not used by dgiqa train --model {model}")
+
+
+def _common(args: argparse.Namespace) -> tuple[LabelSource, Resources]:
     if args.label_range is not None and not args.label_range[0] < args.label_range[1]:
         raise ValueError(f"--label-range needs LO < HI, got {args.label_range[0]:g},{args.label_range[1]:g}")
     labels = LabelSource(path=args.labels, layout=args.layout, images_prefix=args.images_prefix,
                          label_column=args.label_column, uri_column=args.uri_column,
                          lower_is_better=args.lower_is_better, keep_training_images=args.keep_training_images,
                          label_range=tuple(args.label_range) if args.label_range else None)
-    recipe = Recipe(init=args.init, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-                    weight_decay=args.weight_decay, consistency_weight=args.consistency_weight,
-                    crops_per_image=args.crops_per_image, val_crops=args.val_crops, val_fraction=args.val_fraction,
-                    seed=args.seed, freeze_backbones=args.freeze_backbones, freeze_bn=args.freeze_bn,
-                    baseline=args.baseline,
-                    depth_input_size=args.depth_input_size)
     resources = Resources(workers=args.workers, gpus_per_worker=args.gpus, cpus_per_worker=args.cpus_per_worker,
                           loader_workers=args.loader_workers, depth_actors=args.depth_actors,
                           depth_batch=args.depth_batch, max_failures=args.max_failures, ray_storage=args.ray_storage)
+    return labels, resources
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A ``TrainConfig`` (``--model dgiqa``) from parsed ``add_arguments`` options.
+
+    Raises:
+        ValueError: A value out of range, a missing ``--depth-weights``, or a DPAM-only option.
+    """
+    _refuse_other_models_options(args, DPAM_ONLY, "dgiqa")
+    parse_init(args.init)
+    if not args.depth_weights:
+        raise ValueError("--depth-weights is required for dgiqa train --model dgiqa")
+    labels, resources = _common(args)
+    recipe = Recipe(init=args.init, epochs=_given(args.epochs, 20), batch_size=_given(args.batch_size, 16), lr=args.lr,
+                    min_lr=_given(args.min_lr, 0.0), weight_decay=_given(args.weight_decay, 0.01),
+                    consistency_weight=_given(args.consistency_weight, 0.1),
+                    crops_per_image=_given(args.crops_per_image, 1), val_crops=_given(args.val_crops, 20),
+                    val_fraction=args.val_fraction, seed=args.seed, freeze_backbones=args.freeze_backbones,
+                    freeze_bn=args.freeze_bn, baseline=args.baseline,
+                    depth_input_size=_given(args.depth_input_size, 518))
     return TrainConfig(labels=labels, output=args.output, depth_weights=args.depth_weights, recipe=recipe,
-                       resources=resources, splits=args.splits, encoder=args.encoder,
-                       depth_version=args.depth_version, depth_cache=args.depth_cache,
+                       resources=resources, splits=args.splits, encoder=_given(args.encoder, "auto"),
+                       depth_version=_given(args.depth_version, "v1"), depth_cache=args.depth_cache,
                        storage_options=args.storage_options or None, allow_prefixes=tuple(args.allow_prefix),
                        max_bytes=args.max_bytes)
+
+
+def dpam_config_from_args(args: argparse.Namespace) -> DpamTrainConfig:
+    """A ``DpamTrainConfig`` (``--model dpam``) from parsed ``add_arguments`` options; the authors' defaults.
+
+    Raises:
+        ValueError: A value out of range, or a DGIQA-only option.
+    """
+    _refuse_other_models_options(args, DGIQA_ONLY, "dpam")
+    labels, resources = _common(args)
+    defaults = DpamRecipe(init="random")
+    recipe = DpamRecipe(init=args.init, epochs=_given(args.epochs, defaults.epochs),
+                        batch_size=_given(args.batch_size, defaults.batch_size), lr=_given(args.lr, defaults.lr),
+                        weight_decay=_given(args.weight_decay, defaults.weight_decay),
+                        t_max=_given(args.t_max, defaults.t_max), flip_prob=_given(args.flip_prob, defaults.flip_prob),
+                        val_fraction=args.val_fraction, seed=args.seed, freeze_backbone=args.freeze_backbones,
+                        baseline=args.baseline, trained_on=_given(args.trained_on, defaults.trained_on))
+    return DpamTrainConfig(labels=labels, output=args.output, recipe=recipe, resources=resources, splits=args.splits,
+                           superpixel_cache=args.superpixel_cache, storage_options=args.storage_options or None,
+                           allow_prefixes=tuple(args.allow_prefix), max_bytes=args.max_bytes)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,7 +104,8 @@ def set_train_mode(model: nn.Module, core: DGIQA, recipe: Recipe) -> None:
                 module.eval()
 
 
-def _seed(*words: int) -> int:
+def seed_of(*words: int) -> int:
+    """A 32-bit seed from several integers (seed, split, epoch, rank...)."""
     return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
 
 
@@ -136,7 +137,8 @@ def evaluate(model: DGIQA, items: Sequence[tuple[str, float, str]], preprocess: 
     return [scores[i] for i in range(len(items))]
 
 
-def _val_metrics(predictions: Sequence[float], items: Sequence[tuple[str, float, str]]) -> dict:
+def val_metrics(predictions: Sequence[float], items: Sequence[tuple[str, float, str]]) -> dict:
+    """Held-out SROCC and PLCC of ``predictions`` against the items' targets."""
     targets = [target for _, target, _ in items]
     return {"val_srocc": srocc(predictions, targets), "val_plcc": plcc(predictions, targets)}
 
@@ -161,7 +163,7 @@ def _train_epoch(model: nn.Module, core: DGIQA, optimizer: torch.optim.Optimizer
                  rank: int, world: int, device: torch.device) -> dict:
     recipe = plan.recipe
     words = (recipe.seed, plan.split, epoch)
-    torch.manual_seed(_seed(*words, rank))  # dropout masks: a resumed epoch draws what the first attempt drew
+    torch.manual_seed(seed_of(*words, rank))  # dropout masks: a resumed epoch draws what the first attempt drew
     order = epoch_order(len(plan.train_items), recipe.crops_per_image, words, rank, world)
     dataset = CropDataset(plan.train_items, order, words, recipe.preprocess(), plan.storage_options,
                           access=plan.access)
@@ -193,45 +195,35 @@ def _train_epoch(model: nn.Module, core: DGIQA, optimizer: torch.optim.Optimizer
             "train_consistency": sums[2].item() / count, "train_crops": int(sums[3].item())}
 
 
-def train_worker(loop_config: Mapping) -> None:
-    """The loop every Ray Train worker runs: resume or initialise, train, evaluate, commit each epoch."""
+def worker_context(plan: WorkerPlan) -> tuple[int, int, torch.device]:
+    """The Ray Train worker's rank, world size and device (a CPU worker takes its share of threads)."""
     import ray.train
     import ray.train.torch
 
-    plan: WorkerPlan = loop_config["plan"]
-    recipe = plan.recipe
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(plan.resources.cpus_per_worker)))
+    return context.get_world_rank(), context.get_world_size(), device
+
+
+def run_epochs(plan: WorkerPlan, state: Mapping | None, core: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, train_epoch: Callable[[int], dict],
+               held_out: Callable[[], dict], rank: int, *, scheduler_per_epoch: bool = True) -> None:
+    """The epochs every trainer shares: the untrained baseline, then train, evaluate and commit each epoch.
+
+    ``state`` is the committed state of a resumed run (None for a new one). ``train_epoch(epoch)`` trains one
+    epoch and returns its averages; ``held_out()`` returns the held-out metrics. The scheduler steps once an
+    epoch here, or inside ``train_epoch`` (``scheduler_per_epoch=False``). Rank 0 writes each finished epoch in
+    ``pipeline.training.store``'s commit order; every rank reports it to Ray Train.
+    """
+    import ray.train
+
+    recipe = plan.recipe
     store = RunStore(plan.folder, plan.storage_options)
-    state = store.read_state()
-    if state is None:
-        core, _ = build_initial_model(recipe.init, plan.storage_options, seed=_seed(recipe.seed, plan.split))
-        history: list[dict] = []
-        best = None
-    else:
-        core = build_dgiqa()
-        core.load_state_dict(state["model"])
-        history, best = list(state["history"]), state["best"]
-        if rank == 0:
-            store.repair(state, plan.sidecar, plan.label_map)
-    trainable_parameters(core, recipe.freeze_backbones)  # before DDP, which registers what needs gradients
-    model = ray.train.torch.prepare_model(core)
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer, scheduler = make_optimizer(core, recipe)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    history: list[dict] = list(state["history"]) if state else []
+    best = state["best"] if state else None
     start = state["epoch"] + 1 if state else 1
-    preprocess = recipe.preprocess()
-
-    def held_out() -> dict:
-        predictions = evaluate(core, plan.val_items, preprocess, device, rank, world,
-                               plan.resources.loader_workers, plan.storage_options, access=plan.access)
-        return _val_metrics(predictions, plan.val_items)
-
     if start == 1 and recipe.baseline and not history:
         began = time.monotonic()
         history = [{"epoch": 0, "train_loss": None, "train_mse": None, "train_consistency": None,
@@ -242,8 +234,9 @@ def train_worker(loop_config: Mapping) -> None:
     for epoch in range(start, recipe.epochs + 1):
         began = time.monotonic()
         lr = optimizer.param_groups[0]["lr"]
-        train = _train_epoch(model, core, optimizer, plan, epoch, rank, world, device)
-        scheduler.step()
+        train = train_epoch(epoch)
+        if scheduler_per_epoch:
+            scheduler.step()
         record = {"epoch": epoch, **train, **held_out(), "lr": lr,
                   "epoch_time_s": round(time.monotonic() - began, 3), "finished_at": _now(),
                   "val_images": len(plan.val_items)}
@@ -263,3 +256,37 @@ def train_worker(loop_config: Mapping) -> None:
                 store.copy_weights(LAST, BEST, sha256, epoch_sidecar(plan.sidecar, record))
             store.write_metrics(history, plan.label_map)
         ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float) and v is not None})
+
+
+def train_worker(loop_config: Mapping) -> None:
+    """The loop every Ray Train worker runs: resume or initialise, train, evaluate, commit each epoch."""
+    import ray.train.torch
+
+    plan: WorkerPlan = loop_config["plan"]
+    recipe = plan.recipe
+    rank, world, device = worker_context(plan)
+    store = RunStore(plan.folder, plan.storage_options)
+    state = store.read_state()
+    if state is None:
+        core, _ = build_initial_model(recipe.init, plan.storage_options, seed=seed_of(recipe.seed, plan.split))
+    else:
+        core = build_dgiqa()
+        core.load_state_dict(state["model"])
+        if rank == 0:
+            store.repair(state, plan.sidecar, plan.label_map)
+    trainable_parameters(core, recipe.freeze_backbones)  # before DDP, which registers what needs gradients
+    model = ray.train.torch.prepare_model(core)
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    optimizer, scheduler = make_optimizer(core, recipe)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    preprocess = recipe.preprocess()
+
+    def held_out() -> dict:
+        predictions = evaluate(core, plan.val_items, preprocess, device, rank, world,
+                               plan.resources.loader_workers, plan.storage_options, access=plan.access)
+        return val_metrics(predictions, plan.val_items)
+
+    run_epochs(plan, state, core, optimizer, scheduler,
+               lambda epoch: _train_epoch(model, core, optimizer, plan, epoch, rank, world, device), held_out, rank)

@@ -1,4 +1,4 @@
-"""Fine-tune DGIQA on your own opinion scores with Ray Train: ``dgiqa train`` and ``jobs/train_dgiqa.py``.
+"""Fine-tune DGIQA on your own opinion scores with Ray Train: ``dgiqa train`` and ``jobs/train.py``.
 
 The published DGIQA code ships inference only; this is the training recipe its paper describes, with every
 number that the paper does not state in text exposed as an option.
@@ -76,12 +76,13 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from pipeline.analysis.labels import (
     GROUP_COLUMN,
+    Labels,
     default_allow_prefixes,
     read_labels,
 )
@@ -98,6 +99,7 @@ from pipeline.training.train_data import (
     DepthCache,
     DepthWorkers,
     ImageAccess,
+    LabelMap,
     label_map_for,
     precompute_depth,
     split_indices,
@@ -148,7 +150,7 @@ def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     return names
 
 
-def _fit(plan: WorkerPlan, resources: Resources) -> None:
+def _fit(plan: WorkerPlan, resources: Resources, worker=train_worker, name: str = "dgiqa") -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -157,10 +159,10 @@ def _fit(plan: WorkerPlan, resources: Resources) -> None:
         per_worker["GPU"] = resources.gpus_per_worker
     scaling = ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
                             resources_per_worker=per_worker)
-    run = RunConfig(name=f"dgiqa-train-split{plan.split}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}",
+    run = RunConfig(name=f"{name}-train-split{plan.split}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}",
                     storage_path=resources.ray_storage,
                     failure_config=FailureConfig(max_failures=resources.max_failures))
-    trainer = TorchTrainer(train_worker, train_loop_config={"plan": plan}, scaling_config=scaling, run_config=run)
+    trainer = TorchTrainer(worker, train_loop_config={"plan": plan}, scaling_config=scaling, run_config=run)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types; reported in one line
@@ -217,13 +219,32 @@ def _ray_running() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def _run_training(config: TrainConfig) -> dict:
-    started = time.monotonic()
+@dataclass
+class TrainingData:
+    """The labelled images of a run as the driver reads them (shared by every trainer)."""
+
+    labels: Labels
+    access: ImageAccess
+    label_map: LabelMap
+    uris: list[str]
+    raw: list[float]
+    targets: np.ndarray
+    splits: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def digest(self) -> str:
+        """What a resumed run must find unchanged (``_labels_digest``)."""
+        return _labels_digest(self.uris, self.raw, self.labels.groups)
+
+
+def read_training_data(config) -> TrainingData:
+    """Read the labels, map them to targets, fix the allowlist and draw every split.
+
+    Raises:
+        LabelError: The labels cannot be used.
+        ValueError: The splits leave too few images.
+    """
     source, recipe, options = config.labels, config.recipe, config.storage_options
-    # Where the run writes is checked before labels and weights are read: seconds, not minutes on S3.
-    check_writable(config.output, options, flag="--output")
-    if config.depth_cache:
-        check_writable(config.depth_cache, options, flag="--depth-cache")
     labels = read_labels(source.path, source.layout, source.images_prefix, label_column=source.label_column,
                          uri_column=source.uri_column, lower_is_better=source.lower_is_better,
                          keep_training_images=source.keep_training_images, storage_options=options)
@@ -241,53 +262,56 @@ def _run_training(config: TrainConfig) -> dict:
                     n_groups)
     splits = [split_indices(len(uris), recipe.val_fraction, recipe.seed + k, labels.groups)
               for k in range(config.splits)]
-    _, init_info = build_initial_model(recipe.init, options, materialize=False)
-    depth_weights = read_depth_weights(config.depth_weights, config.encoder, config.depth_version, options)
-    preprocess = recipe.preprocess()
-    base_settings = {
-        "labels": {**asdict(source), "label_range": list(source.label_range) if source.label_range else None,
-                   "digest": _labels_digest(uris, raw, labels.groups)},
-        "label_map": asdict(label_map), "recipe": asdict(recipe), "depth_model": depth_weights.label,
-        "preprocess": {"short_side": preprocess.short_side, "crop_size": preprocess.crop_size,
-                       # The key keeps its old name: runs recorded before the rename resume without a difference.
-                       "depth_lower_bound": preprocess.depth_input_size, "crop_seed": preprocess.seed},
-    }
-    stores = [RunStore(config.split_folder(k), options) for k in range(config.splits)]
+    return TrainingData(labels, access, label_map, uris, raw, targets, splits)
+
+
+def check_resumable(config, base_settings: Mapping) -> tuple[list[RunStore], list[dict | None]]:
+    """The stores and committed states of every split; a state of other settings is refused.
+
+    Raises:
+        ValueError: A split's folder holds a run with other settings (the message names them).
+    """
+    stores = [RunStore(config.split_folder(k), config.storage_options) for k in range(config.splits)]
     states = [store.read_state() for store in stores]
     for k, state in enumerate(states):
-        settings = {**base_settings, "split": k, "split_seed": recipe.seed + k}
+        settings = {**base_settings, "split": k, "split_seed": config.recipe.seed + k}
         if state is not None and state["settings"] != settings:
             changed = ", ".join(_differences(state["settings"], settings)) or "format"
             raise ValueError(f"{stores[k].folder} holds a training run with other settings (changed: {changed}); "
                              "rerun with the same settings to resume it, or choose a new --output")
+    return stores, states
 
-    workers = _depth_workers(config.resources)
-    if workers.actors:
-        _init_ray()
-    cache = DepthCache(config.cache_root, depth_weights.label, preprocess, options)
-    depth, depth_stats = precompute_depth(uris, depth_weights, cache, workers, access=access)
-    usable = {uri for uri, row in depth.items() if row["status"] not in UNUSABLE}
 
-    sidecar_base = {"format": "dgiqa-train/1", "labels": redact_uri(source.path), "layout": labels.layout,
-                    "label_column": labels.label_column, "label_map": label_map.to_dict(), "init": init_info,
-                    "depth_model": depth_weights.label, "preprocess": base_settings["preprocess"],
-                    "recipe": asdict(recipe), "key_layout": "published DGIQA state_dict (dgiqa score --weights)"}
-    split_summaries = []
-    for k, (train_idx, val_idx) in enumerate(splits):
+def train_splits(config, data: TrainingData, cached: Mapping[str, Mapping], cache_stats: Mapping,
+                 base_settings: Mapping, sidecar_base: Mapping, stores: Sequence[RunStore],
+                 states: Sequence[dict | None], path_key: str, worker, name: str) -> list[dict]:
+    """Train (or resume) every split on its usable images; returns the split summaries.
+
+    ``cached`` maps each URI to its cache row (``status`` and the cached file under ``path_key``); items are
+    ``(uri, target, cached file)``.
+
+    Raises:
+        ValueError: A split has too few usable images.
+        TrainError: Training failed after it started.
+    """
+    recipe, uris, targets = config.recipe, data.uris, data.targets
+    usable = {uri for uri, row in cached.items() if row["status"] not in UNUSABLE}
+    summaries = []
+    for k, (train_idx, val_idx) in enumerate(data.splits):
         def items(indices: np.ndarray) -> list[tuple[str, float, str]]:
-            return [(uris[i], float(targets[i]), depth[uris[i]]["depth_path"]) for i in indices if uris[i] in usable]
+            return [(uris[i], float(targets[i]), cached[uris[i]][path_key]) for i in indices if uris[i] in usable]
 
         train_items, val_items = items(train_idx), items(val_idx)
         if len(val_items) < 3 or not train_items:
-            skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(depth_stats["skipped_reasons"].items()))
+            skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(cache_stats["skipped_reasons"].items()))
             raise ValueError(f"split {k}: {len(train_items)} training and {len(val_items)} held-out images can be "
                              f"read; at least 1 and 3 are needed (skipped: {skipped or 'none'})")
         settings = {**base_settings, "split": k, "split_seed": recipe.seed + k}
         plan = WorkerPlan(folder=stores[k].folder, split=k, recipe=recipe, train_items=train_items,
-                          val_items=val_items, label_map=label_map.to_dict(), settings=settings,
+                          val_items=val_items, label_map=data.label_map.to_dict(), settings=settings,
                           sidecar={**sidecar_base, "split": k, "split_seed": recipe.seed + k,
                                    "train_images": len(train_items), "val_images": len(val_items)},
-                          resources=config.resources, access=access, storage_options=options)
+                          resources=config.resources, access=data.access, storage_options=config.storage_options)
         state = states[k]
         resumed_after = state["epoch"] if state else None
         trained_now = state is None or state["epoch"] < recipe.epochs
@@ -298,27 +322,70 @@ def _run_training(config: TrainConfig) -> dict:
                         f"resuming after epoch {resumed_after}" if state else "starting")
             began = time.monotonic()
             _init_ray()
-            _fit(plan, config.resources)
+            _fit(plan, config.resources, worker, name)
             logger.info("split %d: trained in %.1f s", k, time.monotonic() - began)
         final = stores[k].read_state()
         if final is None:
             raise TrainError(f"training split {k} finished without writing {stores[k].uri(STATE_FILE)}")
-        split_summaries.append(_split_summary(final, plan, resumed_after, trained_now))
+        summaries.append(_split_summary(final, plan, resumed_after, trained_now))
+    return summaries
 
+
+def run_summary(config, data: TrainingData, cached: Mapping[str, Mapping], cache_stats: Mapping,
+                split_summaries: list[dict], started: float, **model_fields) -> dict:
+    """The run summary (written to ``<output>/summary.json``); ``model_fields`` are the trainer's own entries."""
+    usable = [uri for uri, row in cached.items() if row["status"] not in UNUSABLE]
     summary = {
-        "output": redact_uri(config.output), "labels": redact_uri(source.path), "layout": labels.layout,
-        "label_map": label_map.to_dict(), "init": init_info, "depth_model": depth_weights.label,
-        "allowed_prefixes": list(access.allowlist.prefixes), "max_bytes": access.max_bytes,
-        "images": {"labelled": len(uris), "usable": len(usable), "skipped": len(uris) - len(usable),
-                   "skipped_reasons": depth_stats["skipped_reasons"]},
-        "depth_cache": depth_stats, "splits": split_summaries,
+        "output": redact_uri(config.output), "labels": redact_uri(config.labels.path), "layout": data.labels.layout,
+        "label_map": data.label_map.to_dict(), **model_fields,
+        "allowed_prefixes": list(data.access.allowlist.prefixes), "max_bytes": data.access.max_bytes,
+        "images": {"labelled": len(data.uris), "usable": len(usable), "skipped": len(data.uris) - len(usable),
+                   "skipped_reasons": cache_stats["skipped_reasons"]},
+        "splits": split_summaries,
         "median_best_val_srocc": _median([s["best"]["val_srocc"] if s["best"] else None for s in split_summaries]),
         "median_best_val_plcc": _median([s["best"]["val_plcc"] if s["best"] else None for s in split_summaries]),
         "median_last_val_srocc": _median([s["last"]["val_srocc"] for s in split_summaries]),
         "wall_time_s": round(time.monotonic() - started, 3),
     }
-    RunStore(config.output, options).write_json(SUMMARY_FILE, summary)
+    RunStore(config.output, config.storage_options).write_json(SUMMARY_FILE, summary)
     return finite_or_none(summary)
+
+
+def _run_training(config: TrainConfig) -> dict:
+    started = time.monotonic()
+    source, recipe, options = config.labels, config.recipe, config.storage_options
+    # Where the run writes is checked before labels and weights are read: seconds, not minutes on S3.
+    check_writable(config.output, options, flag="--output")
+    if config.depth_cache:
+        check_writable(config.depth_cache, options, flag="--depth-cache")
+    data = read_training_data(config)
+    _, init_info = build_initial_model(recipe.init, options, materialize=False)
+    depth_weights = read_depth_weights(config.depth_weights, config.encoder, config.depth_version, options)
+    preprocess = recipe.preprocess()
+    base_settings = {
+        "labels": {**asdict(source), "label_range": list(source.label_range) if source.label_range else None,
+                   "digest": data.digest},
+        "label_map": asdict(data.label_map), "recipe": asdict(recipe), "depth_model": depth_weights.label,
+        "preprocess": {"short_side": preprocess.short_side, "crop_size": preprocess.crop_size,
+                       # The key keeps its old name: runs recorded before the rename resume without a difference.
+                       "depth_lower_bound": preprocess.depth_input_size, "crop_seed": preprocess.seed},
+    }
+    stores, states = check_resumable(config, base_settings)
+
+    workers = _depth_workers(config.resources)
+    if workers.actors:
+        _init_ray()
+    cache = DepthCache(config.cache_root, depth_weights.label, preprocess, options)
+    depth, depth_stats = precompute_depth(data.uris, depth_weights, cache, workers, access=data.access)
+
+    sidecar_base = {"format": "dgiqa-train/1", "labels": redact_uri(source.path), "layout": data.labels.layout,
+                    "label_column": data.labels.label_column, "label_map": data.label_map.to_dict(),
+                    "init": init_info, "depth_model": depth_weights.label, "preprocess": base_settings["preprocess"],
+                    "recipe": asdict(recipe), "key_layout": "published DGIQA state_dict (dgiqa score --weights)"}
+    split_summaries = train_splits(config, data, depth, depth_stats, base_settings, sidecar_base, stores, states,
+                                   "depth_path", train_worker, "dgiqa")
+    return run_summary(config, data, depth, depth_stats, split_summaries, started, init=init_info,
+                       depth_model=depth_weights.label, depth_cache=depth_stats)
 
 
 def run_command(args: argparse.Namespace, prog: str = "dgiqa") -> int:

@@ -359,8 +359,7 @@ class DepthMapper:
                 if _exists(row["depth_path"], options):
                     row["status"] = STATUS_CACHED
                     continue
-                prepared = prepare_bytes(data if data is not None else self.access.read(target, options),
-                                         self.cache.preprocess)
+                prepared = self._prepare(data if data is not None else self.access.read(target, options))
             except RejectedURI as exc:
                 row["status"], row["error"] = STATUS_REJECTED, redact_text(str(exc))
                 continue
@@ -376,6 +375,14 @@ class DepthMapper:
             missing.append((len(results) - 1, row["depth_path"], prepared))
         self._compute(results, missing)
         return results
+
+    def _prepare(self, data: bytes):
+        """The CPU-side input of ``_compute`` for one image's bytes.
+
+        Raises:
+            ImageError: The bytes are not a usable image.
+        """
+        return prepare_bytes(data, self.cache.preprocess)
 
     @torch.inference_mode()
     def _compute(self, results: list[dict], missing: list[tuple[int, str, object]]) -> None:
@@ -424,7 +431,8 @@ class DepthWorkers:
 
 
 def precompute_depth(uris: Sequence[str], weights, cache: DepthCache, workers: DepthWorkers = DepthWorkers(), *,
-                     access: ImageAccess) -> tuple[dict[str, dict], dict]:
+                     access: ImageAccess, mapper: type = DepthMapper, what: str = "depth maps",
+                     ) -> tuple[dict[str, dict], dict]:
     """Find or compute the cached depth map of every image, on Ray actors (or on the driver).
 
     Args:
@@ -433,20 +441,23 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache, workers: D
         cache: Where the maps are.
         workers: Actors and their resources.
         access: Where images may be read from; a refused image is skipped as ``rejected``, unread.
+        mapper: The class that finds or computes one chunk's entries (``DepthMapper``; DPAM-IQA's superpixel
+            features use ``pipeline.training.dpam_data.SuperpixelMapper``, which takes the same arguments).
+        what: What the entries are, for the log.
 
     Returns:
         Results by URI (``depth_path``, ``status``, ``error``) and the cache statistics for the summary.
     """
     actors = workers.actors
     parts = list(chunks(list(uris), DEPTH_CHUNK))
-    logger.info("depth maps of %d images in %s (%s)", len(uris), redact_uri(cache.folder),
+    logger.info("%s of %d images in %s (%s)", what, len(uris), redact_uri(cache.folder),
                 f"{min(actors, len(parts))} actors" if actors else "on the driver")
     results: list[dict] = []
     if actors == 0:
-        mapper = DepthMapper(weights, cache, workers.device, workers.batch, access=access)
+        local = mapper(weights, cache, workers.device, workers.batch, access=access)
         for part in parts:
-            results.extend(mapper.run(part))
-        forwards = mapper.forwards
+            results.extend(local.run(part))
+        forwards = local.forwards
     else:
         import ray
         from ray.util import ActorPool
@@ -454,7 +465,7 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache, workers: D
         options = {"num_cpus": workers.cpus}
         if workers.gpus:
             options["num_gpus"] = workers.gpus
-        remote = ray.remote(DepthMapper).options(**options)
+        remote = ray.remote(mapper).options(**options)
         weights_ref = ray.put(weights)
         handles = [remote.remote([weights_ref], cache, workers.device, workers.batch, access=access)
                    for _ in range(max(1, min(actors, len(parts))))]
@@ -462,7 +473,7 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache, workers: D
             for done, part in enumerate(ActorPool(handles).map_unordered(lambda a, c: a.run.remote(c), parts), 1):
                 results.extend(part)
                 if done % 10 == 0 or done == len(parts):
-                    logger.info("depth maps: %d/%d images", len(results), len(uris))
+                    logger.info("%s: %d/%d images", what, len(results), len(uris))
             forwards = sum(ray.get([h.forward_count.remote() for h in handles]))
         finally:
             for handle in handles:
@@ -472,8 +483,8 @@ def precompute_depth(uris: Sequence[str], weights, cache: DepthCache, workers: D
              "reused": statuses.count(STATUS_CACHED), "failed": statuses.count(STATUS_FAILED),
              "rejected": statuses.count(STATUS_REJECTED), "depth_forward_passes": forwards,
              "skipped_reasons": describe_failures(results)}
-    logger.info("depth maps: %d computed, %d reused from the cache, %d images skipped (%d of them refused by the "
-                "allowlist)", stats["computed"], stats["reused"], stats["failed"] + stats["rejected"],
+    logger.info("%s: %d computed, %d reused from the cache, %d images skipped (%d of them refused by the "
+                "allowlist)", what, stats["computed"], stats["reused"], stats["failed"] + stats["rejected"],
                 stats["rejected"])
     return {r["uri"]: r for r in results}, stats
 

@@ -23,7 +23,7 @@ for argv in [[]] + [[c] for c in %(commands)r]:
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         pipeline.cli.main([*argv, "--help"])
     helps[" ".join(argv) or "dgiqa"] = out.getvalue()
-for script in ("score_bucket", "train_dgiqa"):
+for script in ("score_bucket", "train"):
     out = io.StringIO()
     sys.argv = [script + ".py", "--help"]
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
@@ -45,7 +45,7 @@ def test_help_and_bad_flags_of_every_command_load_no_heavy_module():
     helps = result["helps"]
     # Each help is the command's own (so the probe did reach every parser), and lists the scorers from the registry.
     assert all(text.startswith("usage: ") for text in helps.values() if text), helps
-    assert set(helps) == {"dgiqa", *COMMANDS, "score_bucket", "train_dgiqa", "bad flag"}
+    assert set(helps) == {"dgiqa", *COMMANDS, "score_bucket", "train", "bad flag"}
     for command in ("score", "score_bucket"):
         assert "{dgiqa,dpam,dpiqa-student}" in helps[command] and "one pass per 512x512 image" in helps[command]
         assert "--trained-on {livec,koniq10k,spaq,kadid10k,tid2013,csiq}" in helps[command]

@@ -76,11 +76,12 @@ def test_training_goes_through_the_spec_and_refuses_scorers_that_do_not_train(ca
     from pipeline.cli import build_parser
     from pipeline.scorers.registry import trainable_scorers
 
-    assert trainable_scorers() == ("dgiqa",)
-    assert callable(resolve(get_scorer("dgiqa").trainer)) and not get_scorer("dpiqa-student").trainer
+    assert trainable_scorers() == ("dgiqa", "dpam")
+    assert callable(resolve(get_scorer("dgiqa").trainer)) and callable(resolve(get_scorer("dpam").trainer))
+    assert not get_scorer("dpiqa-student").trainer
     base = ["train", "labels.csv", "--output", "out", "--init", "random", "--depth-weights", "d"]
     assert build_parser().parse_args(base).model == "dgiqa"
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args([*base, "--model", "dpiqa-student"])
     assert exited.value.code == 2
-    assert "argument --model: invalid choice: 'dpiqa-student' (choose from 'dgiqa')" in capsys.readouterr().err
+    assert "argument --model: invalid choice: 'dpiqa-student' (choose from 'dgiqa', 'dpam')" in capsys.readouterr().err

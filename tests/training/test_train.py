@@ -133,7 +133,7 @@ def _job_args(dataset: Path, checkpoints, output: Path, *extra: str) -> list[str
 
 
 def _config(*args) -> TrainConfig:
-    from jobs.train_dgiqa import build_parser
+    from jobs.train import build_parser
 
     return config_from_args(build_parser().parse_args(_job_args(*args)))
 
@@ -151,7 +151,7 @@ class Run:
 def trained(local_ray, dataset, checkpoints, tmp_path_factory) -> Run:
     """The job script as a subprocess with its own local Ray, SIGKILLed with that Ray once epoch 1 is committed
     (a lost driver and cluster), then the same command to the end on the test's Ray."""
-    from jobs.train_dgiqa import main
+    from jobs.train import main
 
     output = tmp_path_factory.mktemp("run") / "out"
     args = _job_args(dataset, checkpoints, output)
@@ -487,7 +487,7 @@ def test_consistency_loss_compares_a_crop_with_its_mirror_and_epochs_split_evenl
     (["--init", "random", "--layout", "generic", "--label-column", "score"], "has no column 'score'"),
 ])
 def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, checkpoints, capsys, extra, message):
-    from jobs.train_dgiqa import main
+    from jobs.train import main
 
     labels = tmp_path / "labels.csv"
     labels.write_text("uri,mos\n" + "".join(f"{i}.png,{i}\n" for i in range(20)))
@@ -532,7 +532,7 @@ def test_two_workers_repeated_splits_and_everything_on_s3(local_ray, dataset, ch
 
     12 of the images (3 scenes at 4 distortion levels) keep the two Ray Train runs short; one scene is held out.
     """
-    from jobs.train_dgiqa import main
+    from jobs.train import main
     from pipeline.cli import main as dgiqa
 
     fs, options = s3
