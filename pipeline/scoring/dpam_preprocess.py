@@ -120,6 +120,15 @@ def texture_image(bgr: np.ndarray) -> np.ndarray:
     return cv2.resize(planes, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
 
 
+def decode_bgr(data: bytes, config: PreprocessConfig | None = None) -> np.ndarray:
+    """Decode to an ``(H, W, 3)`` uint8 array in OpenCV's channel order, orientation applied, as ``cv2.imread``.
+
+    Raises:
+        ImageError: The bytes are not a scorable image (``config``'s limits; the defaults when None).
+    """
+    return np.ascontiguousarray(decode_image(data, config or PreprocessConfig())[:, :, ::-1])
+
+
 def vit_input(bgr: np.ndarray) -> np.ndarray:
     """``(224, 224, 3)`` uint8 RGB: ``bgr`` resized with OpenCV's bicubic, aspect ratio not kept."""
     resized = cv2.resize(bgr, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
@@ -173,8 +182,7 @@ def prepare_dpam(data: bytes, config: PreprocessConfig | None = None, trained_on
     if trained_on not in PRESETS:
         raise ValueError(f"trained_on must be one of {', '.join(PRESETS)}, got {trained_on!r}")
     preset = PRESETS[trained_on]
-    # OpenCV's channel order, as cv2.imread gives it (orientation applied, as cv2.imread does).
-    bgr = np.ascontiguousarray(decode_image(data, config or PreprocessConfig())[:, :, ::-1])
+    bgr = decode_bgr(data, config)
     height, width = bgr.shape[:2]
     if preset.five_crops:
         if min(height, width) < CROP_SIZE:

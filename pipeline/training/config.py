@@ -25,18 +25,22 @@ INIT_KINDS = ("dgiqa", "swin", "random")
 DEFAULT_LR = {"dgiqa": 2e-5, "swin": 1e-4, "random": 1e-4}
 
 
+def _parse_init(spec: str, kinds: tuple[str, str], flag: str) -> tuple[str, str | None]:
+    kind, sep, uri = spec.partition(":")
+    if spec == "random":
+        return "random", None
+    if kind in kinds and sep and uri:
+        return kind, uri
+    raise ValueError(f"{flag} must be {kinds[0]}:URI, {kinds[1]}:URI or random, got {spec!r}")
+
+
 def parse_init(spec: str) -> tuple[str, str | None]:
     """``dgiqa:URI``, ``swin:URI`` or ``random`` -> ``(kind, uri)``.
 
     Raises:
         ValueError: Anything else.
     """
-    kind, sep, uri = spec.partition(":")
-    if spec == "random":
-        return "random", None
-    if kind in ("dgiqa", "swin") and sep and uri:
-        return kind, uri
-    raise ValueError(f"--init must be dgiqa:URI, swin:URI or random, got {spec!r}")
+    return _parse_init(spec, ("dgiqa", "swin"), "--init")
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,7 @@ def parse_dpam_init(spec: str) -> tuple[str, str | None]:
     Raises:
         ValueError: Anything else.
     """
-    kind, sep, uri = spec.partition(":")
-    if spec == "random":
-        return "random", None
-    if kind in ("dpam", "vit") and sep and uri:
-        return kind, uri
-    raise ValueError(f"--init for --model dpam must be dpam:URI, vit:URI or random, got {spec!r}")
+    return _parse_init(spec, ("dpam", "vit"), "--init for --model dpam")
 
 
 @dataclass(frozen=True)

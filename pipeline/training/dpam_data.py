@@ -33,12 +33,14 @@ from pipeline.scoring.dpam_preprocess import (
     PRESETS,
     SLIC_SEED,
     PreparedDpam,
+    decode_bgr,
     prepare_dpam,
     superpixel_features,
     texture_image,
+    to_tensors,
     vit_input,
 )
-from pipeline.scoring.preprocess import ImageError, PreprocessConfig, decode_image
+from pipeline.scoring.preprocess import ImageError
 from pipeline.training.train_data import STATUS_COMPUTED, DepthMapper, ImageAccess, atomic_write
 
 
@@ -80,8 +82,7 @@ class SuperpixelMapper(DepthMapper):
     """
 
     def _prepare(self, data: bytes) -> np.ndarray:
-        bgr = np.ascontiguousarray(decode_image(data, PreprocessConfig())[:, :, ::-1])
-        return superpixel_features(bgr, PRESETS[self.cache.preset])
+        return superpixel_features(decode_bgr(data), PRESETS[self.cache.preset])
 
     def _compute(self, results: list[dict], missing: list[tuple[int, str, object]]) -> None:
         for i, path, features in missing:
@@ -89,10 +90,6 @@ class SuperpixelMapper(DepthMapper):
             np.save(buffer, features, allow_pickle=False)
             atomic_write(path, buffer.getvalue(), self.cache.storage_options)
             results[i]["status"] = STATUS_COMPUTED
-
-
-def _decode_bgr(uri: str, access: ImageAccess, storage_options: Mapping | None) -> np.ndarray:
-    return np.ascontiguousarray(decode_image(access.read(uri, storage_options), PreprocessConfig())[:, :, ::-1])
 
 
 class DpamTrainDataset(torch.utils.data.Dataset):
@@ -119,7 +116,7 @@ class DpamTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         uri, target, features_path = self.items[self.order[k]]
-        bgr = _decode_bgr(uri, self.access, self.storage_options)
+        bgr = decode_bgr(self.access.read(uri, self.storage_options))
         rng = np.random.default_rng([*self.seed_words, self.order[k], k])
         if rng.random() < self.flip_prob:
             bgr = np.ascontiguousarray(bgr[:, ::-1])
@@ -129,10 +126,11 @@ class DpamTrainDataset(torch.utils.data.Dataset):
                 raise ImageError(f"image is {width}x{height}; this preset trains on 224x224 crops")
             top, left = int(rng.integers(0, height - CROP_SIZE + 1)), int(rng.integers(0, width - CROP_SIZE + 1))
             bgr = bgr[top:top + CROP_SIZE, left:left + CROP_SIZE]
-        rgb = torch.from_numpy(vit_input(bgr)).permute(2, 0, 1).to(torch.float32)
-        texture = torch.from_numpy(texture_image(bgr)).permute(2, 0, 1).contiguous()
-        features = torch.from_numpy(read_features(features_path, self.storage_options)).to(torch.float32) / 255
-        return (rgb / 255 - 0.5) / 0.5, texture, features, torch.tensor(target, dtype=torch.float32)
+        item = PreparedDpam(rgb=vit_input(bgr)[None], texture=texture_image(bgr)[None],
+                            superpixels=read_features(features_path, self.storage_options), height=bgr.shape[0],
+                            width=bgr.shape[1])
+        rgb, texture, features = (tensor[0] for tensor in to_tensors([item]))  # scaled as at inference
+        return rgb, texture, features, torch.tensor(target, dtype=torch.float32)
 
 
 class DpamEvalDataset(torch.utils.data.Dataset):

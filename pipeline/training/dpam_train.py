@@ -41,18 +41,17 @@ from pipeline.scoring.dpam_preprocess import to_tensors
 from pipeline.scoring.weights import check_fits, load_strict, read_checkpoint
 from pipeline.training.config import DpamRecipe, DpamTrainConfig, dpam_config_from_args, parse_dpam_init
 from pipeline.training.dpam_data import DpamEvalDataset, DpamTrainDataset, SuperpixelCache, SuperpixelMapper
-from pipeline.training.loop import WorkerPlan, _world, run_epochs, seed_of, val_metrics, worker_context
-from pipeline.training.store import RunStore
+from pipeline.training.loop import WorkerPlan, _world, run_epochs, seed_of, start_worker, val_metrics
 from pipeline.training.train import (
     EXIT_RUN_FAILED,
     TrainError,
     _depth_workers,
     _init_ray,
-    _ray_running,
     check_resumable,
     read_training_data,
     run_summary,
     train_splits,
+    with_own_ray,
 )
 from pipeline.training.train_data import epoch_order, precompute_depth
 
@@ -154,28 +153,16 @@ def _train_epoch(model: nn.Module, core: DPAM, optimizer: torch.optim.Optimizer,
 
 def train_worker(loop_config: Mapping) -> None:
     """The loop every Ray Train worker runs for DPAM-IQA (``loop.run_epochs`` with DPAM's model and data)."""
-    import ray.train.torch
-
     plan: WorkerPlan = loop_config["plan"]
     recipe = plan.recipe
-    rank, world, device = worker_context(plan)
-    store = RunStore(plan.folder, plan.storage_options)
-    state = store.read_state()
-    if state is None:
-        core, _ = build_initial_dpam(recipe.init, plan.storage_options, seed=seed_of(recipe.seed, plan.split))
-    else:
-        core = DPAM()
-        core.load_state_dict(state["model"])
-        if rank == 0:
-            store.repair(state, plan.sidecar, plan.label_map)
-    optimizer, scheduler = make_optimizer(core, recipe)  # marks what trains, before DDP registers it
-    model = ray.train.torch.prepare_model(core)
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    run_epochs(plan, state, core, optimizer, scheduler,
-               lambda epoch: _train_epoch(model, core, optimizer, scheduler, plan, epoch, rank, world, device),
+    seed = seed_of(recipe.seed, plan.split)
+    start = start_worker(plan, lambda: build_initial_dpam(recipe.init, plan.storage_options, seed=seed)[0], DPAM,
+                         lambda core: trainable_parameters(core, recipe.freeze_backbone),
+                         lambda core: make_optimizer(core, recipe))
+    rank, world, device, core = start.rank, start.world, start.device, start.core
+    run_epochs(plan, start.state, core, start.optimizer, start.scheduler,
+               lambda epoch: _train_epoch(start.model, core, start.optimizer, start.scheduler, plan, epoch, rank,
+                                          world, device),
                lambda: val_metrics(evaluate(core, plan, device, rank, world), plan.val_items), rank,
                scheduler_per_epoch=False)
 
@@ -187,14 +174,7 @@ def run_dpam_training(config: DpamTrainConfig) -> dict:
         LabelError, WeightsError, OutputError, ValueError: As ``train.run_training``, before any training.
         TrainError: Training failed after it started (rerun to resume).
     """
-    ray_was_running = _ray_running()
-    try:
-        return _run(config)
-    finally:
-        if not ray_was_running and _ray_running():  # a Ray this command started itself goes with it
-            import ray
-
-            ray.shutdown()
+    return with_own_ray(lambda: _run(config))
 
 
 def _run(config: DpamTrainConfig) -> dict:

@@ -258,29 +258,60 @@ def run_epochs(plan: WorkerPlan, state: Mapping | None, core: nn.Module, optimiz
         ray.train.report({k: v for k, v in record.items() if isinstance(v, int | float) and v is not None})
 
 
-def train_worker(loop_config: Mapping) -> None:
-    """The loop every Ray Train worker runs: resume or initialise, train, evaluate, commit each epoch."""
+@dataclass
+class WorkerStart:
+    """A worker ready for ``run_epochs``: its place, the committed state (None for a new run) and its model."""
+
+    rank: int
+    world: int
+    device: torch.device
+    state: dict | None
+    model: nn.Module  # the DDP wrapper with several workers, else ``core``
+    core: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def start_worker(plan: WorkerPlan, initial: Callable[[], nn.Module], empty: Callable[[], nn.Module],
+                 mark_trainable: Callable[[nn.Module], object],
+                 make: Callable[[nn.Module], tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]],
+                 ) -> WorkerStart:
+    """Resume from the committed state or start from ``initial()``, then make the optimizer and scheduler.
+
+    A resumed worker fills ``empty()`` with the state, and rank 0 repairs the files derived from it. What trains
+    is marked (``mark_trainable``) before DDP registers it.
+    """
     import ray.train.torch
 
-    plan: WorkerPlan = loop_config["plan"]
-    recipe = plan.recipe
     rank, world, device = worker_context(plan)
     store = RunStore(plan.folder, plan.storage_options)
     state = store.read_state()
     if state is None:
-        core, _ = build_initial_model(recipe.init, plan.storage_options, seed=seed_of(recipe.seed, plan.split))
+        core = initial()
     else:
-        core = build_dgiqa()
+        core = empty()
         core.load_state_dict(state["model"])
         if rank == 0:
             store.repair(state, plan.sidecar, plan.label_map)
-    trainable_parameters(core, recipe.freeze_backbones)  # before DDP, which registers what needs gradients
+    mark_trainable(core)
     model = ray.train.torch.prepare_model(core)
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer, scheduler = make_optimizer(core, recipe)
+    optimizer, scheduler = make(core)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    return WorkerStart(rank, world, device, state, model, core, optimizer, scheduler)
+
+
+def train_worker(loop_config: Mapping) -> None:
+    """The loop every Ray Train worker runs: resume or initialise, train, evaluate, commit each epoch."""
+    plan: WorkerPlan = loop_config["plan"]
+    recipe = plan.recipe
+    seed = seed_of(recipe.seed, plan.split)
+    start = start_worker(plan, lambda: build_initial_model(recipe.init, plan.storage_options, seed=seed)[0],
+                         build_dgiqa, lambda core: trainable_parameters(core, recipe.freeze_backbones),
+                         lambda core: make_optimizer(core, recipe))
+    rank, world, device, core, model = start.rank, start.world, start.device, start.core, start.model
     preprocess = recipe.preprocess()
 
     def held_out() -> dict:
@@ -288,5 +319,6 @@ def train_worker(loop_config: Mapping) -> None:
                                plan.resources.loader_workers, plan.storage_options, access=plan.access)
         return val_metrics(predictions, plan.val_items)
 
-    run_epochs(plan, state, core, optimizer, scheduler,
-               lambda epoch: _train_epoch(model, core, optimizer, plan, epoch, rank, world, device), held_out, rank)
+    run_epochs(plan, start.state, core, start.optimizer, start.scheduler,
+               lambda epoch: _train_epoch(model, core, start.optimizer, plan, epoch, rank, world, device), held_out,
+               rank)

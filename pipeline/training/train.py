@@ -75,7 +75,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -204,11 +204,16 @@ def run_training(config: TrainConfig) -> dict:
         ValueError: Bad settings, too few usable images, or an output holding a run with other settings.
         TrainError: Training failed after it started (rerun to resume).
     """
+    return with_own_ray(lambda: _run_training(config))
+
+
+def with_own_ray(run: Callable[[], dict]) -> dict:
+    """``run()``, then the shutdown of a Ray it started itself; a Ray that was running before is left alone."""
     ray_was_running = _ray_running()
     try:
-        return _run_training(config)
+        return run()
     finally:
-        if not ray_was_running and _ray_running():  # a Ray this command started itself goes with it
+        if not ray_was_running and _ray_running():
             import ray
 
             ray.shutdown()
