@@ -32,8 +32,7 @@ FAST = PreprocessConfig(num_crops=2, depth_input_size=70)
 
 # The longest modules, started first: the suite runs on two xdist workers one module at a time
 # (``--dist loadfile``, pyproject.toml), and a long module picked up last would leave one worker idle at the end.
-RUN_FIRST = ("tests/training/test_train.py", "tests/training/test_dpam_train.py", "tests/test_faults.py",
-             "tests/test_job_submit.py")
+RUN_FIRST = ("tests/training/test_train.py", "tests/test_faults.py", "tests/test_job_submit.py")
 
 
 def weights_fingerprint(path: Path) -> dict[str, list[float]]:
