@@ -81,6 +81,9 @@ class JobConfig:
     exif_transpose: bool = False  # the DP-IQA student's option; see ScorerConfig
     decode: str = "cpu"  # DGIQA's: cpu (OpenCV, as published) or gpu (JPEGs decoded in the actors)
     trained_on: str = "livec"  # DPAM-IQA's preprocessing preset; see ScorerConfig
+    prompt_embeddings: str | None = None  # DP-IQA's prompt features: a tensor file, or
+    clip_text: str | None = None  # a CLIP ViT-L/14 folder to compute them from
+    latent: str = "sample"  # DP-IQA's latent: a seeded draw or the mean; see ScorerConfig
     plan_memory_mb: int = PlannerConfig.memory_mb
     spill_dir: str | None = None
     actor_class: type | None = None  # the scoring actor; None -> pipeline.batch.stages.ScoreActor (tests swap it)
@@ -108,6 +111,7 @@ class JobConfig:
             depth_version=self.depth_version, device="auto", storage_options=dict(self.storage_options),
             precision=self.precision, compile=self.compile, attention=self.attention, model=self.model,
             exif_transpose=self.exif_transpose, decode=self.decode, trained_on=self.trained_on,
+            prompt_embeddings=self.prompt_embeddings, clip_text=self.clip_text, latent=self.latent,
             preprocess=PreprocessConfig(num_crops=self.crops, depth_input_size=self.depth_input_size,
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 

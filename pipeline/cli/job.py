@@ -88,6 +88,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         **fields, encoder=options["encoder"], depth_version=options["depth_version"], crops=options["crops"],
         depth_input_size=options["depth_input_size"], exif_transpose=options["exif_transpose"],
         decode=options["decode"], trained_on=options["trained_on"],
+        prompt_embeddings=options["prompt_embeddings"], clip_text=options["clip_text"], latent=options["latent"],
         actors=args.actors, gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_date=args.run_date,
         incremental=args.incremental, allow_prefixes=tuple(args.allow_prefix),

@@ -45,6 +45,9 @@ def _score_command(args: argparse.Namespace) -> int:
         exif_transpose=options["exif_transpose"],
         decode=options["decode"],
         trained_on=options["trained_on"],
+        prompt_embeddings=options["prompt_embeddings"],
+        clip_text=options["clip_text"],
+        latent=options["latent"],
     )
     allowlist = Allowlist(args.allow_prefix or _folders_of(args.images))
     scorer = make_scorer(config)

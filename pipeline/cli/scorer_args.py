@@ -52,6 +52,17 @@ def add_scorer_arguments(parser: argparse.ArgumentParser, *, allow_prefix_defaul
                         help="the training set of the checkpoint, which sets the authors' preprocessing for it "
                              "(superpixel settings; whole image or five 224 px crops); livec is the authors' "
                              f"single-image inference ({used_by('trained_on')}; livec)")
+    parser.add_argument("--prompt-embeddings",
+                        help="URI of the prompt features the checkpoint was trained with: the tensor file the "
+                             f"authors' script saves ({used_by('prompt_embeddings')}; this or --clip-text)")
+    parser.add_argument("--clip-text",
+                        help="URI of a CLIP ViT-L/14 folder (Hugging Face format, with its tokenizer files) to "
+                             "compute the 495 quality prompts' features from, cached on local disk "
+                             f"({used_by('clip_text')}; this or --prompt-embeddings)")
+    parser.add_argument("--latent", choices=SCORER_OPTIONS["latent"].choices,
+                        help="the VAE latent: sample (the authors' draw, seeded per image so that a score does "
+                             "not change between runs) or mean (the distribution's mean, no noise) "
+                             f"({used_by('latent')}; sample)")
     parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help="refuse images with more pixels than this (%(default)s)")
     add_read_limit_arguments(parser, allow_prefix_default)

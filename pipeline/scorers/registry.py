@@ -73,6 +73,9 @@ SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("decode", "cpu", choices=("cpu", "gpu"), keyed_at_default=False),
     ScorerOption("trained_on", "livec", choices=("livec", "koniq10k", "spaq", "kadid10k", "tid2013", "csiq"),
                  keyed_at_default=False),
+    ScorerOption("prompt_embeddings", None, in_model_id=True),
+    ScorerOption("clip_text", None, in_model_id=True),
+    ScorerOption("latent", "sample", choices=("sample", "mean"), keyed_at_default=False),
 )}
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -100,6 +103,7 @@ class ScorerSpec:
         to_tensor: ``module:function`` from a batch of prepared uint8 arrays to the network's input tensor,
             for single-pass scorers.
         needs_depth: Whether ``--depth-weights`` is required.
+        needs_one_of: Options of which exactly one must be set (DP-IQA's two sources of prompt features).
         trainer: ``module:function`` running ``dgiqa train --model <name>`` from its parsed arguments (returns
             the exit code); empty for a scorer that does not train here.
     """
@@ -116,11 +120,12 @@ class ScorerSpec:
     backbone: str = ""
     to_tensor: str = ""
     needs_depth: bool = False
+    needs_one_of: tuple[str, ...] = ()
     trainer: str = ""
 
     def __post_init__(self):
         # A typo would otherwise make the option look unused and refuse it.
-        unknown = self.options - SCORER_OPTIONS.keys()
+        unknown = (self.options | set(self.needs_one_of)) - SCORER_OPTIONS.keys()
         if unknown:
             raise RuntimeError(f"scorer {self.name!r} declares unknown options {sorted(unknown)}")
 

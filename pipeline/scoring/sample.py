@@ -167,6 +167,48 @@ def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
     return _save(model.eval().state_dict(), path)
 
 
+def write_random_prompts(path: Path, seed: int = 0, count: int = 495, dim: int = 32) -> Path:
+    """Save ``count`` random prompt features of width ``dim`` as the authors' script saves CLIP's: one tensor,
+    ``torch.save``d. Drawn with NumPy (the same values on every machine), not from a CLIP model."""
+    rng = np.random.default_rng(seed)
+    torch.save(torch.from_numpy(rng.standard_normal((count, dim)).astype(np.float32)), path)
+    return path
+
+
+def write_random_dpiqa(path: Path, seed: int = 0, architecture: str = "tiny") -> Path:
+    """Save a DP-IQA checkpoint (a bare state dict, the authors' layout) whose scores spread across images.
+
+    With default initialisation every image scores about the same (0.0418 for two noise images, 1e-5 apart): the
+    decoder's biases outweigh its image-dependent activations, and the VAE's random log-variance (about -0.2)
+    makes the latent noise as large as its mean, which real Stable Diffusion VAEs do not. So the decoder's score
+    convolutions and hidden linear layers get zero biases (its ReLUs then pass the image's differences on), the
+    VAE's log-variance bias is set to -8 (a posterior standard deviation of about 0.02: the noise moves a score,
+    but does not swamp it), and the score layer gets a gain and an offset that centre two generated photographs'
+    scores (latent means, fp32) on 0.5 and set them about 0.3 apart. The gain is a power of two and the offset on
+    a grid of 2^-20, so the file is the same bit for bit wherever the float32 pass rounds differently. The
+    ``tiny`` architecture's file is 122 MB.
+    """
+    from pipeline.models.dpiqa_diffusion import INPUT_SIZE, build_dpiqa
+
+    torch.manual_seed(seed)
+    model = build_dpiqa(architecture)
+    model.set_prompts(torch.load(write_random_prompts(Path(str(path) + ".prompts.pth"), seed,
+                                                      dim=model.architecture.text_dim), weights_only=True))
+    Path(str(path) + ".prompts.pth").unlink()
+    photos = np.stack([synthetic_photo(INPUT_SIZE, INPUT_SIZE, seed=seed + i) for i in range(2)])
+    with torch.no_grad():
+        for layer in (*(getattr(model.QFD, f"conv_score{i}") for i in (1, 2, 3)), model.QFD.fc1, model.QFD.fc2):
+            layer.bias.zero_()
+        latent_channels = model.vae.config.latent_channels
+        model.vae.quant_conv.bias[latent_channels:].fill_(-8.0)  # mean channels first, then the log-variances
+        raw = model(torch.from_numpy(photos).permute(0, 3, 1, 2).float().div(255)).double()
+        gain = 2.0 ** round(float(torch.log2(0.3 / (raw[0] - raw[1]).abs())))
+        centre = float(_on_grid(raw.mean()))
+        model.QFD.fc3.weight.mul_(gain)
+        model.QFD.fc3.bias.sub_(centre).mul_(gain).add_(0.5)
+    return _save(model.state_dict(), path)
+
+
 def synthetic_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A photo-like uint8 RGB image: sky gradient, ground plane, a few soft shapes and sensor noise."""
     rng = np.random.default_rng(seed)

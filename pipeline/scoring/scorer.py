@@ -64,6 +64,11 @@ class ScorerConfig:
             device (``pipeline.scoring.device_decode``; scores move slightly).
         trained_on: DPAM-IQA's preprocessing preset: the training set whose authors' data loader the
             checkpoint was trained with (``pipeline.scoring.dpam_preprocess.PRESETS``).
+        prompt_embeddings: DP-IQA's prompt features: URI of the tensor file the authors' script saves.
+        clip_text: DP-IQA's prompt features computed from this CLIP ViT-L/14 folder instead
+            (``pipeline.scoring.prompt_embeddings``).
+        latent: DP-IQA's VAE latent: ``sample`` (a seeded draw, as the authors sample it) or ``mean``
+            (``pipeline.scoring.diffusion_prior``).
 
     Model-specific settings (``options()``) that ``model`` does not use must keep their defaults: a config that
     asks for something its scorer would ignore is refused rather than recorded as if honoured.
@@ -85,12 +90,22 @@ class ScorerConfig:
     exif_transpose: bool = False
     decode: str = "cpu"
     trained_on: str = "livec"
+    prompt_embeddings: str | None = None
+    clip_text: str | None = None
+    latent: str = "sample"
 
     def __post_init__(self):
         spec = get_scorer(self.model)
-        check_options(self.model, changed_options(self.options()))
+        options = self.options()
+        check_options(self.model, changed_options(options))
         if spec.needs_depth and not self.depth_weights:
             raise ValueError(f"--depth-weights is required for --model {self.model}")
+        if spec.needs_one_of and sum(bool(options[name]) for name in spec.needs_one_of) != 1:
+            flags = " or ".join(SCORER_OPTIONS[name].flag for name in spec.needs_one_of)
+            raise ValueError(f"--model {self.model} needs exactly one of {flags}")
+        if self.latent not in SCORER_OPTIONS["latent"].choices:
+            raise ValueError(f"latent must be one of {', '.join(SCORER_OPTIONS['latent'].choices)}, got "
+                             f"{self.latent!r}")
         if self.encoder not in ENCODER_CHOICES:
             raise ValueError(f"encoder must be one of {', '.join(ENCODER_CHOICES)}, got {self.encoder!r}")
         if self.depth_version not in da.VERSIONS:
@@ -118,7 +133,8 @@ class ScorerConfig:
         return {"depth_weights": self.depth_weights, "encoder": self.encoder, "depth_version": self.depth_version,
                 "crops": self.preprocess.num_crops, "depth_input_size": self.preprocess.depth_input_size,
                 "draft_decode": self.preprocess.draft, "exif_transpose": self.exif_transpose, "decode": self.decode,
-                "trained_on": self.trained_on}
+                "trained_on": self.trained_on, "prompt_embeddings": self.prompt_embeddings,
+                "clip_text": self.clip_text, "latent": self.latent}
 
 
 @dataclass(frozen=True)

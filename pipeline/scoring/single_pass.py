@@ -70,7 +70,7 @@ class SinglePassScorer:
         self.spec = get_scorer(config.model)
         self.device = resolve_device(config.device)
         ckpt = read_checkpoint(config.weights, config.storage_options)
-        self.model = resolve(self.spec.builder)()
+        self.model = self.build(self.spec, ckpt.state_dict)
         load_strict(self.model, ckpt.state_dict, f"{self.spec.title} (--weights {ckpt.path})",
                     resolve(self.spec.filter_fn))
         self.model.eval().to(self.device)
@@ -84,14 +84,23 @@ class SinglePassScorer:
             self.model = torch.compile(self.model)
 
     @staticmethod
-    def check(config: ScorerConfig) -> ModelInfo:
+    def build(spec: ScorerSpec, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """The network with random weights, for ``state_dict`` to be loaded into (the registry's builder)."""
+        return resolve(spec.builder)()
+
+    @classmethod
+    def check(cls, config: ScorerConfig) -> ModelInfo:
         """Read and hash the checkpoint and check it against the architecture built on the meta device."""
         spec = get_scorer(config.model)
         ckpt = read_checkpoint(config.weights, config.storage_options)
         with torch.device("meta"):
-            model = resolve(spec.builder)()
+            model = cls.build(spec, ckpt.state_dict)
         check_fits(model, ckpt.state_dict, f"{spec.title} (--weights {ckpt.path})", resolve(spec.filter_fn))
         return _info(spec, ckpt.sha256)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's raw output for a batch of inputs on the device."""
+        return self.model(images)
 
     @torch.inference_mode()
     def score_prepared(self, prepared: Sequence[PreparedPixels]) -> list[ImageScore]:
@@ -103,7 +112,7 @@ class SinglePassScorer:
             if self.device.type == "cuda":
                 x = x.pin_memory()
             with autocast(self.device, self.config.precision):
-                out = self.model(x.to(self.device, non_blocking=True)).float().reshape(-1).cpu()
+                out = self.forward(x.to(self.device, non_blocking=True)).float().reshape(-1).cpu()
             scores += out.tolist()
         return [ImageScore(score=s, score_std=None, num_crops=1, width=item.width, height=item.height)
                 for s, item in zip(scores, prepared, strict=True)]

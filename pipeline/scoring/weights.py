@@ -50,7 +50,9 @@ class Checkpoint:
     config: dict | None = None
 
 
-def _weights_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, dict | None]:
+def weights_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, dict | None]:
+    """The weights file at ``path`` (itself, or the one inside a Hugging Face-style folder) and the folder's
+    ``config.json``."""
     if not fs.isdir(path):
         return path, None
     config = None
@@ -149,9 +151,17 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
     Raises:
         WeightsError: The URI cannot be read or does not hold a state dict.
     """
+    weights_path, data, config = _read(uri, storage_options)
+    state_dict = _unwrap(_decode(data, weights_path), weights_path)
+    return Checkpoint(uri=uri, path=weights_path, sha256=hashlib.sha256(data).hexdigest(),
+                      state_dict=state_dict, config=config)
+
+
+def _read(uri: str, storage_options: Mapping | None) -> tuple[str, bytes, dict | None]:
+    """The weights file's path, bytes and folder config (see ``read_checkpoint``)."""
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        weights_path, config = _weights_file(fs, path)
+        weights_path, config = weights_file(fs, path)
         with fs.open(weights_path, "rb") as f:
             data = f.read()
     except WeightsError:
@@ -162,9 +172,26 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
         raise WeightsError(f"cannot read weights from {uri}: {type(exc).__name__}: {exc}") from None
     if not data:
         raise WeightsError(f"{weights_path} is empty (0 bytes)")
-    state_dict = _unwrap(_decode(data, weights_path), weights_path)
-    return Checkpoint(uri=uri, path=weights_path, sha256=hashlib.sha256(data).hexdigest(),
-                      state_dict=state_dict, config=config)
+    return weights_path, data, config
+
+
+def read_tensor(uri: str, storage_options: Mapping | None = None) -> tuple[str, str, torch.Tensor]:
+    """Read a file that holds one tensor (``torch.save(tensor)``, or a safetensors file with one entry).
+
+    Returns:
+        The file read, the SHA-256 of its bytes, and the tensor.
+
+    Raises:
+        WeightsError: The URI cannot be read, or does not hold exactly one tensor.
+    """
+    path, data, _ = _read(uri, storage_options)
+    obj = _decode(data, path)
+    if isinstance(obj, Mapping) and len(obj) == 1:
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, torch.Tensor):
+        held = f"{len(obj)} entries" if isinstance(obj, Mapping) else type(obj).__name__
+        raise WeightsError(f"{path} holds {held}, not one tensor")
+    return path, hashlib.sha256(data).hexdigest(), obj
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:
