@@ -74,6 +74,7 @@ class Architecture:
 
     @property
     def channels(self) -> tuple[int, ...]:
+        """The U-Net's block widths, finest first."""
         return tuple(self.unet.get("block_out_channels", (320, 640, 1280, 1280)))
 
 
@@ -108,6 +109,7 @@ class SqueezeExcite(nn.Module):
                                 nn.Linear(channels // reduction, channels, bias=False), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with each channel scaled by its gate."""
         return x * self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))[:, :, None, None]
 
 
@@ -150,14 +152,17 @@ class QualityFeatureDecoder(nn.Module):
 
 
 class TextAdapter(nn.Module):
-    """``prompts + gamma * MLP(prompts)``: the learnt move of the fixed prompt features (``gamma`` is the parent's
-    parameter, as in the authors' layout)."""
+    """``prompts + gamma * MLP(prompts)``: the learnt move of the fixed prompt features.
+
+    ``gamma`` is the parent's parameter, as in the authors' layout.
+    """
 
     def __init__(self, text_dim: int):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(text_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
 
     def forward(self, prompts: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """The moved ``(P, text_dim)`` features."""
         return prompts + gamma * self.fc(prompts)
 
 
@@ -197,8 +202,10 @@ class DpiqaDiffusion(nn.Module):
         self.prompts = prompts.detach().to(self.prompts.device, torch.float32).clone()
 
     def latents(self, images: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """The scaled VAE latent: ``mean + std * noise`` (what ``latent_dist.sample()`` computes from its own
-        draw), or the mean when ``noise`` is None."""
+        """The scaled VAE latent: ``mean + std * noise``, or the mean when ``noise`` is None.
+
+        ``mean + std * noise`` is what diffusers' ``latent_dist.sample()`` computes from its own draw.
+        """
         posterior = self.vae.encode(images).latent_dist
         latent = posterior.mean if noise is None else posterior.mean + posterior.std * noise.to(posterior.mean)
         return latent * self.vae.config.scaling_factor

@@ -39,8 +39,10 @@ GPU_MEMORY_SHARE = 0.8
 
 
 def latent_noise(shape: Sequence[int], seed: int = LATENT_SEED) -> torch.Tensor:
-    """One image's standard normal draw of ``shape``, ``(1, *shape)``: ``torch.randn`` from a generator seeded
-    with ``seed``, on the CPU."""
+    """One image's standard normal draw, ``(1, *shape)``.
+
+    ``torch.randn`` from a generator seeded with ``seed``, on the CPU.
+    """
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
 
 
@@ -86,6 +88,7 @@ class DiffusionPriorScorer(SinglePassScorer):
                                                    config.storage_options))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The network on a batch, every image's latent drawn with the same seeded noise (or none)."""
         noise = None if self.noise is None else self.noise.expand(len(images), -1, -1, -1)
         return self.model(images, noise)
 

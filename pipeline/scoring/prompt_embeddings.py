@@ -32,7 +32,7 @@ import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.scoring.weights import WeightsError, weights_file, read_tensor
+from pipeline.scoring.weights import WeightsError, read_tensor, weights_file
 
 QUALITIES = ("bad", "poor", "fair", "good", "perfect")
 SCENES = ("animal", "cityscape", "human", "indoor", "landscape", "night", "plant", "still_life", "others")
@@ -103,19 +103,27 @@ def _local_folder(uri: str, storage_options: Mapping | None, into: str) -> tuple
 
 
 def encode_prompts(folder: str, prompts: list[str]) -> torch.Tensor:
-    """CLIP's projected text features of ``prompts``, as the authors' script computes them (float32, CPU)."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    """CLIP's projected text features of ``prompts``, as the authors' script computes them (float32, CPU).
+
+    A whole CLIP model's folder (``model_type: clip``, as ``openai/clip-vit-large-patch14`` is published) runs
+    through ``CLIPModel.get_text_features`` as in their script; a text-only one (``CLIPTextModelWithProjection``)
+    gives the same features from its own class.
+    """
+    from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True,
-                                                            dtype=torch.float32).eval()
-    except (OSError, ValueError, KeyError) as exc:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        whole = isinstance(AutoConfig.from_pretrained(folder, local_files_only=True), CLIPConfig)
+        model = (CLIPModel if whole else CLIPTextModelWithProjection).from_pretrained(
+            folder, local_files_only=True, dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise WeightsError(f"--clip-text {folder} is not a loadable CLIP text model: "
                            f"{str(exc).strip().splitlines()[0]}") from None
     tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+    inputs = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     with torch.inference_mode():
-        return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).text_embeds.float()
+        out = model.get_text_features(**inputs) if whole else model(**inputs).text_embeds
+    return (out if isinstance(out, torch.Tensor) else out.pooler_output).float()
 
 
 def compute_prompt_features(uri: str, storage_options: Mapping | None = None) -> PromptFeatures:

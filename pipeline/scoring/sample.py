@@ -168,8 +168,10 @@ def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
 
 
 def write_random_prompts(path: Path, seed: int = 0, count: int = 495, dim: int = 32) -> Path:
-    """Save ``count`` random prompt features of width ``dim`` as the authors' script saves CLIP's: one tensor,
-    ``torch.save``d. Drawn with NumPy (the same values on every machine), not from a CLIP model."""
+    """Save ``count`` random prompt features of width ``dim`` as the authors' script saves CLIP's.
+
+    One tensor, ``torch.save``d; drawn with NumPy (the same values on every machine), not from a CLIP model.
+    """
     rng = np.random.default_rng(seed)
     torch.save(torch.from_numpy(rng.standard_normal((count, dim)).astype(np.float32)), path)
     return path
@@ -259,3 +261,40 @@ def write_demo_bucket(folder: Path) -> dict[str, Path]:
     manifest.write_text("\n".join(lines) + "\n")
     return {"manifest": manifest, "output": folder / "scores", "weights": paths["weights"],
             "depth_weights": paths["depth_weights"]}
+
+
+def write_random_clip_text(folder: Path, seed: int = 0, width: int = 32) -> Path:
+    """Save a small random CLIP model in Hugging Face format: config, weights and tokenizer files.
+
+    Its projected text features are ``width`` wide: ``openai/clip-vit-large-patch14``'s layout at a test's size.
+
+    Its tokenizer knows single characters only (no merges), which tokenises any prompt, one token per character.
+    """
+    import json
+
+    from transformers import CLIPConfig, CLIPModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    # Byte-level BPE's alphabet: printable bytes stand for themselves, the others for code points from 256 up.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars]
+                                                 + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+         "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    eos = vocab["<|endoftext|>"]
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": eos - 1,
+                     "eos_token_id": eos, "pad_token_id": eos},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=width)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    return folder

@@ -51,8 +51,10 @@ class Checkpoint:
 
 
 def weights_file(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, dict | None]:
-    """The weights file at ``path`` (itself, or the one inside a Hugging Face-style folder) and the folder's
-    ``config.json``."""
+    """The weights file at ``path`` and the folder's ``config.json``.
+
+    ``path`` itself, or the one weights file inside a Hugging Face-style folder.
+    """
     if not fs.isdir(path):
         return path, None
     config = None
