@@ -149,7 +149,7 @@ def test_container_installs_the_package_as_a_non_root_user():
     text = DOCKERFILE.read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
     # The dependency set of pyproject.toml, nothing else, at the locked versions.
-    assert re.search(r"^RUN .*pip install -c requirements\.lock \.$", text, re.M)
+    assert re.search(r'^RUN .*pip install -c requirements\.lock "\.\[dpiqa\]"$', text, re.M)  # with DP-IQA's extra
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
     assert not re.search(r"pip install[^\n]*\s-r\s", text)  # no second, drifting dependency list

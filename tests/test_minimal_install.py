@@ -51,3 +51,18 @@ def test_dgiqa_score_and_the_gpu_tests_run_without_ray_s3fs_duckdb_or_pillow_hei
     # bench/bench_scoring.py, imported in the same interpreter afterwards.
     assert "LOADED []" in proc.stderr
 
+
+
+def test_dp_iqa_without_its_extra_is_one_line_with_the_install_command(tmp_path):
+    """diffusers and transformers are the ``dpiqa`` extra: without them the other scorers work, and asking for
+    DP-IQA stops before anything is read, with the command that installs them."""
+    runner = RUNNER.replace(repr(BLOCKED), repr(("diffusers", "transformers")), 1).split("import tests.test_gpu")[0]
+    runner += "sys.exit(code)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, "score", str(tmp_path / "none.jpg"), "--model", "dpiqa", "--weights",
+         str(tmp_path / "none.safetensors"), "--prompt-embeddings", str(tmp_path / "none.pth")],
+        capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dgiqa: error: --model dpiqa needs diffusers and transformers, which are not installed here: "
+        "pip install 'dgiqa-pipeline[dpiqa]'")

@@ -22,8 +22,8 @@ kept here (``ARCHITECTURES``), never fetched from a model hub: ``sd15`` is Stabl
 checkpoints; 859,520,964 U-Net and 83,653,863 VAE parameters), ``tiny`` a small one of the same structure for
 tests. Which one a checkpoint needs is read from its shapes (``architecture_of``).
 
-diffusers is an optional dependency (the ``dpiqa`` extra); importing this module without it fails with the
-install command.
+diffusers is an optional dependency (the ``dpiqa`` extra); the scorer's spec names it, so a command asking for
+this model without it stops with the install command before anything is read.
 """
 
 from __future__ import annotations
@@ -33,14 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.adapter import FullAdapter
 from torch import nn
-
-try:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.adapter import FullAdapter
-except ImportError as exc:  # pragma: no cover - exercised by the minimal-install test
-    raise ImportError("--model dpiqa needs diffusers and transformers: pip install 'dgiqa-pipeline[dpiqa]' "
-                      f"({exc})") from None
 
 INPUT_SIZE = 512
 DECODER_GRID = 64  # every up-block feature is resized to 64x64 before the decoder's convolutions

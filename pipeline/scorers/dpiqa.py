@@ -19,4 +19,6 @@ SCORER = ScorerSpec(
                   "and SPAQ scores by 100); the raw output of the last linear layer, no sigmoid"),
     backbone="stable-diffusion-v1-5",
     needs_one_of=("prompt_embeddings", "clip_text"),
+    requires=("diffusers", "transformers"),
+    extra="dpiqa",
 )

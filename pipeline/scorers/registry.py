@@ -25,6 +25,7 @@ for 40 crops of a model that takes none would otherwise be recorded as if the re
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class ScorerSpec:
             for single-pass scorers.
         needs_depth: Whether ``--depth-weights`` is required.
         needs_one_of: Options of which exactly one must be set (DP-IQA's two sources of prompt features).
+        requires: Packages of an optional extra that the scorer imports.
+        extra: The extra that installs them (``pip install 'dgiqa-pipeline[<extra>]'``).
         trainer: ``module:function`` running ``dgiqa train --model <name>`` from its parsed arguments (returns
             the exit code); empty for a scorer that does not train here.
     """
@@ -121,6 +124,8 @@ class ScorerSpec:
     to_tensor: str = ""
     needs_depth: bool = False
     needs_one_of: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    extra: str = ""
     trainer: str = ""
 
     def __post_init__(self):
@@ -129,10 +134,24 @@ class ScorerSpec:
         if unknown:
             raise RuntimeError(f"scorer {self.name!r} declares unknown options {sorted(unknown)}")
 
+    def check_installed(self) -> None:
+        """Raise ``ValueError`` (one line: the install command) when a package the scorer needs is missing."""
+        missing = [name for name in self.requires if not _installed(name)]
+        if missing:
+            raise ValueError(f"--model {self.name} needs {' and '.join(missing)}, which are not installed here: "
+                             f"pip install 'dgiqa-pipeline[{self.extra}]'")
+
     @property
     def preprocessing_options(self) -> frozenset[str]:
         """The options its preprocessing function takes as keyword arguments."""
         return frozenset(getattr(resolve(self.preprocessing), "uses_options", ()))
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ImportError:  # an import hook that refuses the package
+        return False
 
 
 def resolve(reference: str):

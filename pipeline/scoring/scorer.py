@@ -96,6 +96,7 @@ class ScorerConfig:
 
     def __post_init__(self):
         spec = get_scorer(self.model)
+        spec.check_installed()
         options = self.options()
         check_options(self.model, changed_options(options))
         if spec.needs_depth and not self.depth_weights:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "torchvision", "timm", "ray", "pyarrow", "numpy", "cv2", "PIL", "fsspec", "s3fs", "duckdb",
-         "pandas", "scipy", "safetensors")
+         "pandas", "scipy", "safetensors", "diffusers", "transformers")
 COMMANDS = ("score", "filter", "report", "evaluate", "separation", "train", "make-sample")
 
 PROBE = """
@@ -47,7 +47,7 @@ def test_help_and_bad_flags_of_every_command_load_no_heavy_module():
     assert all(text.startswith("usage: ") for text in helps.values() if text), helps
     assert set(helps) == {"dgiqa", *COMMANDS, "score_bucket", "train", "bad flag"}
     for command in ("score", "score_bucket"):
-        assert "{dgiqa,dpam,dpiqa-student}" in helps[command] and "one pass per 512x512 image" in helps[command]
+        assert "{dgiqa,dpam,dpiqa,dpiqa-student}" in helps[command] and "one pass per 512x512 image" in helps[command]
         assert "--trained-on {livec,koniq10k,spaq,kadid10k,tid2013,csiq}" in helps[command]
     assert "--crops: expected a positive integer, got 0" in helps["bad flag"]
     assert result["loaded"] == [], f"imported before parsing: {result['loaded']}"

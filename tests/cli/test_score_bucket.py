@@ -136,7 +136,7 @@ def test_help_says_which_model_uses_each_option(capsys):
     with pytest.raises(SystemExit):
         _job_script().main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(dgiqa only; 20)" in text and "dpiqa-student only: dgiqa always applies it" in text
+    assert "(dgiqa only; 20)" in text and "dpiqa, dpiqa-student: dgiqa always applies it" in text
 
 
 @pytest.mark.parametrize(("output", "expected"), [

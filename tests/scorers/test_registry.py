@@ -7,7 +7,7 @@ from pipeline.scoring.scorer import ScorerConfig
 
 
 def test_every_scorer_is_registered_dgiqa_first():
-    assert scorer_names() == ("dgiqa", "dpam", "dpiqa-student")
+    assert scorer_names() == ("dgiqa", "dpam", "dpiqa", "dpiqa-student")
 
 
 @pytest.mark.parametrize("name", ["dgiqa", "dpam", "dpiqa-student"])
@@ -21,7 +21,7 @@ def test_every_reference_of_a_spec_resolves_to_a_callable(name):
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown model 'brisque'; models are dgiqa, dpam, dpiqa-student"):
+    with pytest.raises(ValueError, match="unknown model 'brisque'; models are dgiqa, dpam, dpiqa, dpiqa-student"):
         get_scorer("brisque")
 
 
