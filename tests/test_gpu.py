@@ -27,3 +27,25 @@ def test_gpu_scores_match_the_published_scores(checkpoints, precision, attention
     deltas = [abs(result.score - GOLDEN["images"][name]["score"]) for name, result in zip(SMALL, results, strict=True)]
     assert max(deltas) <= TOLERANCE[precision], deltas
     print(f"\nGPU {precision}, {attention} attention vs published: max |delta score| = {max(deltas):.2e}")
+
+
+def test_dpiqa_on_the_gpu_measures_its_batch_and_gives_the_authors_scores(tmp_path):
+    """DP-IQA's pass size comes from a probe of the GPU's free memory; its scores stay within TF32's rounding of
+    the authors' (their photographs lie at least 0.04 apart, twenty times this tolerance)."""
+    import json
+
+    from pipeline.scoring.sample import write_random_dpiqa, write_random_prompts
+    from pipeline.scoring.scorer import ScorerConfig, make_scorer
+    from tests.conftest import DATA, SKIMAGE_DATA
+
+    golden = json.loads((DATA / "dpiqa_published_scores.json").read_text())
+    config = ScorerConfig(model="dpiqa", device="cuda",
+                          weights=str(write_random_dpiqa(tmp_path / "dpiqa_random.safetensors")),
+                          prompt_embeddings=str(write_random_prompts(tmp_path / "prompts.pth", count=495, dim=32)))
+    scorer = make_scorer(config)
+    assert scorer.device.type == "cuda" and 1 <= scorer.forward_batch <= 32
+    for entry in golden["scores"]:
+        folder = DATA if entry["source"] == "tests/data" else SKIMAGE_DATA
+        result = scorer.score_bytes((folder / entry["image"]).read_bytes())
+        assert abs(result.score - entry["score"]) <= 2e-3, entry
+    print(f"\nDP-IQA on the GPU: {scorer.forward_batch} images per pass")
