@@ -32,7 +32,7 @@ import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.scoring.weights import WeightsError, read_tensor, weights_file
+from pipeline.scoring.weights import WeightsError, read_tensor, reading, weights_file
 
 QUALITIES = ("bad", "poor", "fair", "good", "perfect")
 SCENES = ("animal", "cityscape", "human", "indoor", "landscape", "night", "plant", "still_life", "others")
@@ -79,8 +79,10 @@ def _cache_dir() -> Path:
 
 def _local_folder(uri: str, storage_options: Mapping | None, into: str) -> tuple[str, str]:
     """A local copy of the CLIP folder (the folder itself when local) and the SHA-256 of its weights file."""
-    try:
+    with reading(uri, "the CLIP model"):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
         if not fs.isdir(path):
             raise WeightsError(f"--clip-text {uri} is not a folder (a CLIP model in Hugging Face format: "
                                "config.json, model.safetensors, vocab.json, merges.txt)")
@@ -94,12 +96,6 @@ def _local_folder(uri: str, storage_options: Mapping | None, into: str) -> tuple
         for name in fs.ls(path, detail=False):
             fs.get(name, posixpath.join(into, posixpath.basename(name)))
         return into, digest.hexdigest()
-    except WeightsError:
-        raise
-    except FileNotFoundError:
-        raise WeightsError(f"no CLIP model at {uri}") from None
-    except Exception as exc:  # noqa: BLE001 - storage errors of any backend, reported with the URI
-        raise WeightsError(f"cannot read the CLIP model at {uri}: {type(exc).__name__}: {exc}") from None
 
 
 def encode_prompts(folder: str, prompts: list[str]) -> torch.Tensor:

@@ -8,12 +8,13 @@ The SHA-256 of the bytes read identifies the model version in every output.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import fsspec
@@ -159,19 +160,26 @@ def read_checkpoint(uri: str, storage_options: Mapping | None = None) -> Checkpo
                       state_dict=state_dict, config=config)
 
 
+@contextlib.contextmanager
+def reading(uri: str, what: str = "weights") -> Iterator[None]:
+    """Turn a storage error of any backend into one ``WeightsError`` naming ``what`` and the URI."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except FileNotFoundError:
+        raise WeightsError(f"no {what} at {uri}") from None
+    except Exception as exc:  # noqa: BLE001 - storage errors of any backend, reported with the URI
+        raise WeightsError(f"cannot read {what} from {uri}: {type(exc).__name__}: {exc}") from None
+
+
 def _read(uri: str, storage_options: Mapping | None) -> tuple[str, bytes, dict | None]:
     """The weights file's path, bytes and folder config (see ``read_checkpoint``)."""
-    try:
+    with reading(uri):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         weights_path, config = weights_file(fs, path)
         with fs.open(weights_path, "rb") as f:
             data = f.read()
-    except WeightsError:
-        raise
-    except FileNotFoundError:
-        raise WeightsError(f"no weights at {uri}") from None
-    except Exception as exc:  # noqa: BLE001 - storage errors of any backend, reported with the URI
-        raise WeightsError(f"cannot read weights from {uri}: {type(exc).__name__}: {exc}") from None
     if not data:
         raise WeightsError(f"{weights_path} is empty (0 bytes)")
     return weights_path, data, config

@@ -51,3 +51,17 @@ def test_a_tensor_file_is_read_and_named_by_its_hash(tmp_path):
         read_prompt_features(str(tmp_path / "flat.pth"))
     with pytest.raises(WeightsError, match="is not a folder"):
         compute_prompt_features(str(path))
+
+
+def test_a_clip_folder_in_s3_is_copied_and_gives_the_same_features(tmp_path, monkeypatch, s3):
+    fs, options = s3
+    folder = write_random_clip_text(tmp_path / "clip")
+    fs.mkdir("models")
+    fs.put(str(folder), "models/clip", recursive=True)
+    monkeypatch.setenv("DGIQA_CACHE_DIR", str(tmp_path / "local-cache"))
+    local = compute_prompt_features(str(folder))
+    monkeypatch.setenv("DGIQA_CACHE_DIR", str(tmp_path / "s3-cache"))  # computed again, from the S3 copy
+    remote = compute_prompt_features("s3://models/clip", options)
+    assert remote.label == local.label and torch.equal(remote.features, local.features)
+    with pytest.raises(WeightsError, match="no CLIP model at s3://models/none"):
+        compute_prompt_features("s3://models/none", options)
