@@ -79,7 +79,7 @@ def _cache_dir() -> Path:
 
 def _local_folder(uri: str, storage_options: Mapping | None, into: str) -> tuple[str, str]:
     """A local copy of the CLIP folder (the folder itself when local) and the SHA-256 of its weights file."""
-    with reading(uri, "the CLIP model"):
+    with reading(uri, "CLIP model"):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         if not fs.exists(path):
             raise FileNotFoundError(path)
