@@ -14,12 +14,14 @@ Three things set it apart from the other one-pass scorers (``single_pass``), who
 * **Batches that fit.** The model is about 1.06 billion parameters (U-Net 860 M), and a 512x512 image's
   activations take far more memory than a DGIQA crop's. On a GPU the images per forward pass are measured when
   the scorer starts: one probe pass gives the peak memory of an image, and the batch is what fits in 80 % of
-  the free memory (at most 32). A pass that still runs out of memory is split in halves and retried, and the
-  smaller batch kept. On a CPU one image per pass (larger batches are no faster there).
+  the free memory (at most 32). On a CPU one image per pass (larger batches are no faster there). A pass that
+  still runs out of memory, on a GPU or under a CPU memory cap, is retried at half the size, and the smaller
+  size kept.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -32,6 +34,8 @@ from pipeline.scoring.prompt_embeddings import PromptFeatures, prompt_features
 from pipeline.scoring.scorer import ImageScore, ModelInfo, ScorerConfig
 from pipeline.scoring.single_pass import SinglePassScorer
 from pipeline.scoring.weights import WeightsError
+
+logger = logging.getLogger(__name__)
 
 LATENT_SEED = 0
 MAX_GPU_BATCH = 32
@@ -105,13 +109,26 @@ class DiffusionPriorScorer(SinglePassScorer):
         return max(1, min(MAX_GPU_BATCH, int(GPU_MEMORY_SHARE * free / per_image)))
 
     def score_prepared(self, prepared: Sequence) -> list[ImageScore]:
-        """As ``SinglePassScorer``, halving the pass size when a GPU runs out of memory."""
+        """As ``SinglePassScorer``, halving the pass size (and keeping it) when an allocation fails."""
         while True:
             try:
                 return super().score_prepared(prepared)
-            except torch.cuda.OutOfMemoryError:
-                if self.forward_batch == 1:
+            except RuntimeError as exc:
+                if not out_of_memory(exc) or self.forward_batch == 1:
                     raise
                 self.forward_batch //= 2
-                torch.cuda.empty_cache()
+                logger.warning("%s ran out of memory on %s: %d images per pass from now on", self.spec.title,
+                               self.device.type, self.forward_batch)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation.
+
+    CUDA's ``OutOfMemoryError``, or the CPU allocator's: a ``RuntimeError`` that says it cannot allocate memory,
+    as under a container's or a ulimit's cap.
+    """
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
