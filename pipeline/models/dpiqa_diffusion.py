@@ -178,8 +178,9 @@ class DpiqaDiffusion(nn.Module):
         self.img_adapter = FullAdapter(channels=list(architecture.channels), **architecture.adapter)
         self.QFD = QualityFeatureDecoder(architecture.channels)
         # The prompt features are the user's (a CLIP text model's output), not the checkpoint's: a buffer outside
-        # the state dict, set by ``set_prompts``.
-        self.register_buffer("prompts", torch.empty(0, architecture.text_dim), persistent=False)
+        # the state dict, set by ``set_prompts`` (None until then, so a network built on the meta device and given
+        # its weights by assignment holds no meta tensor).
+        self.register_buffer("prompts", None, persistent=False)
         self._up_features: list[torch.Tensor] = []
         for block in self.unet.up_blocks:
             block.register_forward_hook(lambda module, args, output: self._up_features.append(output))
@@ -194,7 +195,7 @@ class DpiqaDiffusion(nn.Module):
                 or prompts.shape[0] < 1:
             raise ValueError(f"prompt features must be a (prompts, {self.architecture.text_dim}) float tensor, got "
                              f"{tuple(prompts.shape)} {str(prompts.dtype).removeprefix('torch.')}")
-        self.prompts = prompts.detach().to(self.prompts.device, torch.float32).clone()
+        self.prompts = prompts.detach().to(self.gamma.device, torch.float32).clone()
 
     def latents(self, images: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """The scaled VAE latent: ``mean + std * noise``, or the mean when ``noise`` is None.
@@ -215,7 +216,7 @@ class DpiqaDiffusion(nn.Module):
         Returns:
             ``(N,)`` raw scores.
         """
-        if not len(self.prompts):
+        if self.prompts is None:
             raise RuntimeError("DP-IQA has no prompt features: call set_prompts first")
         latent = self.latents(images, noise)
         context = self.text_adapter(self.prompts, self.gamma).expand(len(images), -1, -1)

@@ -247,10 +247,23 @@ def check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: s
 
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str,
-                filter_fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+                filter_fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                assign: bool = False) -> None:
     """``check_fits``, then ``load_state_dict(strict=True)``.
+
+    Args:
+        model: The network.
+        state_dict: The checkpoint's tensors.
+        name: The checkpoint's name in messages.
+        filter_fn: The key remapping.
+        assign: Make the checkpoint's tensors the network's (``load_state_dict(assign=True)``) instead of copying
+            them into its own: for a network built on the meta device, whose random initialisation and second
+            copy of the weights would cost seconds and gigabytes. Floating tensors are then made float32, as a
+            copy into float32 parameters would.
 
     Raises:
         WeightsError: The checkpoint does not fit (see ``check_fits``).
     """
-    model.load_state_dict(check_fits(model, state_dict, name, filter_fn), strict=True)
+    model.load_state_dict(check_fits(model, state_dict, name, filter_fn), strict=True, assign=assign)
+    if assign:
+        model.float()
