@@ -276,8 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     # A kill by the run tool's time limit (SIGTERM) still marks the report as aborted; SIGKILL leaves the last
     # complete rewrite, which is valid JSON.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    # Forked before anything touches CUDA or torch's thread pools, so the workers inherit neither.
-    pool = multiprocessing.get_context("fork").Pool(args.workers, initializer=_worker_init)
+    # Spawned, not forked: a fork copies the parent's OpenMP and OpenCV thread-pool state, and a forked decode
+    # worker once hung for good in a clean-clone CI run (the dry run stuck at its first OpenCV phase on a busy
+    # 2-core machine); a spawned worker starts its own, and touches no CUDA either.
+    pool = multiprocessing.get_context("spawn").Pool(args.workers, initializer=_worker_init)
+
+    def pool_map(fn, tasks, **kwargs):
+        # Bounded by what is left of the budget: a stuck worker fails its phase instead of the whole run.
+        return pool.map_async(fn, tasks, **kwargs).get(timeout=max(10.0, budget_s - report.elapsed()))
+
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report = Report(out / "gpu_check.json", budget_s, {
@@ -327,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def make_inputs() -> dict:
             for w, h in sizes:
-                jpegs[f"{w}x{h}"] = pool.map(_make_jpeg, [(w, h, seed) for seed in range(distinct)])
+                jpegs[f"{w}x{h}"] = pool_map(_make_jpeg, [(w, h, seed) for seed in range(distinct)])
                 prepared[f"{w}x{h}"] = [PreparedImage.from_arrays(*r) for r in
-                                        pool.map(_prepare, [(b, preprocess) for b in jpegs[f"{w}x{h}"]])]
+                                        pool_map(_prepare, [(b, preprocess) for b in jpegs[f"{w}x{h}"]])]
             for name, blobs in jpegs.items():
                 for i, data in enumerate(blobs[:1]):
                     (work / f"photo_{name}_{i}.jpg").write_bytes(data)
@@ -346,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 def cpu_decode(fn=fn, tasks=tasks) -> dict:
                     # Enough tasks per round that every worker has several; rounds repeat for the target time.
                     round_tasks = tasks * max(1, math.ceil(2 * args.workers / len(tasks)))
-                    repeats, wall = _timed_repeats(lambda: pool.map(fn, round_tasks, chunksize=1), short_s)
+                    repeats, wall = _timed_repeats(lambda: pool_map(fn, round_tasks, chunksize=1), short_s)
                     return {"device": "cpu", "workers": args.workers, "images": repeats * len(round_tasks),
                             "wall_s": round(wall, 3), "images_per_s": round(repeats * len(round_tasks) / wall, 3)}
 
