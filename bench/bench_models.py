@@ -17,6 +17,7 @@ import gc
 import io
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.batch.resources import peak_rss_bytes  # noqa: E402
 from pipeline.scoring.sample import (  # noqa: E402
-    _save,
     synthetic_photo,
     write_random_depth_anything,
     write_random_dgiqa,
@@ -38,6 +38,14 @@ from pipeline.scoring.sample import (  # noqa: E402
     write_random_prompts,
 )
 from pipeline.scoring.scorer import ScorerConfig, make_scorer  # noqa: E402
+
+_WRITE_SD15 = """
+import sys, torch
+from pipeline.models.dpiqa_diffusion import build_dpiqa
+from pipeline.scoring.sample import _save
+torch.manual_seed(0)
+_save(build_dpiqa("sd15").state_dict(), sys.argv[1])
+"""
 
 
 def _weights(model: str, folder: Path) -> dict:
@@ -48,11 +56,10 @@ def _weights(model: str, folder: Path) -> dict:
         return {"weights": str(write_random_dpiqa_student(folder / "student.safetensors"))}
     if model == "dpam":
         return {"weights": str(write_random_dpam(folder / "dpam.safetensors"))}
-    from pipeline.models.dpiqa_diffusion import build_dpiqa
-
-    torch.manual_seed(0)
-    path = _save(build_dpiqa("sd15").state_dict(), folder / "dpiqa.safetensors")
-    gc.collect()
+    # Written by another process: building the 1.06 B-parameter network here would set this process's peak memory,
+    # which is to be the scorer's.
+    path = folder / "dpiqa.safetensors"
+    subprocess.run([sys.executable, "-c", _WRITE_SD15, str(path)], check=True, cwd=Path(__file__).resolve().parents[1])
     return {"weights": str(path),
             "prompt_embeddings": str(write_random_prompts(folder / "prompts.pth", count=495, dim=768))}
 
