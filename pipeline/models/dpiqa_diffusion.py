@@ -130,7 +130,6 @@ class QualityFeatureDecoder(nn.Module):
         self.fc2 = nn.Linear(DECODER_CHANNELS, DECODER_CHANNELS)
         self.fc3 = nn.Linear(DECODER_CHANNELS, 1)
         self.classifier_dist = nn.Linear(DECODER_CHANNELS, DISTORTION_CLASSES)
-        self.levels = len(channels)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """``features``: the up blocks' outputs from the finest (last up block) to the coarsest; ``(N,)`` out."""

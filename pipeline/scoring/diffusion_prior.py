@@ -62,7 +62,6 @@ class DiffusionPriorScorer(SinglePassScorer):
     """
 
     uses_options = frozenset({"prompt_embeddings", "clip_text", "latent"})
-    assign_weights = True
 
     def __init__(self, config: ScorerConfig):
         super().__init__(config)

@@ -77,8 +77,8 @@ def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dgiqa") / "prompt-features"
 
 
-def _local_folder(uri: str, storage_options: Mapping | None, into: str) -> tuple[str, str]:
-    """A local copy of the CLIP folder (the folder itself when local) and the SHA-256 of its weights file."""
+def _clip_folder(uri: str, storage_options: Mapping | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """The CLIP folder's file system, path, and the SHA-256 of its weights file (read once, in chunks)."""
     with reading(uri, "CLIP model"):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         if not fs.exists(path):
@@ -91,11 +91,7 @@ def _local_folder(uri: str, storage_options: Mapping | None, into: str) -> tuple
         with fs.open(weights, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
-        if "file" in fs.protocol:
-            return path, digest.hexdigest()
-        for name in fs.ls(path, detail=False):
-            fs.get(name, posixpath.join(into, posixpath.basename(name)))
-        return into, digest.hexdigest()
+    return fs, path, digest.hexdigest()
 
 
 def encode_prompts(folder: str, prompts: list[str]) -> torch.Tensor:
@@ -128,13 +124,19 @@ def compute_prompt_features(uri: str, storage_options: Mapping | None = None) ->
     Raises:
         WeightsError: The folder cannot be read or is no CLIP text model.
     """
-    with tempfile.TemporaryDirectory(prefix="dgiqa-clip-") as scratch:
-        folder, sha256 = _local_folder(uri, storage_options, scratch)
-        label = f"clip-text@{sha256}"
-        cached = _cache_dir() / f"clip-text-{sha256}.safetensors"
-        if cached.exists():
-            return PromptFeatures(load_file(str(cached))["features"], label)
-        features = encode_prompts(folder, quality_prompts())
+    fs, path, sha256 = _clip_folder(uri, storage_options)
+    label = f"clip-text@{sha256}"
+    cached = _cache_dir() / f"clip-text-{sha256}.safetensors"
+    if cached.exists():  # before any copy: a cache hit reads the remote weights once, to hash them
+        return PromptFeatures(load_file(str(cached))["features"], label)
+    if "file" in fs.protocol:
+        features = encode_prompts(path, quality_prompts())
+    else:
+        with tempfile.TemporaryDirectory(prefix="dgiqa-clip-") as scratch:
+            with reading(uri, "CLIP model"):
+                for name in fs.ls(path, detail=False):
+                    fs.get(name, posixpath.join(scratch, posixpath.basename(name)))
+            features = encode_prompts(scratch, quality_prompts())
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_suffix(f".{os.getpid()}.partial")
     save_file({"features": features.contiguous()}, str(partial))

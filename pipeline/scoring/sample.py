@@ -167,13 +167,14 @@ def write_random_dpiqa_student(path: Path, seed: int = 0) -> Path:
     return _save(model.eval().state_dict(), path)
 
 
-def write_random_prompts(path: Path, seed: int = 0, count: int = 495, dim: int = 32) -> Path:
-    """Save ``count`` random prompt features of width ``dim`` as the authors' script saves CLIP's.
+def random_prompts(seed: int = 0, count: int = 495, dim: int = 32) -> torch.Tensor:
+    """``count`` random prompt features of width ``dim``, drawn with NumPy (the same values on every machine)."""
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32))
 
-    One tensor, ``torch.save``d; drawn with NumPy (the same values on every machine), not from a CLIP model.
-    """
-    rng = np.random.default_rng(seed)
-    torch.save(torch.from_numpy(rng.standard_normal((count, dim)).astype(np.float32)), path)
+
+def write_random_prompts(path: Path, seed: int = 0, count: int = 495, dim: int = 32) -> Path:
+    """Save ``random_prompts`` as the authors' script saves CLIP's features: one tensor, ``torch.save``d."""
+    torch.save(random_prompts(seed, count, dim), path)
     return path
 
 
@@ -194,9 +195,7 @@ def write_random_dpiqa(path: Path, seed: int = 0, architecture: str = "tiny") ->
 
     torch.manual_seed(seed)
     model = build_dpiqa(architecture)
-    model.set_prompts(torch.load(write_random_prompts(Path(str(path) + ".prompts.pth"), seed,
-                                                      dim=model.architecture.text_dim), weights_only=True))
-    Path(str(path) + ".prompts.pth").unlink()
+    model.set_prompts(random_prompts(seed, dim=model.architecture.text_dim))
     photos = np.stack([synthetic_photo(INPUT_SIZE, INPUT_SIZE, seed=seed + i) for i in range(2)])
     with torch.no_grad():
         for layer in (*(getattr(model.QFD, f"conv_score{i}") for i in (1, 2, 3)), model.QFD.fc1, model.QFD.fc2):

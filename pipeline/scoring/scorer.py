@@ -104,25 +104,15 @@ class ScorerConfig:
         if spec.needs_one_of and sum(bool(options[name]) for name in spec.needs_one_of) != 1:
             flags = " or ".join(SCORER_OPTIONS[name].flag for name in spec.needs_one_of)
             raise ValueError(f"--model {self.model} needs exactly one of {flags}")
-        if self.latent not in SCORER_OPTIONS["latent"].choices:
-            raise ValueError(f"latent must be one of {', '.join(SCORER_OPTIONS['latent'].choices)}, got "
-                             f"{self.latent!r}")
-        if self.encoder not in ENCODER_CHOICES:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODER_CHOICES)}, got {self.encoder!r}")
-        if self.depth_version not in da.VERSIONS:
-            raise ValueError(f"depth_version must be one of {', '.join(da.VERSIONS)}, got {self.depth_version!r}")
+        for name, option in SCORER_OPTIONS.items():
+            if option.choices and options[name] not in option.choices:
+                raise ValueError(f"{name} must be one of {', '.join(option.choices)}, got {options[name]!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
-        if self.decode not in SCORER_OPTIONS["decode"].choices:
-            raise ValueError(f"decode must be one of {', '.join(SCORER_OPTIONS['decode'].choices)}, got "
-                             f"{self.decode!r}")
-        if self.trained_on not in SCORER_OPTIONS["trained_on"].choices:
-            raise ValueError(f"trained_on must be one of {', '.join(SCORER_OPTIONS['trained_on'].choices)}, got "
-                             f"{self.trained_on!r}")
         if self.decode == "gpu" and self.preprocess.draft:
             raise ValueError("--draft-decode and --decode gpu exclude each other (draft decoding is a CPU decode)")
         if (self.forward_batch is not None and self.forward_batch < 1) or self.depth_batch < 1:

@@ -64,8 +64,6 @@ class SinglePassScorer:
     # Depth, crops and the DGIQA decode settings mean nothing to a whole-image pass; options of the scorer's own
     # preprocessing are declared by that function.
     uses_options = frozenset()
-    # Whether ``build`` makes the network on the meta device, to be given the checkpoint's tensors (``load_strict``).
-    assign_weights = False
 
     def __init__(self, config: ScorerConfig):
         self.config = config
@@ -74,7 +72,7 @@ class SinglePassScorer:
         ckpt = read_checkpoint(config.weights, config.storage_options)
         self.model = self.build(self.spec, ckpt.state_dict)
         load_strict(self.model, ckpt.state_dict, f"{self.spec.title} (--weights {ckpt.path})",
-                    resolve(self.spec.filter_fn), assign=self.assign_weights)
+                    resolve(self.spec.filter_fn), assign=next(self.model.parameters()).is_meta)
         self.model.eval().to(self.device)
         set_attention(self.model, config.attention)  # a no-op for the EfficientNet student; kept for later models
         self.info = _info(self.spec, ckpt.sha256)
@@ -87,7 +85,11 @@ class SinglePassScorer:
 
     @staticmethod
     def build(spec: ScorerSpec, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-        """The network with random weights, for ``state_dict`` to be loaded into (the registry's builder)."""
+        """The network with random weights, for ``state_dict`` to be loaded into (the registry's builder).
+
+        A runner may build it on the meta device instead: the checkpoint's tensors then become the network's
+        (``load_strict(assign=True)``).
+        """
         return resolve(spec.builder)()
 
     @classmethod
