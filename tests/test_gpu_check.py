@@ -6,6 +6,7 @@ code on tiny inputs, and the report's writer is checked to leave valid JSON when
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,17 @@ KINDS = {"env", "pytest", "setup", "decode", "forward", "score"}
 def test_the_dry_run_records_every_phase_with_its_figures(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--workers", "2"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # In its own process group, ended whole if it runs too long: killing bash alone on a timeout once left the
+    # Python under it, and its decode workers, running (and holding 2.5 GB) long after the test had failed.
+    proc = subprocess.Popen(["bash", "bench/gpu_check.sh", "--dry-run", "--workers", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     log = (out / "gpu_check.log").read_text()
     assert "gpu_check: {'ok':" in log and (out / "pytest_gpu.log").exists()
