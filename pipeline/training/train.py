@@ -166,10 +166,32 @@ def _fit(plan: WorkerPlan, resources: Resources, worker=train_worker, name: str 
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types; reported in one line
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        cause = lines[-1] if lines else type(exc).__name__
-        raise TrainError(f"training split {plan.split} failed: {redact_text(cause)}. Finished epochs are kept in "
-                         f"{redact_uri(plan.folder)}; rerun with the same --output to resume after them") from exc
+        raise TrainError(f"training split {plan.split} failed: {redact_text(failure_cause(exc))}. Finished epochs "
+                         f"are kept in {redact_uri(plan.folder)}; rerun with the same --output to resume after "
+                         "them") from exc
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line saying why a ``trainer.fit()`` failed, naming every worker's own cause.
+
+    When one worker dies (Ray's memory monitor, a crash), Ray Train removes the group's placement group and the
+    other workers end with "placement group was removed": the last line of the whole message is often that
+    consequence, not the cause. A ``WorkerGroupError`` keeps each rank's exception; the ranks that share a cause
+    are listed together.
+    """
+    failures = getattr(exc, "worker_failures", None)
+    if not isinstance(failures, Mapping) or not failures:
+        return _last_line(exc)
+    ranks_by_cause: dict[str, list[int]] = {}
+    for rank in sorted(failures):
+        ranks_by_cause.setdefault(_last_line(failures[rank]), []).append(rank)
+    return "; ".join(f"worker{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {cause}"
+                     for cause, ranks in ranks_by_cause.items())
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _split_summary(state: Mapping, plan: WorkerPlan, resumed_after: int | None, trained_now: bool) -> dict:

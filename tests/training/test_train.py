@@ -527,6 +527,24 @@ def test_dgiqa_train_has_the_documented_defaults():
         assert option in help_text
 
 
+def test_a_failed_fit_names_each_workers_own_cause_not_only_the_last_line():
+    """Ray Train ends the other workers when one dies; their "placement group was removed" must not hide why."""
+    from ray.exceptions import OutOfMemoryError
+    from ray.train import WorkerGroupError
+
+    from pipeline.training.train import failure_cause
+
+    removed = "The actor is dead because its worker process has died. Destroying worker since its placement group " \
+              "was removed."
+    error = WorkerGroupError("2 workers failed", {
+        2: RuntimeError(removed), 0: OutOfMemoryError("Task was killed.\nMemory on the node was 23.1GB / 24GB."),
+        1: RuntimeError(f"Traceback ...\n  {removed}"),
+    })
+    assert failure_cause(error) == f"worker 0: Memory on the node was 23.1GB / 24GB.; workers 1, 2: {removed}"
+    assert failure_cause(RuntimeError("first\n\n  last  \n")) == "last"
+    assert failure_cause(RuntimeError()) == "RuntimeError"
+
+
 def test_two_workers_repeated_splits_and_everything_on_s3(local_ray, dataset, checkpoints, s3, capsys):
     """Labels, images, depth cache and output in a bucket; 2 DDP workers; the paper's repeated random splits.
 
