@@ -193,4 +193,3 @@ def local_ray_without_auth() -> Iterator[None]:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = saved
-
