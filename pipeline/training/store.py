@@ -65,12 +65,32 @@ class RunStore:
             raise ValueError(f"{self.uri(STATE_FILE)} has format {state.get('format')!r}, not {STATE_FORMAT}")
         return state
 
-    def _save(self, name: str, obj) -> bytes:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        data = buffer.getvalue()
-        atomic_write(self.uri(name), data, self.storage_options)
-        return data
+    def _save(self, name: str, obj) -> str:
+        """``torch.save`` straight into the file (no copy of it in memory); returns the SHA-256 of its bytes.
+
+        The training state of a DGIQA run is about 800 MB (model and AdamW moments). Serialised into memory
+        first, rank 0 held 1.8 GB more than the state at each commit to the test S3 server; streamed, 0.6 GB
+        (measured with four 200 MB tensors: s3fs uploads each large write as one part). A save that fails
+        part-way leaves the old file: the unfinished upload is discarded (an object appears only when its
+        upload completes), a local temporary file is removed.
+        """
+        fs, path = fsspec.core.url_to_fs(self.uri(name), **(self.storage_options or {}))
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with atomic_target(fs, path) as target:
+            f = fs.open(target, "wb")
+            try:
+                hashing = _HashingWriter(f)
+                torch.save(obj, hashing)
+            except BaseException:
+                if is_local(fs):  # a temporary file, which atomic_target removes
+                    f.close()
+                else:  # closing would complete the upload with what was written: abandon it instead
+                    if callable(getattr(f, "discard", None)):
+                        f.discard()  # s3fs: aborts the multipart upload and its stored parts
+                    f.closed = True  # nor may the file's finaliser complete it
+                raise
+            f.close()
+        return hashing.sha256.hexdigest()
 
     def write_state(self, state: Mapping) -> None:
         """Commit an epoch."""
@@ -78,7 +98,7 @@ class RunStore:
 
     def write_weights(self, which: str, state_dict: Mapping[str, torch.Tensor], sidecar: Mapping) -> str:
         """``<which>.pth`` (a plain DGIQA state dict) and ``<which>.json``; returns the SHA-256 of the weights."""
-        sha256 = hashlib.sha256(self._save(f"{which}.pth", dict(state_dict))).hexdigest()
+        sha256 = self._save(f"{which}.pth", dict(state_dict))
         self.write_json(f"{which}.json", {**sidecar, "weights": self.uri(f"{which}.pth"), "sha256": sha256})
         return sha256
 
@@ -125,3 +145,17 @@ class RunStore:
                 logger.info("restoring %s.pth of epoch %d from %s", which, record["epoch"], STATE_FILE)
                 self.write_weights(which, state["model"], epoch_sidecar(sidecar, record))
         self.write_metrics(state["history"], label_map)
+
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through it (``torch.save`` needs ``write`` and ``flush``)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
