@@ -31,6 +31,7 @@ import json
 import posixpath
 import uuid
 from collections.abc import Iterator, Mapping
+from typing import IO
 
 import fsspec
 import pyarrow as pa
@@ -123,9 +124,33 @@ def atomic_target(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         fs.mv(target, path)
 
 
+@contextlib.contextmanager
+def atomic_open(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """``path`` open for writing, seen by readers whole or not at all, also when the block fails part-way.
+
+    Closing an object store's file completes its upload with whatever was written, and so would the file's
+    finaliser; a block that raises therefore abandons the upload instead (``discard``: s3fs aborts the multipart
+    upload and its stored parts) and marks the file closed. On a local disk the file is closed and its hidden
+    name removed (``atomic_target``).
+    """
+    with atomic_target(fs, path) as target:
+        f = fs.open(target, "wb")
+        try:
+            yield f
+        except BaseException:
+            if is_local(fs):
+                f.close()
+            else:
+                if callable(getattr(f, "discard", None)):
+                    f.discard()
+                f.closed = True
+            raise
+        f.close()
+
+
 def write_parquet_atomically(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write a Parquet file that readers see whole or not at all (see ``atomic_target``)."""
-    with atomic_target(fs, path) as target, fs.open(target, "wb") as f:
+    """Write a Parquet file that readers see whole or not at all (see ``atomic_open``)."""
+    with atomic_open(fs, path) as f:
         pq.write_table(table, f, row_group_size=ROW_GROUP_SIZE, compression="zstd")
 
 
@@ -285,7 +310,7 @@ class RunOutput:
         The shards are merged by score out of core (DuckDB, ``memory_mb`` of memory, spilling to local disk)
         and streamed into one Parquet object in batches, so no part of the night sits whole in the driver.
         Readers see the whole file or none: an object store makes it visible when its (multipart) upload
-        completes, a local disk when its hidden name is renamed (``atomic_target``).
+        completes, a local disk when its hidden name is renamed; a failure part-way leaves no file (``atomic_open``).
 
         Idempotent: after a kill anywhere in here, running it again finishes the same commit.
         """
@@ -298,7 +323,7 @@ class RunOutput:
             with duckdb_connection(memory_mb) as con:
                 con.register("staged", staged)
                 merged = con.sql(f"SELECT {columns} FROM staged ORDER BY score ASC NULLS LAST, row_index")
-                with (atomic_target(self.fs, self.part_path) as target, self.fs.open(target, "wb") as f,
+                with (atomic_open(self.fs, self.part_path) as f,
                       pq.ParquetWriter(f, self.schema, compression="zstd") as writer):
                     for batch in merged.to_arrow_reader(ROW_GROUP_SIZE):
                         writer.write_table(pa.Table.from_batches([batch]).cast(self.schema),

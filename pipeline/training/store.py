@@ -26,7 +26,7 @@ import fsspec
 import torch
 
 from pipeline.analysis.metrics import finite_or_none
-from pipeline.batch.output import atomic_target, is_local
+from pipeline.batch.output import atomic_open, atomic_target, is_local
 from pipeline.training.train_data import atomic_write, dumps
 
 logger = logging.getLogger(__name__)
@@ -71,25 +71,14 @@ class RunStore:
         The training state of a DGIQA run is about 800 MB (model and AdamW moments). Serialised into memory
         first, rank 0 held 1.8 GB more than the state at each commit to the test S3 server; streamed, 0.6 GB
         (measured with four 200 MB tensors: s3fs uploads each large write as one part). A save that fails
-        part-way leaves the old file: the unfinished upload is discarded (an object appears only when its
-        upload completes), a local temporary file is removed.
+        part-way leaves the old file (``atomic_open``): torch.save ends its archive even when it fails, and a
+        plain close would have committed that.
         """
         fs, path = fsspec.core.url_to_fs(self.uri(name), **(self.storage_options or {}))
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with atomic_target(fs, path) as target:
-            f = fs.open(target, "wb")
-            try:
-                hashing = _HashingWriter(f)
-                torch.save(obj, hashing)
-            except BaseException:
-                if is_local(fs):  # a temporary file, which atomic_target removes
-                    f.close()
-                else:  # closing would complete the upload with what was written: abandon it instead
-                    if callable(getattr(f, "discard", None)):
-                        f.discard()  # s3fs: aborts the multipart upload and its stored parts
-                    f.closed = True  # nor may the file's finaliser complete it
-                raise
-            f.close()
+        with atomic_open(fs, path) as f:
+            hashing = _HashingWriter(f)
+            torch.save(obj, hashing)
         return hashing.sha256.hexdigest()
 
     def write_state(self, state: Mapping) -> None:

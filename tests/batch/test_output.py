@@ -11,6 +11,7 @@ from pipeline.batch.output import (
     RESULT_SCHEMA,
     OutputError,
     RunOutput,
+    atomic_open,
     atomic_target,
     check_writable,
     extra_column_names,
@@ -136,6 +137,33 @@ def test_atomic_target_replaces_whole_files_or_keeps_the_old_one(tmp_path):
         fs.pipe_file(target, b"new")
         assert fs.cat_file(path) == b"old"  # readers still see the old file until the block ends
     assert fs.cat_file(path) == b"new" and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_streamed_parquet_file_that_fails_part_way_keeps_the_old_one(where, tmp_path, request):
+    """The night's part file is streamed batch by batch; a failure after the first batch must not publish it.
+
+    pyarrow's writer writes its footer when its block ends, even on an error, so a plain close of the file
+    would commit a valid Parquet file holding only the batches before the failure.
+    """
+    import fsspec
+
+    if where == "s3":
+        fs, _ = request.getfixturevalue("s3")
+        fs.mkdir("out")
+        path = "out/run_date=2026-12-03/part-0.parquet"
+    else:
+        fs, path = fsspec.filesystem("file"), str(tmp_path / "part-0.parquet")
+    old = pa.table({"score": [0.5]})
+    write_parquet_atomically(fs, path, old)
+    batch = pa.table({"score": [0.1, 0.2]})
+    with (pytest.raises(RuntimeError, match="merge failed"), atomic_open(fs, path) as f,
+          pq.ParquetWriter(f, batch.schema) as writer):
+        writer.write_table(batch)
+        raise RuntimeError("merge failed")
+    fs.invalidate_cache()
+    assert pq.read_table(fs.open(path, "rb")).equals(old)
+    assert [posixpath.basename(p) for p in fs.ls(posixpath.dirname(path), detail=False)] == ["part-0.parquet"]
 
 
 @pytest.mark.parametrize(("where", "folder", "expected"), [
