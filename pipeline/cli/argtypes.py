@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from pipeline.batch.run_dates import check_run_date
 from pipeline.limits import DEFAULT_MAX_BYTES
@@ -90,8 +91,8 @@ def byte_size(text: str) -> int:
         value = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"expected a size such as 256MiB or 268435456, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    if not math.isfinite(value) or value < 1:  # int(inf) raises OverflowError, which argparse does not catch
+        raise argparse.ArgumentTypeError(f"expected a finite size of at least 1 byte, got {text!r}")
     return int(value)
 
 

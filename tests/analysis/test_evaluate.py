@@ -186,6 +186,7 @@ def test_unusable_weights_stop_before_any_scoring_with_one_line(dataset, capsys,
     (["--scores", "s", "--layout", "tid2013"], "invalid choice: 'tid2013'"),
     (["--scores", "s", "--allow-prefix", "/data"], "--allow-prefix applies only when scoring with --weights"),
     (["--weights", "w", "--depth-weights", "d", "--max-bytes", "lots"], "expected a size such as 256MiB"),
+    (["--weights", "w", "--depth-weights", "d", "--max-bytes", "1e400"], "expected a finite size"),  # inf
 ])
 def test_cli_usage_errors_are_argparse_one_liners(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -483,7 +483,8 @@ def test_consistency_loss_compares_a_crop_with_its_mirror_and_epochs_split_evenl
     (["--init", "random", "--layout", "koniq"], "needs an images prefix"),
     (["--init", "dgiqa:/nonexistent/dgiqa.pth"], "no weights at /nonexistent/dgiqa.pth"),
     (["--init", "random", "--labels-file"], "unrecognized arguments: --labels-file"),
-    (["--init", "random", "--max-bytes", "0"], "expected a size of at least 1 byte"),
+    (["--init", "random", "--max-bytes", "0"], "expected a finite size of at least 1 byte"),
+    (["--init", "random", "--max-bytes", "inf"], "expected a finite size of at least 1 byte"),
     (["--init", "random", "--layout", "generic", "--label-column", "score"], "has no column 'score'"),
 ])
 def test_bad_arguments_end_with_one_line_and_exit_2(tmp_path, checkpoints, capsys, extra, message):
