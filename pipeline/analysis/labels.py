@@ -334,6 +334,10 @@ def _mat_text(value) -> str | None:
 def _live_files(path: str, storage_options: Mapping | None) -> tuple[str, str]:
     """The ``Data`` folder and the dataset root of a LIVE Challenge path (root, ``Data`` folder or a ``.mat``)."""
     clean = path.rstrip("/")
+    if "://" not in clean:
+        # A relative local path has no parent in its text ("AllMOS_release.mat" inside Data/): the dataset root
+        # is found from the absolute path.
+        clean = os.path.abspath(clean)
     if clean.lower().endswith(".mat"):
         data_dir = posixpath.dirname(clean)
     else:

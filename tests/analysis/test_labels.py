@@ -124,6 +124,19 @@ def test_live_challenge_drops_the_training_images_and_defaults_to_images_folder(
     assert default_allow_prefixes(kept) == ("s3://b/live/Images/",)
 
 
+def test_live_challenge_paths_relative_to_the_working_folder(tmp_path, monkeypatch):
+    """A ``.mat`` named from inside ``Data/``, or ``Data`` from the root: images resolve to the dataset's folder."""
+    root = tmp_path / "ChallengeDB_release"
+    names, _ = _write_live(root)
+    expected = [f"{root}/Images/{n}" for n in names[7:]]
+    monkeypatch.chdir(root / "Data")
+    assert read_labels("AllMOS_release.mat", "live-challenge").table.column("uri").to_pylist() == expected
+    monkeypatch.chdir(root)
+    assert read_labels("Data", "live-challenge").table.column("uri").to_pylist() == expected
+    monkeypatch.chdir(tmp_path)
+    assert read_labels("ChallengeDB_release", "live-challenge").table.column("uri").to_pylist() == expected
+
+
 def test_live_challenge_errors(tmp_path):
     root = tmp_path / "live"
     _write_live(root)
