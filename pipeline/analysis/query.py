@@ -61,9 +61,37 @@ def open_scores(uri: str, storage_options: Mapping | None = None) -> pads.Datase
     if not found.files:
         raise QueryError(f"no scores at {uri}: no Parquet files under run_date=... partitions")
     schemas = [fragment.physical_schema for fragment in found.get_fragments()]
-    merged = pa.unify_schemas([*schemas, PARTITIONING.schema], promote_options="permissive")
+    merged = _merge_schemas([*schemas, PARTITIONING.schema])
     return pads.dataset(found.files, filesystem=found.filesystem, format="parquet", schema=merged,
                         partitioning=PARTITIONING, partition_base_dir=root)
+
+
+def _merge_schemas(schemas: Sequence[pa.Schema]) -> pa.Schema:
+    """The union of the part files' schemas, by name; a column whose types cannot be unified is read as text.
+
+    The job carries manifest columns as read, so one night's ``id`` from a CSV is text and another's from Parquet
+    an integer. Such a column becomes a string everywhere (Arrow casts each file's values as it reads them) rather
+    than making the whole history unreadable.
+    """
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    types: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for field in schema:
+            types.setdefault(field.name, []).append(field.type)
+    fields = []
+    for name, found in types.items():
+        try:
+            merged = pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in found], promote_options="permissive")
+            fields.append(merged.field(name))
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            if name in RESULT_SCHEMA.names:
+                raise QueryError(f"the scores' column {name!r} has types {sorted(set(map(str, found)))} in "
+                                 "different part files; these are not files the job wrote") from None
+            fields.append(pa.field(name, pa.string()))
+    return pa.schema(fields)
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,24 @@ def test_schemas_of_all_nights_are_merged(scores_output):
     assert selection_columns(dataset)[-1] == "label"
 
 
+def test_a_carried_column_of_other_types_on_other_nights_is_read_as_text(tmp_path, capsys):
+    """One night's manifest was a CSV (``id`` text), the next a Parquet file (``id`` an integer): both read."""
+    text = pa.schema([pa.field("id", pa.string())])
+    number = pa.schema([pa.field("id", pa.int64())])
+    first, _ = _rows(["s3://photos/a.jpg"], [0.4], ["ok"], MODEL_A, NIGHTS[0], extra={"id": ["007"]})
+    _commit(tmp_path, NIGHTS[0], MODEL_A, first, text, "k1")
+    second, _ = _rows(["s3://photos/b.jpg"], [0.6], ["ok"], MODEL_A, NIGHTS[1])
+    _commit(tmp_path, NIGHTS[1], MODEL_A, second.append_column(number.field("id"), pa.array([8], pa.int64())),
+            number, "k2")
+    dataset = open_scores(str(tmp_path))
+    assert dataset.schema.field("id").type == pa.string() and dataset.schema.field("score").type == pa.float32()
+    table, _ = select(dataset, columns=["uri", "id"])
+    assert table.to_pylist() == [{"uri": "s3://photos/b.jpg", "id": "8"}, {"uri": "s3://photos/a.jpg", "id": "007"}]
+    capsys.readouterr()
+    assert dgiqa(["filter", str(tmp_path), "--columns", "uri,id"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ['"s3://photos/b.jpg","8"', '"s3://photos/a.jpg","007"']
+
+
 @pytest.mark.parametrize("ext", ["parquet", "csv", "jsonl"])
 def test_written_selection_is_a_manifest_for_the_next_job(scores_output, tmp_path, ext):
     dataset = open_scores(str(scores_output))
