@@ -225,7 +225,12 @@ def _latest_rows(keys: pa.Table) -> pa.Table:
 
 
 def _rank_bounds(scores: np.ndarray, flt: ScoreFilter) -> tuple[float | None, float | None, int | None]:
-    """Score bounds (and an exact row count for top/bottom) from the population's scores."""
+    """Score bounds (and an exact row count for top/bottom) from the population's scores.
+
+    A NaN score (which no run writes any more: see ``scoring.scorer.non_finite``) is no rank; the bounds are
+    comparisons, which a NaN fails, so such rows are never selected by them either.
+    """
+    scores = scores[np.isfinite(scores)]
     if len(scores) == 0:
         return None, None, 0
     if flt.quantiles is not None:

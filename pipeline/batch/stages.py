@@ -28,7 +28,7 @@ from pipeline.batch.output import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from pipeline.limits import DEFAULT_MAX_BYTES
 from pipeline.scoring.device_decode import EncodedImage
 from pipeline.scoring.preprocess import ImageError
-from pipeline.scoring.scorer import ScorerConfig, make_scorer, prepare_item
+from pipeline.scoring.scorer import ScorerConfig, make_scorer, non_finite, prepare_item
 from pipeline.scoring.weights import WeightsError
 
 logger = logging.getLogger(__name__)
@@ -241,6 +241,9 @@ class ScoreActor:
         for i, result in zip(todo, results, strict=True):
             if isinstance(result, Exception):
                 out["status"][i], out["error"][i] = STATUS_ERROR, f"scoring failed: {_describe(result)}"
+                continue
+            if reason := non_finite(result):
+                out["status"][i], out["error"][i] = STATUS_ERROR, f"scoring failed: {reason}"
                 continue
             out["score"][i], out["score_std"][i] = result.score, result.score_std
             out["num_crops"][i] = result.num_crops

@@ -25,7 +25,7 @@ def _score_command(args: argparse.Namespace) -> int:
     from pipeline.batch.stages import read_image_bytes
     from pipeline.scorers.registry import SCORER_OPTIONS, resolve_options
     from pipeline.scoring.preprocess import ImageError, PreprocessConfig
-    from pipeline.scoring.scorer import ScorerConfig, make_scorer
+    from pipeline.scoring.scorer import ScorerConfig, make_scorer, non_finite
 
     # Model-specific flags default to None so that one given for a model that does not use it is refused here.
     options = resolve_options(args.model, {name: getattr(args, name, None) for name in SCORER_OPTIONS})
@@ -59,8 +59,11 @@ def _score_command(args: argparse.Namespace) -> int:
             data = read_image_bytes(_absolute(uri), args.storage_options, allowlist=allowlist,
                                     max_bytes=args.max_bytes)
             result = scorer.score_bytes(data)
-            row.update(score=result.score, score_std=result.score_std, num_crops=result.num_crops,
-                       width=result.width, height=result.height)
+            row.update(width=result.width, height=result.height)
+            if reason := non_finite(result):
+                row.update(status="error", error=reason)
+            else:
+                row.update(score=result.score, score_std=result.score_std, num_crops=result.num_crops)
         except RejectedURI as exc:
             row.update(status="rejected", error=str(exc))
         except ImageError as exc:

@@ -148,6 +148,18 @@ class ImageScore:
     height: int
 
 
+def non_finite(result: ImageScore) -> str | None:
+    """Why ``result`` is no score (a NaN or infinite mean), else ``None``.
+
+    Weights holding a NaN or an fp16 overflow give such means. The job and ``dgiqa score`` make the image an
+    error row: a NaN counted as a score would sort above every real one and break each ranking and quantile
+    read from the output.
+    """
+    if np.isfinite(result.score):
+        return None
+    return f"the model gave a non-finite score ({result.score})"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when this process can see a GPU, else CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":

@@ -159,6 +159,20 @@ def test_top_and_bottom_fractions_are_exact_counts_of_the_latest_ok_rows(scores_
     assert sorted(band.column("uri").to_pylist()) == sorted(expected.uri)
 
 
+def test_a_nan_score_written_before_it_was_an_error_takes_no_rank(tmp_path):
+    """Ten ok rows, one of them NaN: --top 0.3 is the 3 best of the 9 scores, the quantiles are theirs."""
+    scores = [0.1 * i for i in range(9)] + [float("nan")]
+    uris = [f"s3://photos/{i}.jpg" for i in range(10)]
+    _commit(tmp_path, NIGHTS[0], MODEL_A, *_rows(uris, scores, ["ok"] * 10, MODEL_A, NIGHTS[0]), "k1")
+    dataset = open_scores(str(tmp_path))
+    top, _ = select(dataset, ScoreFilter(top=0.3))
+    assert top.column("uri").to_pylist() == ["s3://photos/8.jpg", "s3://photos/7.jpg", "s3://photos/6.jpg"]
+    bottom, _ = select(dataset, ScoreFilter(bottom=0.2))
+    assert bottom.column("uri").to_pylist() == ["s3://photos/1.jpg", "s3://photos/0.jpg"]
+    upper_half, _ = select(dataset, ScoreFilter(quantiles=(0.5, 1)))
+    assert upper_half.column("uri").to_pylist() == [f"s3://photos/{i}.jpg" for i in (8, 7, 6, 5, 4)]
+
+
 def test_model_status_and_date_filters(scores_output):
     dataset = open_scores(str(scores_output))
     b, stats = select(dataset, ScoreFilter(model_id=MODEL_B))

@@ -1,10 +1,12 @@
 """The Ray Data stages called directly: every row in gives one row out, failures as rows."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.batch.allowlist import Allowlist
 from pipeline.batch.stages import ScoreActor, WeightsChanged, _unpack, fetch_batch, prepare_batch
@@ -78,3 +80,31 @@ def test_actor_refuses_other_weights_at_its_first_batch(fast_scorer):
     with pytest.raises(WeightsChanged, match="weights changed since the job started: the driver checked "
                                              "dgiqa@something-else, this actor read dgiqa@"):
         actor(pa.table({"row_index": [0], "status": ["ok"]}))
+
+
+def test_a_non_finite_score_is_an_error_row_not_a_score(files, fast_scorer, checkpoints, tmp_path, capsys):
+    """Weights holding a NaN give NaN scores: each image becomes an error row (job) or error line (CLI)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.cli import main as dgiqa
+    from pipeline.scoring.scorer import make_scorer
+
+    state = load_file(checkpoints["dgiqa"])
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    save_file(state, tmp_path / "nan.safetensors")
+    config = replace(fast_scorer.config, weights=str(tmp_path / "nan.safetensors"))
+    scorer = make_scorer(config)
+    assert np.isnan(scorer.score_bytes(Path(files[0].removeprefix("file://")).read_bytes()).score)
+    actor = ScoreActor(config, scorer.model_id)
+    out = actor(prepare_batch(fetch_batch(_batch(files), allowlist=EVERYWHERE), config))
+    assert out.column("status").to_pylist() == ["error"] * 4 and out.column("score").null_count == 4
+    assert out.column("error")[0].as_py() == "scoring failed: the model gave a non-finite score (nan)"
+
+    image = files[0].removeprefix("file://")
+    assert dgiqa(["score", image, "--weights", config.weights, "--depth-weights", str(checkpoints["depth"]),
+                  "--crops", "1", "--device", "cpu", "--json"]) == 1
+    row = json.loads(capsys.readouterr().out)
+    assert row["status"] == "error" and row["score"] is None
+    assert row["error"] == "the model gave a non-finite score (nan)"
