@@ -325,6 +325,39 @@ def test_score_histogram_counts_ok_scores(library, all_dates):
         assert int(box.attrs["data-count"]) == len(values)
 
 
+def test_over_several_nights_an_image_is_one_tile_and_the_histogram_counts_scores(tmp_path):
+    """Images scored every night (reruns): a grid shows each image once, at its lowest (highest) score there."""
+    def night_rows(night, scores):
+        return [_row(f"s3://photos/{name}.jpg", "ok", score, night=night) for name, score in scores.items()]
+
+    rows = [*night_rows(NIGHTS[0], {"a": 0.10, "b": 0.50, "c": 0.60, "d": 0.70, "e": 0.95, "f": 0.40}),
+            *night_rows(NIGHTS[1], {"a": 0.11, "b": 0.52, "c": 0.61, "d": 0.71, "e": 0.96, "f": 0.90}),
+            *night_rows(NIGHTS[2], {"a": 0.12, "b": 0.20, "c": 0.62, "d": 0.72, "e": 0.97, "f": 0.91})]
+    for night in NIGHTS:
+        part = tmp_path / "scores" / f"run_date={night}"
+        part.mkdir(parents=True)
+        table = pa.Table.from_pylist([r for r in rows if r["night"] == night], schema=RESULT_SCHEMA)
+        pq.write_table(table.sort_by([("score", "ascending")]), part / "part-0.parquet")
+    tree = parse(report.build_report(report.ReportConfig(str(tmp_path / "scores"), date_from=NIGHTS[0],
+                                                         thumbnails=2)))
+    def shown(page, grid):
+        return [(t.attrs["data-uri"].removeprefix("s3://photos/").removesuffix(".jpg"), float(t.attrs["data-score"]))
+                for t in _tiles(page, grid)]
+
+    tiles = {grid: shown(tree, grid) for grid in ("lowest", "highest")}
+    # The four lowest rows are image a's three and b's of night 3: two images, not four tiles of a.
+    assert tiles["lowest"] == [("a", pytest.approx(0.10)), ("b", pytest.approx(0.20))]
+    assert tiles["highest"] == [("e", pytest.approx(0.97)), ("f", pytest.approx(0.91))]
+    histogram = next(t for t in tree.find_all("text") if t.all_text().startswith("Score histogram"))
+    assert histogram.all_text() == "Score histogram (18 scores over 3 run dates)"
+
+    few = parse(report.build_report(report.ReportConfig(str(tmp_path / "scores"), date_from=NIGHTS[0],
+                                                         thumbnails=4)))
+    # 6 images < 2 x 4: each once, at its newest row
+    assert shown(few, "all-ok") == [("a", pytest.approx(0.12)), ("b", pytest.approx(0.20)), ("c", pytest.approx(0.62)),
+                     ("d", pytest.approx(0.72)), ("f", pytest.approx(0.91)), ("e", pytest.approx(0.97))]
+
+
 def test_default_is_the_newest_run_date_without_box_plot(library, tmp_path):
     _, tree = _page(library, tmp_path, "--thumbnails", "0")
     assert _counts(tree) == _expected_counts(library["rows"], NIGHTS[-1:], by_model=True)

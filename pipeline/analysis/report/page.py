@@ -163,8 +163,10 @@ def _scores_section(scores: Mapping[str, np.ndarray]) -> list[str]:
     if not total:
         return [*out, '<p class="muted">No ok rows with a score in this selection.</p>']
     counts = sum(np.histogram(np.clip(v, 0.0, 1.0), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0] for v in scores.values())
-    out.append(svg.histogram(counts.tolist(), 0.0, 1.0, title=f"Score histogram ({_num(total)} images)",
-                             x_label="score", y_label="images"))
+    # Over several run dates an image scored on each counts once a night: the bars count scores, not images.
+    counted = f"{_num(total)} images" if len(scores) == 1 else f"{_num(total)} scores over {len(scores)} run dates"
+    out.append(svg.histogram(counts.tolist(), 0.0, 1.0, title=f"Score histogram ({counted})",
+                             x_label="score", y_label="images" if len(scores) == 1 else "scores"))
     if len(scores) > 1:
         groups = [(date, svg.BoxStats(*(float(q) for q in np.percentile(v, [0, 25, 50, 75, 100])), count=v.size))
                   for date, v in sorted(scores.items()) if v.size]

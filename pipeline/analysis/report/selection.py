@@ -8,6 +8,7 @@ rows. No column of the selection is held whole.
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from collections import Counter
 from collections.abc import Sequence
@@ -103,30 +104,72 @@ class TileGrid:
     note: str = ""
 
 
-def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarray, n: int) -> list[TileGrid]:
-    """The ``n`` lowest (ascending) and ``n`` highest (descending) ``ok`` rows, or all of them in one grid.
+TILE_COLUMNS = ["uri", "score", "model_id", "run_id", PARTITION]
 
-    With fewer than ``2 n`` rows the two grids would overlap (three images would fill both), so every row is
-    shown once, lowest score first, in one grid that says why. Rows are in one order (score, then URI, then run
-    date), so the two grids never share a row. Only rows at or beyond the two threshold scores are read, which
-    the score-sorted part files' row-group statistics mostly answer without reading the rest.
+
+def _order(row: dict) -> tuple:
+    return row["score"], row["uri"], row[PARTITION]
+
+
+def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, ordered: np.ndarray, n: int, lowest: bool,
+                    exclude: frozenset = frozenset()) -> list[dict]:
+    """The ``n`` images (``uri`` and ``model_id``) of the lowest (or highest) scores, each at its most extreme row.
+
+    Over several nights an image has a row a night; the rows past a threshold score may then hold fewer than
+    ``n`` images, so the threshold moves on (by the duplication seen so far) until ``n`` are found or every row
+    is read. Fewer come back only when the selection holds fewer images outside ``exclude``.
+    """
+    score = pc.field("score")
+    k = n
+    while True:
+        k = min(k, ordered.size)
+        bound = float(ordered[k - 1] if lowest else ordered[-k])
+        beyond = score <= bound if lowest else score >= bound
+        table = dataset.to_table(columns=TILE_COLUMNS, filter=ok_filter & beyond)
+        rows = sorted((r for r in table.to_pylist() if np.isfinite(r["score"])), key=_order, reverse=not lowest)
+        picked: dict[tuple, dict] = {}
+        for row in rows:
+            if (row["uri"], row["model_id"]) not in exclude:
+                picked.setdefault((row["uri"], row["model_id"]), row)
+        if len(picked) >= n or k == ordered.size:
+            return list(picked.values())[:n]
+        k = max(k + n - len(picked), math.ceil(k * n / max(len(picked), 1)))
+
+
+def _every_image(dataset: pads.Dataset, ok_filter: pc.Expression) -> list[dict]:
+    """Each image of the selection once, at its newest row, lowest score first (few rows: all are read)."""
+    newest: dict[tuple, dict] = {}
+    for row in sorted(dataset.to_table(columns=TILE_COLUMNS, filter=ok_filter).to_pylist(),
+                      key=lambda r: (r[PARTITION], r["uri"])):
+        if np.isfinite(row["score"]):
+            newest[(row["uri"], row["model_id"])] = row
+    return sorted(newest.values(), key=_order)
+
+
+def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarray, n: int) -> list[TileGrid]:
+    """The ``n`` lowest-scoring images (ascending) and the ``n`` highest (descending), or all in one grid.
+
+    An image is a ``(uri, model_id)``; over a range of nights it is shown once per grid, at its lowest row in the
+    lowest grid and its highest in the highest, and never in both. With fewer than ``2 n`` images the two
+    grids would share images, so each is shown once, at its newest row, lowest score first, in one grid that
+    says why. Only rows at or beyond threshold scores are read, which the score-sorted part files' row-group
+    statistics mostly answer without reading the rest.
     """
     if n == 0 or scores.size == 0:
         return []
-    ordered = np.sort(scores)
-    low, high = float(ordered[min(n, scores.size) - 1]), float(ordered[-min(n, scores.size)])
-    score = pc.field("score")
-    table = dataset.to_table(columns=["uri", "score", "model_id", "run_id", PARTITION],
-                             filter=ok_filter & ((score <= low) | (score >= high)))
-    rows = sorted((r for r in table.to_pylist() if np.isfinite(r["score"])),
-                  key=lambda r: (r["score"], r["uri"], r[PARTITION]))
-    if len(rows) < 2 * n:
+    ordered = np.sort(scores[np.isfinite(scores)])
+    lowest = _extreme_images(dataset, ok_filter, ordered, n, lowest=True) if ordered.size >= 2 * n else []
+    highest = []
+    if len(lowest) == n:
+        shown = frozenset((r["uri"], r["model_id"]) for r in lowest)
+        highest = _extreme_images(dataset, ok_filter, ordered, n, lowest=False, exclude=shown)
+    if len(highest) < n:
+        rows = _every_image(dataset, ok_filter)
         noun = "image" if len(rows) == 1 else "images"
         return [TileGrid("all-ok", f"All {len(rows)} ok {noun}, lowest score first", rows,
                          f"Fewer than 2 × {n} (--thumbnails) ok images, so each is shown once, in one grid, "
                          "instead of in a lowest and a highest grid.")]
-    return [TileGrid("lowest", f"Lowest {n} scores", rows[:n]),
-            TileGrid("highest", f"Highest {n} scores", rows[-n:][::-1])]
+    return [TileGrid("lowest", f"Lowest {n} scores", lowest), TileGrid("highest", f"Highest {n} scores", highest)]
 
 
 def run_summaries(config: ReportConfig, dates: Sequence[str]) -> list[dict]:
