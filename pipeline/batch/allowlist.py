@@ -52,21 +52,23 @@ def normalize_uri(uri: str) -> str:
     parts = urlsplit(uri)
     scheme = _SCHEME_ALIASES.get(parts.scheme.lower(), parts.scheme.lower())
     if len(parts.scheme) == 1:  # a Windows drive letter, not a scheme
-        raise RejectedURI(f"unsupported URI: {uri!r}")
+        raise RejectedURI(f"unsupported URI: {redact_uri(uri)!r}")
     if parts.query or parts.fragment:
         raise RejectedURI(f"URI has a query or fragment: {redact_uri(uri)!r}")
+    if "@" in parts.netloc:  # a plain object address carries no credentials; the job's own are used
+        raise RejectedURI(f"URI has a user or password before its host: {redact_uri(uri)!r}")
     path = parts.path
     segments = unquote(path).split("/")
     if any(s in (".", "..") for s in segments):
-        raise RejectedURI(f"URI has '.' or '..' path segments: {uri!r}")
+        raise RejectedURI(f"URI has '.' or '..' path segments: {redact_uri(uri)!r}")
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise RejectedURI(f"file URI names a host: {uri!r}")
+            raise RejectedURI(f"file URI names a host: {redact_uri(uri)!r}")
         if not path.startswith("/"):
-            raise RejectedURI(f"local path is not absolute: {uri!r}")
+            raise RejectedURI(f"local path is not absolute: {redact_uri(uri)!r}")
         return "file://" + re.sub("/+", "/", path)
     if not parts.netloc:
-        raise RejectedURI(f"URI has no bucket or host: {uri!r}")
+        raise RejectedURI(f"URI has no bucket or host: {redact_uri(uri)!r}")
     return f"{scheme}://{parts.netloc.lower() if scheme in ('http', 'https') else parts.netloc}{path}"
 
 
@@ -109,11 +111,11 @@ class Allowlist:
         """
         normalized = normalize_uri(uri)
         if not any(normalized.startswith(p) for p in self.prefixes):
-            raise RejectedURI(f"{uri} is outside the allowed prefixes ({', '.join(self.prefixes)})")
+            raise RejectedURI(f"{redact_uri(uri)} is outside the allowed prefixes ({', '.join(self.prefixes)})")
         return normalized
 
     def check_array(self, uris: pa.Array) -> tuple[pa.Array, pa.Array]:
-        """``check`` over a column of URIs: the normalised URIs (the given one where refused) and the errors.
+        """``check`` over a column of URIs: the normalised URIs (the given one, redacted, if refused) and the errors.
 
         Canonical URIs (nearly all of a real manifest) are decided by Arrow compute in bulk; the others go
         through ``check`` one by one.
@@ -141,8 +143,8 @@ class Allowlist:
             for i in slow_rows:
                 try:
                     fixed_uris[i], fixed_errors[i] = self.check(raw[i]), None
-                except RejectedURI as exc:
-                    fixed_uris[i], fixed_errors[i] = raw[i] or "", str(exc)
+                except RejectedURI as exc:  # the row keeps its URI, less any secret it carries
+                    fixed_uris[i], fixed_errors[i] = redact_uri(raw[i]) if raw[i] else "", str(exc)
             normalized, errors = pa.array(fixed_uris, pa.string()), pa.array(fixed_errors, pa.string())
         return normalized, errors
 

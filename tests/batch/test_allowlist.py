@@ -211,6 +211,28 @@ def test_redact_uri_hides_signed_url_query_values(uri, secret):
     assert not any(s in redact_text(f"GET {uri} failed: 403") for s in secret)
 
 
+def test_a_refused_row_keeps_its_uri_without_the_secrets_it_carries():
+    """Manifest rows with a signature or a password are refused, and neither the row's uri nor its error (both
+    written to the output) holds the secret."""
+    import pyarrow as pa
+
+    allow = Allowlist(["https://photos.example.com/", "s3://bucket/"])
+    rows = ["https://photos.example.com/a.jpg?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=topsecret",
+            "https://user:hunter2@photos.example.com/b.jpg", "https://user:hunter2@elsewhere.example.com/c.jpg",
+            "https://photos.example.com/../d.jpg?sig=AzureSAS", "s3://bucket/e.jpg"]
+    uris, errors = allow.check_array(pa.array(rows))
+    assert uris.to_pylist() == [
+        "https://photos.example.com/a.jpg?X-Amz-Credential=***&X-Amz-Signature=***",
+        "https://***@photos.example.com/b.jpg", "https://***@elsewhere.example.com/c.jpg",
+        "https://photos.example.com/../d.jpg?sig=***", "s3://bucket/e.jpg"]
+    assert [e.split(":")[0] for e in errors.to_pylist()[:4]] == [
+        "URI has a query or fragment", "URI has a user or password before its host",
+        "URI has a user or password before its host", "URI has a query or fragment"]
+    assert errors[4].as_py() is None
+    written = " ".join(uris.to_pylist() + errors.to_pylist()[:4])
+    assert not any(secret in written for secret in ("AKIDEXAMPLE", "topsecret", "hunter2", "AzureSAS"))
+
+
 @pytest.mark.parametrize("uri", ["s3://bucket/k", "s3://bucket/a@b.jpg", "file:///data/lib/a.jpg", "/data/x.jpg"])
 def test_redact_uri_leaves_uris_without_credentials_alone(uri):
     assert redact_uri(uri) == uri
@@ -243,7 +265,7 @@ def test_bulk_check_gives_the_same_answers_as_one_by_one():
         try:
             expected.append((allow.check(uri), None))
         except RejectedURI as exc:
-            expected.append((uri or "", str(exc)))
+            expected.append((redact_uri(uri) if uri else "", str(exc)))  # a refused row's URI, less its secrets
     assert list(zip(normalized.to_pylist(), errors.to_pylist(), strict=True)) == expected
     allowed = {n for n, e in expected if e is None}
     assert any(n.startswith("s3://") for n in allowed) and any(n.startswith("file://") for n in allowed)
