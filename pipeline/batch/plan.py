@@ -261,11 +261,12 @@ def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_ro
         con.execute("DROP TABLE manifest")
         con.execute("DROP TABLE done")
         todo = con.sql("SELECT count(*) FROM todo").fetchall()[0][0]
-        # Later rows naming the same object version as an earlier row are written once, as errors.
-        con.execute("""
+        # Later rows naming the same object version as an earlier row are written once, as errors. Only rows that
+        # will be scored count as earlier: a copy after a row refused for its own fault is scored itself.
+        con.execute(f"""
             CREATE TABLE firsts AS SELECT uri, coalesce(etag, '') AS e, coalesce(size_bytes, -1) AS s,
                    min(row_index) AS first_row
-            FROM todo GROUP BY ALL HAVING count(*) > 1""")
+            FROM todo WHERE {ROW_ERROR} IS NULL AND {REJECTION} IS NULL GROUP BY ALL HAVING count(*) > 1""")
         extras = [c for c in con.sql("SELECT * FROM todo LIMIT 0").columns
                   if c not in ("row_index", "uri", "etag", "size_bytes", ROW_ERROR, REJECTION)]
         extra_sql = "".join(f", t.{_quote(c)}" for c in extras)

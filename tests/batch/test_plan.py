@@ -51,6 +51,20 @@ def _work(plan) -> list[dict]:
     return sorted((r for b in rows for r in pa.Table.from_batches([b]).to_pylist()), key=lambda r: r["row_index"])
 
 
+def test_a_copy_of_a_row_refused_for_its_own_fault_is_scored(tmp_path):
+    """Row 0 has bytes that are no UTF-8 in a carried column (its own error row); row 1 names the same object
+    cleanly and is scored, not called a duplicate of a row that was never scored."""
+    (tmp_path / "m.csv").write_bytes(b"uri,caption\na.jpg,caf\xe9\na.jpg,cafe\nb.jpg,ok\na.jpg,again\n")
+    plan = _plan(tmp_path / "m.csv", tmp_path / "out")
+    try:
+        rows = {r["row_index"]: (r["status"], r["error"]) for r in _work(plan)}
+    finally:
+        plan.close()
+    assert rows[0][0] == "error" and "UTF-8" in rows[0][1]
+    assert rows[1] == ("ok", None) and rows[2] == ("ok", None)
+    assert rows[3][0] == "error" and rows[3][1].startswith("duplicate of manifest row 1 ")
+
+
 @pytest.mark.parametrize("join_bytes", [None, 2**26], ids=["one pass", "four passes"])
 def test_each_row_is_decided_once_and_shards_follow_manifest_order(tmp_path, monkeypatch, join_bytes):
     """The same decisions whether the anti-join runs in one pass or over many hash partitions of the URIs."""
