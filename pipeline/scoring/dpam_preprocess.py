@@ -135,9 +135,27 @@ def vit_input(bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
 
+def slic_min_side(region_size: int) -> int:
+    """The shortest side OpenCV's SLICO segments at ``region_size``; a shorter one crashes the process.
+
+    SLICO's first seed sits ``region_size // 2`` px in from the top-left corner; where that is outside the image
+    there is no seed, and ``iterate`` then segfaults rather than raising.
+    """
+    return region_size // 2 + 1
+
+
 def superpixel_features(bgr: np.ndarray, preset: DpamPreset, seed: int = SLIC_SEED) -> np.ndarray:
-    """``(nodes, pixels, 3)`` uint8 BGR colours sampled from SLIC superpixels of ``bgr`` (see the module)."""
+    """``(nodes, pixels, 3)`` uint8 BGR colours sampled from SLIC superpixels of ``bgr`` (see the module).
+
+    Raises:
+        ImageError: A side of the image SLIC runs on is under ``slic_min_side(preset.region_size)`` (presets
+            that segment the image at its own size).
+    """
     image = bgr if preset.slic_size is None else cv2.resize(bgr, preset.slic_size, interpolation=cv2.INTER_CUBIC)
+    height, width = image.shape[:2]
+    if min(height, width) < slic_min_side(preset.region_size):
+        raise ImageError(f"image is {width}x{height}; SLIC superpixels of region size {preset.region_size} need "
+                         f"both sides at least {slic_min_side(preset.region_size)} px")
     slic = cv2.ximgproc.createSuperpixelSLIC(cv2.cvtColor(image, cv2.COLOR_BGR2LAB),
                                              region_size=preset.region_size, ruler=SLIC_RULER)
     slic.iterate(SLIC_ITERATIONS)

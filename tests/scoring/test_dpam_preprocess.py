@@ -80,3 +80,27 @@ def test_the_texture_keeps_the_authors_uint8_wrap():
     left_of_edge, right_of_edge = texture[112, 110, 0], texture[112, 113, 0]
     assert left_of_edge > 0.5  # 0 - blur: negative, wrapped to nearly 255
     assert 0 < right_of_edge < 0.5  # 200 - blur: a positive detail
+
+
+@pytest.mark.parametrize(("height", "width"), [(20, 20), (37, 300), (300, 37)])
+def test_slic_at_the_image_size_refuses_a_side_it_would_crash_on(height, width):
+    """OpenCV's SLICO places no seed in a side of at most region_size // 2 px and then segfaults the process.
+
+    KonIQ-10k's loader runs SLIC (region size 74) at the image's own size: 37 px crashes, 38 px works.
+    """
+    data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8))[1]
+    with pytest.raises(ImageError, match=f"image is {width}x{height}; SLIC superpixels of region size 74 need "
+                                         "both sides at least 38 px"):
+        prepare_dpam(data.tobytes(), trained_on="koniq10k")
+
+
+def test_slic_takes_the_smallest_sides_that_do_not_crash():
+    rng = np.random.default_rng(0)
+    koniq, kadid = PRESETS["koniq10k"], PRESETS["kadid10k"]  # SLIC at the image's size, region sizes 74 and 45
+    for height, width in [(38, 300), (300, 38)]:
+        features = superpixel_features(rng.integers(0, 256, (height, width, 3), np.uint8), koniq)
+        assert features.shape == (135, 1200, 3) and features.dtype == np.uint8
+    assert superpixel_features(rng.integers(0, 256, (23, 300, 3), np.uint8), kadid).shape == (99, 600, 3)
+    with pytest.raises(ImageError, match="image is 300x22; SLIC superpixels of region size 45 need both sides "
+                                         "at least 23 px"):
+        superpixel_features(rng.integers(0, 256, (22, 300, 3), np.uint8), kadid)
