@@ -392,27 +392,46 @@ def iter_done_rows(fs: fsspec.AbstractFileSystem, root: str, model_id: str, run_
         if not (incremental or tonight):
             continue
         try:
-            f = fs.open(path, "rb")
-            parquet = pq.ParquetFile(f, pre_buffer=False)
-        except Exception:  # noqa: BLE001 - a stray or torn file in the output is no part of the history
+            yield from _done_rows_of(fs, path, model_id, tonight, batch_rows)
+        except FileNotFoundError:  # removed since it was listed
             continue
-        with f:
-            names = parquet.schema_arrow.names
-            if not all(c in names for c in (*DONE_COLUMNS, "model_id", "status")):
-                continue
-            model_col, status_col = names.index("model_id"), names.index("status")
-            groups = [g for g in range(parquet.num_row_groups)
-                      if _may_hold(parquet.metadata.row_group(g).column(model_col).statistics, model_id)
-                      and (tonight or _may_hold(parquet.metadata.row_group(g).column(status_col).statistics,
-                                                STATUS_OK))]
-            if not groups:
-                continue
-            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups,
-                                              columns=[*DONE_COLUMNS, "model_id", "status"]):
-                keep = pc.equal(batch.column("model_id"), model_id)
-                if not tonight:
-                    keep = pc.and_(keep, pc.equal(batch.column("status"), STATUS_OK))
-                yield batch.filter(pc.fill_null(keep, False)).select(list(DONE_COLUMNS))
+        except OSError as exc:
+            # A 503, a timeout, a permission error: skipping the file would plan its rows again, and a rerun of
+            # the same night would write them twice. The plan stops; nothing is written.
+            from pipeline.batch.allowlist import redact_text, redact_uri
+
+            raise HistoryUnreadable(
+                f"cannot read {redact_uri(path)} to find the rows already written: "
+                f"{redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}; nothing was "
+                "written, rerun when the store answers") from None
+
+
+class HistoryUnreadable(OSError):
+    """A committed part file could not be read while the night was planned (the message says which and why)."""
+
+
+def _done_rows_of(fs: fsspec.AbstractFileSystem, path: str, model_id: str, tonight: bool,
+                  batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """One part file's share of ``iter_done_rows``; nothing for a file that is no Parquet file (stray or torn)."""
+    with fs.open(path, "rb") as f:
+        try:
+            parquet = pq.ParquetFile(f, pre_buffer=False)
+        except pa.ArrowInvalid:
+            return
+        names = parquet.schema_arrow.names
+        if not all(c in names for c in (*DONE_COLUMNS, "model_id", "status")):
+            return
+        model_col, status_col = names.index("model_id"), names.index("status")
+        groups = [g for g in range(parquet.num_row_groups)
+                  if _may_hold(parquet.metadata.row_group(g).column(model_col).statistics, model_id)
+                  and (tonight or _may_hold(parquet.metadata.row_group(g).column(status_col).statistics,
+                                            STATUS_OK))]
+        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups,
+                                          columns=[*DONE_COLUMNS, "model_id", "status"]) if groups else ():
+            keep = pc.equal(batch.column("model_id"), model_id)
+            if not tonight:
+                keep = pc.and_(keep, pc.equal(batch.column("status"), STATUS_OK))
+            yield batch.filter(pc.fill_null(keep, False)).select(list(DONE_COLUMNS))
 
 
 def visible_parquet_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

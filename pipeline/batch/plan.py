@@ -203,11 +203,24 @@ def _load_manifest(con: duckdb.DuckDBPyConnection, reader: ManifestReader, allow
     return rows
 
 
-def _done_stream(fs, root: str, model_id: str, run_date: str, incremental: bool) -> pa.RecordBatchReader:
-    """The history's rows that count as done, as one stream (see ``pipeline.batch.output.iter_done_rows``)."""
+def _done_stream(fs, root: str, model_id: str, run_date: str, incremental: bool,
+                 failures: list[BaseException]) -> pa.RecordBatchReader:
+    """The history's rows that count as done, as one stream (see ``pipeline.batch.output.iter_done_rows``).
+
+    DuckDB reports an exception raised inside a stream it reads as text only; the exception itself is kept in
+    ``failures``, so the plan raises what went wrong (``HistoryUnreadable``: which file, and why).
+    """
     schema = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size_bytes", pa.int64())])
-    batches = iter_done_rows(fs, root, model_id, run_date, incremental, BATCH_ROWS)
-    return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in batches))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in iter_done_rows(fs, root, model_id, run_date, incremental, BATCH_ROWS):
+                yield batch.cast(schema)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 JOIN_BYTES_PER_ROW = 40  # memory limit a history row needs in one anti-join pass (measured with a margin)
@@ -242,9 +255,15 @@ def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_ro
     con, tmp = _connect(config)
     try:
         n = _load_manifest(con, reader, allowlist, limit)
-        con.register("done_rows", _done_stream(output_fs, output_root, model_id, run_date, incremental))
-        con.execute("""CREATE TABLE done AS SELECT uri, coalesce(etag, '') AS e, coalesce(size_bytes, -1) AS s
-                       FROM done_rows""")
+        failures: list[BaseException] = []
+        con.register("done_rows", _done_stream(output_fs, output_root, model_id, run_date, incremental, failures))
+        try:
+            con.execute("""CREATE TABLE done AS SELECT uri, coalesce(etag, '') AS e, coalesce(size_bytes, -1) AS s
+                           FROM done_rows""")
+        except duckdb.Error:
+            if failures:
+                raise failures[0] from None
+            raise
         con.unregister("done_rows")
         # Not done before: an anti-join on the object version (URI, ETag, size). DuckDB's hash join spills,
         # but past a few tens of bytes of memory limit per history row it fails (30M rows against 256 MB,

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipeline.batch.job import JobError, run_job
     from pipeline.batch.manifest import ManifestError
+    from pipeline.batch.output import HistoryUnreadable
     from pipeline.scoring.weights import WeightsError
 
     try:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, WeightsError, ValueError) as exc:
         print(f"{PROG}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
-    except JobError as exc:
+    except (JobError, HistoryUnreadable) as exc:
         print(f"{PROG}: run failed: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.batch.allowlist import Allowlist
 from pipeline.batch.manifest import open_manifest
-from pipeline.batch.output import RESULT_SCHEMA, RunOutput, output_schema
+from pipeline.batch.output import RESULT_SCHEMA, HistoryUnreadable, RunOutput, output_schema
 from pipeline.batch.plan import PlannerConfig, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +63,44 @@ def test_a_copy_of_a_row_refused_for_its_own_fault_is_scored(tmp_path):
     assert rows[0][0] == "error" and "UTF-8" in rows[0][1]
     assert rows[1] == ("ok", None) and rows[2] == ("ok", None)
     assert rows[3][0] == "error" and rows[3][1].startswith("duplicate of manifest row 1 ")
+
+
+def test_a_part_file_that_cannot_be_read_now_stops_the_plan_and_a_stray_file_is_passed_over(tmp_path, s3,
+                                                                                              monkeypatch):
+    """Tonight's committed part file on S3 answers 503: the plan fails (the rerun tries again) rather than plan
+    its rows again and write them twice. A ``.parquet`` that is no Parquet file is no part of the history."""
+    import s3fs
+
+    from tests.s3proxy import FaultyProxy
+
+    fs, options = s3
+    fs.mkdir("lib")
+    _history(tmp_path / "out", [{"uri": "s3://lib/img/a.jpg", "etag": "e1", "size": 1}], "2026-11-30")
+    fs.put(str(tmp_path / "out") + "/", "lib/out/", recursive=True)
+    fs.pipe("lib/out/run_date=2026-11-30/stray.parquet", b"not parquet")
+    (tmp_path / "m.csv").write_text("uri,etag,size\ns3://lib/img/a.jpg,e1,1\ns3://lib/img/b.jpg,e2,2\n")
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries would hide the fault
+    monkeypatch.setattr(s3fs.core.S3File, "retries", 1)
+
+    def plan_through(proxy):
+        s3fs.S3FileSystem.clear_instance_cache()
+        flaky = s3fs.S3FileSystem(client_kwargs={"endpoint_url": proxy.url},
+                                  config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"}})
+        plan = make_plan(open_manifest(str(tmp_path / "m.csv")), Allowlist(["s3://lib/img/"]), flaky, "lib/out",
+                         MODEL, "2026-11-30", True, 2, config=PlannerConfig(memory_mb=64))
+        try:
+            return plan.done_before, plan.rows_to_write
+        finally:
+            plan.close()
+
+    endpoint = options["client_kwargs"]["endpoint_url"]
+    with FaultyProxy(endpoint, lambda method, path, seen: None) as proxy:
+        assert plan_through(proxy) == (1, 1)  # a.jpg was written tonight; the stray file is passed over
+    with FaultyProxy(endpoint, lambda method, path, seen: "503" if "/part-" in path and method == "GET" else None) \
+            as proxy, pytest.raises(HistoryUnreadable, match=r"^cannot read lib/out/run_date=2026-11-30/part-\S+"
+                                                             r" to find the rows already written: .*rerun"):
+        plan_through(proxy)
+    assert proxy.faults["503"] >= 1
 
 
 @pytest.mark.parametrize("join_bytes", [None, 2**26], ids=["one pass", "four passes"])
