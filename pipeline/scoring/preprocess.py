@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import math
 import random
+import struct
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -206,7 +208,8 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open encoded bytes with Pillow, reading only the header; refuse what must not be decoded.
 
-    Every scorer's decoding starts here, so all refuse the same images with the same messages.
+    Every scorer's decoding starts here, so all refuse the same images with the same messages. ``max_pixels``
+    decides, above Pillow's own decompression-bomb limit as below it (see ``_open_past_pillow_limit``).
 
     Raises:
         ImageError: Empty or unrecognised data, a header Pillow cannot parse, or more than ``max_pixels``
@@ -223,14 +226,62 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             raise ImageError("a HEIC/HEIF image, and pillow-heif is not installed here") from None
         raise ImageError(f"not a recognised image format ({len(data)} bytes)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image refused: {exc}") from None
+        im = _open_past_pillow_limit(data)
+        if im is None:
+            raise ImageError(f"image refused: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
         raise ImageError(f"truncated or corrupt image data: {type(exc).__name__}: {exc}") from None
     width, height = im.size
-    if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                         f"{max_pixels} (max_pixels)")
+    pixels = width * height
+    if pixels > max_pixels:
+        bomb = ", more than twice: a likely decompression bomb" if pixels > 2 * max_pixels else ""
+        raise ImageError(f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} "
+                         f"(max_pixels){bomb}")
+    _raise_pillow_limit(pixels, max_pixels)
     return im
+
+
+def _open_past_pillow_limit(data: bytes) -> Image.Image | None:
+    """The header ``Image.open`` refused as over Pillow's limit, read without that check; None if none reads it.
+
+    ``Image.open`` checks the size against ``Image.MAX_IMAGE_PIXELS`` itself, after the format's plugin has read
+    the header; the plugins do not. Constructing the plugin that accepts the bytes, in ``Image.open``'s order,
+    reads the same header with no size check and without changing the module-global limit other threads read,
+    so that ``max_pixels`` is what decides.
+    """
+    prefix = data[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        accepted = not accept or accept(prefix)
+        if isinstance(accepted, str) or not accepted:  # a str: the format's reason not to try
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # the errors Image.open moves on after
+            continue
+        except Exception:  # noqa: BLE001 - the refusal stands
+            return None
+    return None
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _raise_pillow_limit(pixels: int, max_pixels: int) -> None:
+    """Let Pillow's decoders take an image ``max_pixels`` allowed although it is over Pillow's own limit.
+
+    Some decoders check the size again while loading (TIFF strips and tiles, GIF and MPO frames) against the
+    module-global ``Image.MAX_IMAGE_PIXELS``, which cannot be set for one image. It is raised so that
+    ``max_pixels`` fits, only when an image that large was allowed, under a lock and never lowered, so no thread
+    sees it drop under what another needs; every image the scorers decode passes ``open_image``'s check first.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or pixels <= 2 * limit:
+        return
+    with _PILLOW_LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and pixels > 2 * limit:
+            Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
 
 
 def oriented_size(im: Image.Image) -> tuple[int, int]:
