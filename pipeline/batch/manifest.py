@@ -447,12 +447,11 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
         home = _home(fs, path, is_dir)
         if is_dir:
             root = path.rstrip("/")
-            found = fs.find(root, detail=True) if protocol(fs) != "file" else None
-            if found is None:
-                found = {e["name"]: e for e in _walk_sorted(root) if e["name"].lower().endswith(
-                    FOLDER_TABLE_EXTENSIONS)}
-            files = sorted((p, info) for p, info in found.items() if p.lower().endswith(FOLDER_TABLE_EXTENSIONS)
-                           and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/")))
+            # A folder of table files, or a prefix of images: the listing is read page by page and only table
+            # files are kept, so a prefix of 10^8 images is not held (it is listed again to be read).
+            files = sorted((e["name"], e) for page in _listing_pages(fs, root) for e in page
+                           if e["name"].lower().endswith(FOLDER_TABLE_EXTENSIONS)
+                           and not any(part.startswith(("_", ".")) for part in e["name"][len(root):].split("/")))
             if files:
                 return ManifestReader(uri, "folder", home, fs, path, tuple(
                     (p, _version(fs.info(p) if protocol(fs) == "file" else info)) for p, info in files))

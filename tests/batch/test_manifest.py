@@ -347,6 +347,14 @@ def test_s3_prefix_listing_streams_page_by_page(s3):
     assert [b.num_rows for b in rest] == [1000, 100]
     assert uris == [f"s3://bucket/{k}" for k in keys]
 
+    # Whether a prefix holds manifest files is told from the same pages: one found past the first page of
+    # images makes the prefix a folder of manifests.
+    fs.pipe("bucket/photos/zz-manifest.csv", b"uri\nphotos/00001.jpg\n")
+    fs.invalidate_cache()
+    folder = open_manifest("s3://bucket/photos/", storage_options=options)
+    assert folder.kind == "folder" and [p for p, _ in folder.files] == ["bucket/photos/zz-manifest.csv"]
+    assert folder.files[0][1].startswith("etag:")  # the version a rerun compares
+
 
 def test_local_listing_walks_in_path_order(tmp_path):
     from pipeline.batch.manifest import open_manifest
