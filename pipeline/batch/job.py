@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import re
 import sys
@@ -101,6 +102,10 @@ class JobConfig:
             raise ValueError("--max-bytes must be at least 1")
         if self.plan_memory_mb < 64:
             raise ValueError("--plan-memory-mb must be at least 64")
+        if self.spill_dir is not None and not os.path.isdir(self.spill_dir):  # found now, not after the weights
+            raise ValueError(f"--spill-dir {self.spill_dir} is not a folder on this machine")
+        if self.spill_dir is not None and not os.access(self.spill_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write to --spill-dir {self.spill_dir}")
         # A model-specific option set for a scorer that ignores it would still enter the run key: refused here.
         check_options(self.model, changed_options({name: getattr(self, name) for name in SCORER_OPTIONS}))
 

@@ -54,6 +54,10 @@ def test_unusable_inputs_fail_before_any_work(tmp_path, checkpoints):
         (["--manifest", str(manifest), *base[:2], "--weights", str(checkpoints["depth"]),
           "--depth-weights", str(checkpoints["depth"])], "checkpoint does not fit the model"),
     ]
+    cases += [(["--manifest", str(manifest), *base, "--spill-dir", str(tmp_path / "none")],
+               f"--spill-dir {tmp_path / 'none'} is not a folder on this machine"),
+              (["--manifest", str(manifest), *base, "--spill-dir", str(manifest)],
+               f"--spill-dir {manifest} is not a folder on this machine")]
     (tmp_path / "bad.csv").write_text("path\na.jpg\n")
     cases.append((["--manifest", str(tmp_path / "bad.csv"), *base], "has no 'uri' column (columns: path)"))
     for args, message in cases:
