@@ -1,9 +1,14 @@
 """``--decode gpu``: JPEGs decoded and resized on the scorer's device, for nodes whose CPUs cannot feed the GPU.
 
 The CPU side only reads the header (the pixel and size limits, the EXIF orientation) and ships the encoded
-bytes; the actor decodes them with ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU, libjpeg-turbo on a CPU) and
-resizes with ``torch.nn.functional.interpolate`` on the same device. Images that are not JPEGs are prepared on
-the CPU as by default.
+bytes with the orientation; the actor decodes them with ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU,
+libjpeg-turbo on a CPU), turns the pixels as the EXIF orientation says, and resizes with
+``torch.nn.functional.interpolate`` on the same device. Images that are not JPEGs are prepared on the CPU as by
+default.
+
+The orientation is applied here, not by ``decode_jpeg(apply_exif_orientation=True)``: torchvision applies that
+flag on the CPU only and ignores it on CUDA, where portrait photos would come out sideways. Decoding without it
+on every device keeps the CPU (the tests' device) on the code path a GPU runs.
 
 The pixels are not OpenCV's: another IDCT and upsampling of the chroma planes, and PyTorch's bicubic and
 bilinear kernels where the published code calls ``cv2.resize`` (same kernels, other rounding, bilinear in
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import ExifTags
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.scoring.preprocess import (
@@ -42,6 +48,18 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
 
+# What ImageOps.exif_transpose (and cv2.imread, and ``preprocess.decode_image``) does to each EXIF orientation,
+# on a ``(3, H, W)`` tensor; other values leave the image as stored.
+_ORIENT = {
+    2: lambda x: x.flip(-1),                     # FLIP_LEFT_RIGHT
+    3: lambda x: x.flip(-2, -1),                 # ROTATE_180
+    4: lambda x: x.flip(-2),                     # FLIP_TOP_BOTTOM
+    5: lambda x: x.transpose(-2, -1),            # TRANSPOSE
+    6: lambda x: x.transpose(-2, -1).flip(-1),   # ROTATE_270 (90 degrees clockwise)
+    7: lambda x: x.flip(-2, -1).transpose(-2, -1),  # TRANSVERSE
+    8: lambda x: x.transpose(-2, -1).flip(-2),   # ROTATE_90 (90 degrees counter-clockwise)
+}
+
 
 @dataclass
 class EncodedImage:
@@ -51,20 +69,22 @@ class EncodedImage:
         data: The encoded bytes as a uint8 array.
         height: Height of the image once EXIF-oriented.
         width: Width of the image once EXIF-oriented.
+        orientation: The EXIF orientation read from the header (1 to 8; 1, as stored), applied after decoding.
     """
 
     data: np.ndarray
     height: int
     width: int
+    orientation: int
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays to ship between Ray stages."""
-        return {"encoded": self.data}
+        return {"encoded": self.data, "orientation": np.array(self.orientation, np.uint8)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], height: int, width: int) -> EncodedImage:
         """Rebuild from ``to_arrays`` output."""
-        return cls(data=arrays["encoded"], height=height, width=width)
+        return cls(data=arrays["encoded"], height=height, width=width, orientation=int(arrays["orientation"]))
 
 
 def prepare_for_device(data: bytes, config: PreprocessConfig) -> EncodedImage | PreparedImage:
@@ -75,9 +95,12 @@ def prepare_for_device(data: bytes, config: PreprocessConfig) -> EncodedImage | 
     """
     if not data.startswith(JPEG_MAGIC):
         return prepare_bytes(data, config)
-    height, width = oriented_size(open_image(data, config.max_pixels))
+    im = open_image(data, config.max_pixels)
+    height, width = oriented_size(im)  # refuses an unreadable EXIF block, so the read below succeeds
     check_size(height, width, config)
-    return EncodedImage(np.frombuffer(data, np.uint8).copy(), height, width)
+    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return EncodedImage(np.frombuffer(data, np.uint8).copy(), height, width,
+                        orientation if orientation in _ORIENT else 1)
 
 
 def decode_on_device(items: Sequence[EncodedImage | PreparedImage], config: PreprocessConfig,
@@ -93,17 +116,11 @@ def decode_on_device(items: Sequence[EncodedImage | PreparedImage], config: Prep
     out = list(items)
     if not encoded:
         return out
-    tensors = [torch.from_numpy(items[i].data) for i in encoded]
-    try:
-        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:  # one bad file fails the batch call: find it
-        decoded = [_decode_one(t, device) for t in tensors]
+    decoded = decode_oriented([items[i] for i in encoded], device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     for i, rgb in zip(encoded, decoded, strict=True):
         height, width = rgb.shape[1:]
-        if (height, width) != (items[i].height, items[i].width):
-            raise ImageError(f"decoded {width}x{height}, the header said {items[i].width}x{items[i].height}")
         x = rgb[None].float()
         depth = F.interpolate(x / 255.0, size=depth_input_size(height, width, config), mode="bicubic",
                               align_corners=False)
@@ -113,8 +130,30 @@ def decode_on_device(items: Sequence[EncodedImage | PreparedImage], config: Prep
     return out
 
 
+def decode_oriented(items: Sequence[EncodedImage], device: torch.device) -> list[torch.Tensor]:
+    """The JPEGs decoded on ``device`` to ``(3, H, W)`` uint8 RGB tensors, EXIF orientation applied.
+
+    Raises:
+        ImageError: A JPEG that does not decode, or decodes to another size than its header said.
+    """
+    tensors = [torch.from_numpy(item.data) for item in items]
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
+    except RuntimeError:  # one bad file fails the batch call: find it
+        decoded = [_decode_one(t, device) for t in tensors]
+    out = []
+    for item, rgb in zip(items, decoded, strict=True):
+        if item.orientation in _ORIENT:
+            rgb = _ORIENT[item.orientation](rgb).contiguous()
+        height, width = rgb.shape[1:]
+        if (height, width) != (item.height, item.width):
+            raise ImageError(f"decoded {width}x{height}, the header said {item.width}x{item.height}")
+        out.append(rgb)
+    return out
+
+
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
     except RuntimeError as exc:
         raise ImageError(f"truncated or corrupt image data: {exc}") from None
