@@ -14,14 +14,14 @@ conditions apply to those latest rows.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pipeline.analysis.formats import FORMATS
 from pipeline.batch.output import PARTITION, RESULT_SCHEMA, STATUS_OK, STATUSES
 from pipeline.batch.run_dates import check_run_date
+from pipeline.limits import DEFAULT_PLAN_MEMORY_MB
 
 PARTITIONING = pads.partitioning(pa.schema([pa.field(PARTITION, pa.string())]), flavor="hive")
 KEY = ("uri", "model_id")
@@ -211,51 +212,94 @@ def _score_filter(low: float | None, high: float | None) -> pc.Expression | None
     return _and(parts)
 
 
-def _latest_rows(keys: pa.Table) -> pa.Table:
-    """The winning row of each ``(uri, model_id)``: newest run_date, then ok before other statuses, then newest."""
-    keys = keys.append_column("_ok", pc.equal(keys.column("status"), STATUS_OK))
-    order = keys.sort_by([("uri", "ascending"), ("model_id", "ascending"), (PARTITION, "descending"),
-                          ("_ok", "descending"), ("scored_at", "descending")])
-    uri, model = order.column("uri").to_numpy(zero_copy_only=False), order.column("model_id").to_numpy(
-        zero_copy_only=False)
-    first = np.ones(len(order), dtype=bool)
-    if len(order) > 1:
-        first[1:] = (uri[1:] != uri[:-1]) | (model[1:] != model[:-1])
-    return order.filter(pa.array(first)).drop_columns(["_ok"])
+_WINNER = f"""row_number() OVER (PARTITION BY uri, model_id
+                                  ORDER BY {PARTITION} DESC, (status = '{STATUS_OK}') DESC, scored_at DESC)"""
+# Highest score first, then uri; rows without a score (or with a NaN one, which no run writes any more) last.
+_ORDER = "score IS NULL, coalesce(isnan(score), false), score DESC, uri, model_id, run_date"
+_ORDER_REVERSED = "score IS NULL, coalesce(isnan(score), false), score ASC, uri DESC, model_id DESC, run_date DESC"
 
 
-def _rank_bounds(scores: np.ndarray, flt: ScoreFilter) -> tuple[float | None, float | None, int | None]:
-    """Score bounds (and an exact row count for top/bottom) from the population's scores.
+def _parquet_source(con, dataset: pads.Dataset, files: Sequence[str]) -> tuple[str, list]:
+    """SQL for DuckDB's own Parquet reader over ``files`` of the dataset, and its parameter.
 
-    A NaN score (which no run writes any more: see ``scoring.scorer.non_finite``) is no rank; the bounds are
-    comparisons, which a NaN fails, so such rows are never selected by them either.
+    DuckDB reads the files itself (a remote file system is handed to it through fsspec), so what it holds stays
+    within its memory limit; an Arrow stream copied into a DuckDB table held about 100 bytes a row beyond it.
+    Columns a file lacks (written before they existed) read as nulls; ``run_date`` comes from the folder name.
     """
-    scores = scores[np.isfinite(scores)]
-    if len(scores) == 0:
+    import pyarrow.fs as pafs
+
+    if isinstance(dataset.filesystem, pafs.PyFileSystem):
+        fs = dataset.filesystem.handler.fs
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not protocols & set(con.list_filesystems()):
+            con.register_filesystem(fs)
+        paths = [fs.unstrip_protocol(f) for f in files]
+    else:
+        paths = list(files)
+    return (f"read_parquet(?, hive_partitioning = true, union_by_name = true, "
+            f"hive_types = {{'{PARTITION}': VARCHAR}})", [paths])
+
+
+def _sql_filter(flt: ScoreFilter, statuses: Sequence[str] | None, low: float | None,
+                high: float | None) -> tuple[str, list]:
+    """``_base_filter`` and ``_score_filter`` as a SQL condition with its parameters."""
+    parts, params = ["true"], []
+    for condition, value in ((f"{PARTITION} >= ?", flt.date_from), (f"{PARTITION} <= ?", flt.date_to),
+                             ("model_id = ?", flt.model_id), ("score >= ?", low), ("score <= ?", high)):
+        if value is not None:
+            parts.append(condition)
+            params.append(value)
+    if statuses is not None:
+        parts.append(f"status IN ({', '.join('?' * len(statuses))})" if statuses else "false")
+        params.extend(statuses)
+    return " AND ".join(parts), params
+
+
+def _rank_bounds(con, population: str, flt: ScoreFilter) -> tuple[float | None, float | None, int | None]:
+    """Score bounds (and an exact row count for top/bottom) from the population's finite scores.
+
+    A NaN score is no rank; the bounds are comparisons, which a NaN fails, so such rows are never selected.
+    """
+    finite = f"SELECT score::DOUBLE AS score FROM {population} WHERE score IS NOT NULL AND NOT isnan(score)"
+    n = con.sql(f"SELECT count(*) FROM ({finite})").fetchall()[0][0]
+    if n == 0:
         return None, None, 0
     if flt.quantiles is not None:
-        lo, hi = np.quantile(scores, flt.quantiles)
+        lo, hi = con.sql(f"SELECT quantile_cont(score, [{flt.quantiles[0]!r}, {flt.quantiles[1]!r}]) "
+                         f"FROM ({finite})").fetchall()[0][0]
         return float(lo), float(hi), None
     fraction = flt.top if flt.top is not None else flt.bottom
-    count = min(len(scores), math.ceil(fraction * len(scores) - 1e-9))
-    ordered = np.sort(scores)
-    if flt.top is not None:
-        return float(ordered[-count]), None, count
-    return None, float(ordered[count - 1]), count
+    count = min(n, math.ceil(fraction * n - 1e-9))
+    direction = "DESC" if flt.top is not None else "ASC"
+    bound = con.sql(f"SELECT score FROM ({finite}) ORDER BY score {direction} LIMIT 1 OFFSET {count - 1}")
+    value = float(bound.fetchall()[0][0])
+    return (value, None, count) if flt.top is not None else (None, value, count)
 
 
-def select(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(),
-           columns: Sequence[str] | None = None) -> tuple[pa.Table, ScanStats]:
-    """Rows of the scores dataset that ``flt`` keeps, sorted by score (highest first), then uri.
+@contextlib.contextmanager
+def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: Sequence[str] | None = None,
+              memory_mb: int = DEFAULT_PLAN_MEMORY_MB,
+              spill_dir: str | None = None) -> Iterator[tuple[pa.RecordBatchReader, ScanStats]]:
+    """Rows of the scores dataset that ``flt`` keeps, sorted by score (highest first), then uri, as a stream.
+
+    The history can hold 10^9 rows: nothing here holds a column of it in Python. The narrow key columns of
+    the selected dates, and then the rows the bounds let through, are streamed into DuckDB, which finds each
+    image's latest row (a window over ``(uri, model_id)``), the rank bounds and the final order within
+    ``memory_mb``, spilling to a temporary folder past it. The result is read back in batches while the caller
+    writes it; ``ScanStats`` is complete when the stream is handed over.
 
     Args:
         dataset: From ``open_scores``.
         flt: The conditions.
         columns: Columns to return; default all. The key columns needed to pick rows are read regardless.
+        memory_mb: DuckDB's memory limit.
+        spill_dir: Local folder for DuckDB's files (default: a fresh temporary folder).
 
-    Returns:
-        The rows and what was read to find them.
+    Yields:
+        The rows (in the dataset schema's types) and what was read to find them.
     """
+    from pipeline.batch.plan import duckdb_connection
+
     stats = ScanStats(files_total=len(dataset.files))
     names = dataset.schema.names
     wanted = list(columns) if columns else names
@@ -265,50 +309,104 @@ def select(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(),
     statuses = flt.statuses
     if flt.min_score is not None or flt.max_score is not None or flt.ranked:
         statuses = tuple(s for s in (statuses or STATUSES) if s == STATUS_OK)
+    key_cols = ["uri", "model_id", PARTITION, "status", "scored_at", "score"]
+    # Nullable: partitions written before a column existed read it as nulls (see ``open_scores``).
+    out_schema = pa.schema([dataset.schema.field(c).with_nullable(True) for c in wanted])
 
-    winners = None
-    low, high, count = flt.min_score, flt.max_score, None
-    if flt.latest or flt.ranked:
-        key_cols = ["uri", "model_id", PARTITION, "status", "scored_at", "score"]
-        keys = dataset.to_table(columns=key_cols, filter=_base_filter(flt, None if flt.latest else statuses))
-        stats.key_rows_read = len(keys)
-        if flt.latest:
-            keys = _latest_rows(keys)
-            winners = keys.select(["uri", "model_id", PARTITION, "status", "scored_at"])
-        if flt.ranked:
-            population = keys.filter(pc.field("status") == STATUS_OK)
-            if statuses is not None:
-                population = population.filter(pc.field("status").isin(list(statuses)))
-            base_scores = _score_filter(flt.min_score, flt.max_score)
-            if base_scores is not None:
-                population = population.filter(base_scores)
-            rank_low, rank_high, count = _rank_bounds(population.column("score").to_numpy(), flt)
-            if count == 0:
-                return pa.table({c: pa.array([], dataset.schema.field(c).type) for c in wanted}), stats
-            low = max(v for v in (low, rank_low) if v is not None) if rank_low is not None else low
-            high = min(v for v in (high, rank_high) if v is not None) if rank_high is not None else high
+    with duckdb_connection(memory_mb, spill_dir) as con:
+        low, high, count = flt.min_score, flt.max_score, None
+        winners = None
+        if flt.latest or flt.ranked:
+            base = _base_filter(flt, None if flt.latest else statuses)
+            files = [f.path for f in dataset.get_fragments(filter=base)]
+            source, source_params = _parquet_source(con, dataset, files)
+            where, params = _sql_filter(flt, None if flt.latest else statuses, None, None)
+            keys = ", ".join(key_cols)
+            population = "keys"
+            if not files:  # no file of the selected dates: an empty table of the key columns
+                con.register("no_keys", pa.schema([dataset.schema.field(c) for c in key_cols]).empty_table())
+                source, source_params = "no_keys", []
+            if flt.latest:
+                con.execute(f"CREATE TABLE winners AS SELECT {keys} FROM {source} WHERE {where} QUALIFY {_WINNER} = 1",
+                            source_params + params)
+                stats.key_rows_read = con.execute(f"SELECT count(*) FROM {source} WHERE {where}",
+                                                  source_params + params).fetchall()[0][0] if files else 0
+                winners = population = "winners"
+            else:
+                con.execute(f"CREATE TABLE keys AS SELECT {keys} FROM {source} WHERE {where}", source_params + params)
+                stats.key_rows_read = con.sql("SELECT count(*) FROM keys").fetchall()[0][0]
+            if flt.ranked:
+                conditions = [f"status = '{STATUS_OK}'"]
+                if flt.min_score is not None:
+                    conditions.append(f"score >= {float(flt.min_score)!r}")
+                if flt.max_score is not None:
+                    conditions.append(f"score <= {float(flt.max_score)!r}")
+                con.execute(f"CREATE VIEW population AS SELECT * FROM {population} WHERE {' AND '.join(conditions)}")
+                rank_low, rank_high, count = _rank_bounds(con, "population", flt)
+                if count == 0:
+                    yield out_schema.empty_table().to_reader(), stats
+                    return
+                low = max(v for v in (low, rank_low) if v is not None) if rank_low is not None else low
+                high = min(v for v in (high, rank_high) if v is not None) if rank_high is not None else high
 
-    row_filter = _and([p for p in (_base_filter(flt, statuses), _score_filter(low, high)) if p is not None])
-    read_cols = list(dict.fromkeys([*wanted, "uri", "model_id", PARTITION, "status", "scored_at", "score"]))
-    pieces = []
-    for fragment in dataset.get_fragments(filter=row_filter):
-        stats.files_read += 1
-        stats.row_groups_total += fragment.num_row_groups
-        for group in fragment.split_by_row_group(row_filter, schema=dataset.schema):
-            stats.row_groups_read += 1
-            stats.rows_read += sum(info.num_rows for info in group.row_groups)
-            pieces.append(group.to_table(schema=dataset.schema, columns=read_cols, filter=row_filter))
-    schema = pa.schema([dataset.schema.field(c) for c in read_cols])
-    table = pa.concat_tables(pieces) if pieces else schema.empty_table()
-    if winners is not None:
-        table = table.join(winners, keys=["uri", "model_id", PARTITION, "status", "scored_at"], join_type="inner")
-        table = _latest_rows(table)  # identical duplicate rows of one night collapse to one
-    table = table.sort_by([("score", "descending"), ("uri", "ascending")])
-    if count is not None:
-        table = table.slice(0, count) if flt.top is not None else table.slice(len(table) - count, count)
-    table = table.select(wanted)
-    stats.rows_selected = len(table)
-    return table, stats
+        # Which files and row groups can hold a selected row, from the files' statistics alone (what DuckDB's
+        # reader also skips); only those files are read.
+        row_filter = _and([p for p in (_base_filter(flt, statuses), _score_filter(low, high)) if p is not None])
+        files = []
+        for fragment in dataset.get_fragments(filter=row_filter):
+            groups = fragment.split_by_row_group(row_filter, schema=dataset.schema)
+            stats.files_read += 1
+            stats.row_groups_total += fragment.num_row_groups
+            stats.row_groups_read += len(groups)
+            stats.rows_read += sum(info.num_rows for group in groups for info in group.row_groups)
+            if groups:
+                files.append(fragment.path)
+        where, params = _sql_filter(flt, statuses, low, high)
+        if files:
+            source, source_params = _parquet_source(con, dataset, files)
+            present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", source_params).fetchall()}
+            # A column only other nights' files have (a manifest column carried then) is null in these rows.
+            read_cols = ", ".join(f'"{c}"' if c in present else f'NULL AS "{c}"'
+                                  for c in dict.fromkeys([*wanted, *key_cols]))
+            con.execute(f"CREATE TABLE picked AS SELECT {read_cols} FROM {source} WHERE {where}",
+                        source_params + params)
+            if low is not None or high is not None:
+                # A NaN is no score, but DuckDB 2.0's Parquet reader lets a NaN through a pushed-down ``score <= x``
+                # (and ``NOT isnan(score)`` beside it); the rows read are checked once more.
+                con.execute("DELETE FROM picked WHERE isnan(score)")
+        else:
+            empty = pa.schema([dataset.schema.field(c) for c in dict.fromkeys([*wanted, *key_cols])]).empty_table()
+            con.register("no_rows", empty)
+            con.execute("CREATE TABLE picked AS SELECT * FROM no_rows")
+        chosen = "picked"
+        if winners is not None:
+            # The latest row of each image; identical duplicate rows of one night collapse to one.
+            con.execute(f"""CREATE TABLE chosen AS SELECT p.* FROM picked p
+                            SEMI JOIN winners w USING (uri, model_id, {PARTITION}, status, scored_at)
+                            QUALIFY {_WINNER} = 1""")
+            chosen = "chosen"
+        listed = ", ".join(f'"{c}"' for c in wanted)
+        if count is None:
+            result = f"SELECT {listed} FROM {chosen} ORDER BY {_ORDER}"
+        elif flt.top is not None:
+            result = f"SELECT {listed} FROM {chosen} ORDER BY {_ORDER} LIMIT {count}"
+        else:
+            result = (f"SELECT {listed} FROM (SELECT * FROM {chosen} ORDER BY {_ORDER_REVERSED} LIMIT {count}) "
+                      f"ORDER BY {_ORDER}")
+        stats.rows_selected = con.sql(f"SELECT count(*) FROM ({result})").fetchall()[0][0]
+        rows = con.sql(result).to_arrow_reader(BATCH_ROWS)
+        batches = (pa.Table.from_batches([b]).cast(out_schema).to_batches(BATCH_ROWS) for b in rows)
+        yield pa.RecordBatchReader.from_batches(out_schema, (b for part in batches for b in part)), stats
+
+
+BATCH_ROWS = 65_536
+
+
+def select(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(),
+           columns: Sequence[str] | None = None) -> tuple[pa.Table, ScanStats]:
+    """``selection`` read whole: for selections known to be small (tests, a labelled set's scores)."""
+    with selection(dataset, flt, columns) as (rows, stats):
+        return rows.read_all(), stats
 
 
 def selection_columns(dataset: pads.Dataset, columns: Sequence[str] | None = None) -> list[str]:
@@ -340,7 +438,7 @@ def selection_format(uri: str, fmt: str | None = None) -> str:
     return fmt
 
 
-def write_selection(table: pa.Table, uri: str, fmt: str | None = None,
+def write_selection(rows: pa.Table | pa.RecordBatchReader, uri: str, fmt: str | None = None,
                     storage_options: Mapping | None = None) -> str:
     """Write selected rows as a manifest the next job reads: Parquet, CSV or JSON Lines, by ``fmt`` or extension.
 
@@ -352,24 +450,32 @@ def write_selection(table: pa.Table, uri: str, fmt: str | None = None,
     """
     fmt = selection_format(uri, fmt)
     with fsspec.open(uri, "wb", **(storage_options or {})) as f:
-        write_stream(table, f, fmt)
+        write_stream(rows, f, fmt)
     return fmt
 
 
-def write_stream(table: pa.Table, stream: BinaryIO, fmt: str) -> None:
+def write_stream(rows: pa.Table | pa.RecordBatchReader, stream: BinaryIO, fmt: str) -> None:
     """Write selected rows to an open binary stream (a file, or standard output) in one of ``FORMATS``.
 
     The one writer of both ``write_selection`` and ``dgiqa filter`` without ``--out``, so a selection printed and
-    a selection saved are the same bytes. Parquet is written front to back (pyarrow never seeks), so a pipe works.
+    a selection saved are the same bytes. Batch by batch: a selection of 10^8 rows is never held. Parquet is
+    written front to back (pyarrow never seeks), so a pipe works.
 
     Raises:
         QueryError: ``fmt`` is not one of ``FORMATS``.
     """
-    if fmt == "parquet":
-        pq.write_table(table, stream)
-    elif fmt == "csv":
-        pacsv.write_csv(table, stream)
-    elif fmt == "jsonl":
-        stream.write(table.to_pandas().to_json(orient="records", lines=True, date_format="iso").encode())
-    else:
+    if fmt not in FORMATS:
         raise QueryError(f"unknown format {fmt!r}; formats are {', '.join(FORMATS)}")
+    reader = rows.to_reader() if isinstance(rows, pa.Table) else rows
+    if fmt == "parquet":
+        with pq.ParquetWriter(stream, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+    elif fmt == "csv":
+        with pacsv.CSVWriter(stream, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+    else:
+        for batch in reader:
+            if batch.num_rows:
+                stream.write(batch.to_pandas().to_json(orient="records", lines=True, date_format="iso").encode())

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.analysis.formats import FORMATS
-from pipeline.cli.argtypes import add_storage_options, comma_list, float_pair
+from pipeline.cli.argtypes import add_storage_options, comma_list, float_pair, positive_int
+from pipeline.limits import DEFAULT_PLAN_MEMORY_MB
 
 
 def _filter_command(args: argparse.Namespace) -> int:
@@ -29,15 +31,17 @@ def _filter_command(args: argparse.Namespace) -> int:
                              "output")
     dataset = query.open_scores(args.output, args.storage_options)
     columns = query.selection_columns(dataset, args.columns)
-    table, stats = query.select(dataset, flt, columns=columns)
-    if args.out:
-        fmt = query.write_selection(table, args.out, fmt, args.storage_options)
-        print(f"{stats.describe()}; wrote {fmt} to {redact_uri(args.out)}", file=sys.stderr)
-    else:
-        sys.stdout.flush()
-        query.write_stream(table, sys.stdout.buffer, fmt)
-        sys.stdout.buffer.flush()
-        print(stats.describe(), file=sys.stderr)
+    if args.spill_dir is not None and not os.path.isdir(args.spill_dir):
+        raise ValueError(f"--spill-dir {args.spill_dir} is not a folder on this machine")
+    with query.selection(dataset, flt, columns, args.memory_mb, args.spill_dir) as (rows, stats):
+        if args.out:
+            fmt = query.write_selection(rows, args.out, fmt, args.storage_options)
+            print(f"{stats.describe()}; wrote {fmt} to {redact_uri(args.out)}", file=sys.stderr)
+        else:
+            sys.stdout.flush()
+            query.write_stream(rows, sys.stdout.buffer, fmt)
+            sys.stdout.buffer.flush()
+            print(stats.describe(), file=sys.stderr)
     return 0
 
 
@@ -69,5 +73,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                      help="consider every night's row, not only the latest per image and model")
     flt.add_argument("--columns", type=comma_list, help="columns to write (default: uri, score, score_std, "
                      "model_id, run_date, etag, size_bytes, width, height and the manifest's own columns)")
+    flt.add_argument("--memory-mb", type=positive_int, default=DEFAULT_PLAN_MEMORY_MB,
+                     help="memory the selection (DuckDB) may use before spilling to disk (%(default)s)")
+    flt.add_argument("--spill-dir", help="local folder for the selection's spill files (default: the system's "
+                                         "temporary folder)")
     add_storage_options(flt, "the scores and --out")
     flt.set_defaults(run=_filter_command)
