@@ -15,25 +15,40 @@ folder is the default allowed prefix of the run (``pipeline.batch.allowlist``).
 A nightly manifest can hold every object of a bucket (100 million rows), so nothing here holds a whole
 manifest: ``open_manifest`` gives one stream of normalised record batches per manifest file, which the job's
 planner (``pipeline.batch.plan``) loads into DuckDB. Normalisation is Arrow compute over a batch; per-row Python
-runs only for the rows that need it (invalid UTF-8, URL-encoded inventory keys). ``read_manifest`` gathers the
+runs only for the rows that need it (invalid UTF-8, URL-encoded inventory keys, sizes that are not plain digits,
+nested JSON values, and the lines of a JSON Lines block Arrow cannot parse). ``read_manifest`` gathers the
 batches into one table, for the small manifests of the other commands and the tests.
 
 CSV has no types: its columns are read as text (an ETag or an ID of digits keeps its zeros, and a column that
-looks numeric for the first million rows cannot break the night on row 1,000,001), except ``size`` /
-``size_bytes``, which are integers.
+looks numeric for the first million rows cannot break the night on row 1,000,001). JSON Lines has types, but
+nothing fixes them for a whole file, so it is read block by block: a field keeps its JSON type while the file
+agrees with itself, integers and floats make floats, any other two types make text (as CSV carries it), objects
+and arrays are carried as JSON text; a field that first appears, or changes type, late in the file cannot break
+the night either. ``size`` / ``size_bytes`` become integers in every form; a value that is not a whole number of
+bytes (``12kb``, ``-5``, ``1.5``) is that row's error, and the other rows are read as usual.
+
+One bad row is one error row (``ROW_ERROR``), never a failed night: a CSV line with the wrong number of fields,
+a JSON line that is not a JSON object, text that is not UTF-8, a bad size. A file that cannot be a manifest at
+all (no ``uri`` column, not a table, not a single JSON object in its first block) is a ``ManifestError``.
+
+A presigned URL (``https://host/m.parquet?X-Amz-...``) is typed and decompressed by its path, not its query.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from urllib.parse import unquote_plus, urlsplit
 
 import fsspec
 import fsspec.asyn
+import fsspec.utils
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -41,7 +56,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline.batch.allowlist import redact_text, redact_uri
-from pipeline.batch.output import protocol
+from pipeline.batch.output import INTERNAL_COLUMNS, protocol
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif")
 TABLE_EXTENSIONS = (".csv", ".csv.gz", ".parquet", ".jsonl", ".ndjson", ".json", ".jsonl.gz")
@@ -52,6 +67,13 @@ MANIFEST_COLUMNS = ("uri", "etag", "size_bytes")
 SIZE_COLUMNS = ("size_bytes", "size")
 BATCH_ROWS = 65_536  # rows per record batch: large enough for vectorised work, small beside any memory limit
 CSV_BLOCK_BYTES = 4 << 20
+JSON_BLOCK_BYTES = 4 << 20  # whole lines of a JSON Lines file parsed at a time
+# A longer "line" is no manifest row (a JSON document, a binary file): it is skipped unread, as an error row.
+MAX_LINE_BYTES = 64 << 20
+# Columns the job adds to a manifest's rows (the stages' and ``read_retries``, counted by the fetch stage): a
+# manifest column of one of these names, or any ``__name__`` (the reader's and planner's own), is carried under
+# ``manifest_<name>`` instead, never dropped and never colliding.
+RESERVED_COLUMNS = frozenset(("row_index", "read_retries", *INTERNAL_COLUMNS))
 
 
 class ManifestError(ValueError):
@@ -110,9 +132,13 @@ class ManifestReader:
     inventory: Mapping | None = field(default=None, repr=False)
 
     def parts(self) -> Iterator[Iterator[pa.RecordBatch]]:
-        """One iterator of normalised batches per manifest file, in manifest order.
+        """Iterators of normalised batches, one per manifest file, in manifest order; each has one schema.
 
-        Every batch has ``uri``, ``etag``, ``size_bytes``, the file's other columns and ``ROW_ERROR``.
+        Every batch has ``uri``, ``etag``, ``size_bytes``, the file's other columns and ``ROW_ERROR``. A JSON
+        Lines file, whose fields are only known as it is read, gives a new part where a field first appears (the
+        batches before cannot have that column); consumers unite parts by column name, as they do files. Parts
+        share the file they read: read each to its end before asking for the next (one left unfinished is
+        continued by the next, no row lost or repeated).
 
         Raises:
             ManifestError: A file cannot be read, or has no ``uri`` column.
@@ -124,7 +150,15 @@ class ManifestReader:
                 yield _guarded(self.source, _inventory_batches(self.fs, path, self.inventory, self.home))
         else:
             for path, _ in self.files:
-                yield _guarded(self.source, _table_file_batches(self.fs, path, self.home))
+                if _table_kind(_table_name(self.fs, path)) == "jsonl":
+                    yield from _JsonLinesFile(self.source, self.fs, path, self.home).parts()
+                else:
+                    yield _guarded(self.source, _table_file_batches(self.fs, path, self.home))
+
+
+def _unreadable(source: str, exc: BaseException) -> ManifestError:
+    return ManifestError(f"cannot read manifest {redact_uri(source)}: {type(exc).__name__}: "
+                         f"{redact_text(str(exc))}")
 
 
 def _guarded(source: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -134,8 +168,7 @@ def _guarded(source: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Reco
     except ManifestError:
         raise
     except Exception as exc:  # noqa: BLE001 - one line naming the manifest, whatever the cause
-        raise ManifestError(f"cannot read manifest {redact_uri(source)}: {type(exc).__name__}: "
-                            f"{redact_text(str(exc))}") from None
+        raise _unreadable(source, exc) from None
 
 
 def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -163,22 +196,36 @@ def _version(info: Mapping) -> str:
     return f"size:{info.get('size')}:mtime:{mtime}"
 
 
+def _table_name(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The lower-cased name a table file is typed by: a URL's path, without its query (a presigned URL's)."""
+    if protocol(fs) in ("http", "https"):
+        return urlsplit(path).path.lower()
+    return path.lower()
+
+
+def _table_kind(name: str) -> str:
+    """``parquet``, ``jsonl`` or ``csv`` (the default), from the name without its compression extension."""
+    if fsspec.utils.infer_compression(name):
+        name = posixpath.splitext(name)[0]
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith((".json", ".jsonl", ".ndjson")) else "csv"
+
+
 def _table_file_batches(fs: fsspec.AbstractFileSystem, path: str, home: str) -> Iterator[pa.RecordBatch]:
-    name = path.lower().removesuffix(".gz")
+    """A CSV or Parquet manifest file (JSON Lines: ``_JsonLinesFile``)."""
+    name = _table_name(fs, path)
+    # By the name without a URL's query: fsspec's ``compression="infer"`` would see ``.gz?X-Amz-...``.
+    compression = fsspec.utils.infer_compression(name)
     try:
-        if not name.endswith((".parquet", ".jsonl", ".ndjson", ".json")):
-            yield from _csv_batches(fs, path, home)
+        if _table_kind(name) == "csv":
+            yield from _csv_batches(fs, path, home, compression)
             return
-        with fs.open(path, "rb", compression="infer") as f:
-            if name.endswith(".parquet"):
-                parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads the whole file
-                schema, batches = parquet.schema_arrow, parquet.iter_batches(batch_size=BATCH_ROWS)
-            else:
-                reader = pajson.open_json(f)
-                schema, batches = reader.schema, reader
-            yield from _normalized(batches, schema, path, home)
+        with fs.open(path, "rb", compression=compression) as f:
+            parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering reads the whole file
+            yield from _normalized(parquet.iter_batches(batch_size=BATCH_ROWS), parquet.schema_arrow, path, home)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ManifestError(f"cannot read manifest file {path}: {exc}") from None
+        raise ManifestError(f"cannot read manifest file {redact_uri(path)}: {redact_text(str(exc))}") from None
 
 
 def _normalized(batches, schema: pa.Schema, path: str, home: str) -> Iterator[pa.RecordBatch]:
@@ -191,36 +238,294 @@ def _normalized(batches, schema: pa.Schema, path: str, home: str) -> Iterator[pa
         yield normalize_batch(pa.RecordBatch.from_pylist([], schema=schema), path, home)
 
 
-def _csv_batches(fs: fsspec.AbstractFileSystem, path: str, home: str) -> Iterator[pa.RecordBatch]:
+def _csv_batches(fs: fsspec.AbstractFileSystem, path: str, home: str,
+                 compression: str | None) -> Iterator[pa.RecordBatch]:
     """A CSV manifest without letting one bad line sink it.
 
-    Text is read unchecked (bad UTF-8 is found per batch later); lines with the wrong number of fields become
-    rows of their own with an error, appended after the file's other rows; lines of only whitespace are blank.
+    Every column is read as text, sizes too (``normalize_batch`` makes a bad size that row's error). Text is
+    read unchecked (bad UTF-8 is found per batch later); lines with the wrong number of fields become rows of
+    their own with an error, appended after the file's other rows; lines of only whitespace are blank.
     """
     malformed: list[str] = []
 
     def on_invalid(row) -> str:
         if row.text.strip():
             malformed.append(f"malformed manifest line (expected {row.expected_columns} fields, got "
-                             f"{row.actual_columns}): {row.text[:200]!r}")
+                             f"{row.actual_columns}): {redact_text(row.text[:200])!r}")
         return "skip"
 
-    with fs.open(path, "rb", compression="infer") as f:  # the header's names, to make every column text
+    with fs.open(path, "rb", compression=compression) as f:  # the header's names, to make every column text
         names = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16),
                                parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
                                convert_options=pacsv.ConvertOptions(check_utf8=False)).schema.names
-    types = {n: pa.int64() if n in SIZE_COLUMNS else pa.string() for n in names}
-    with fs.open(path, "rb", compression="infer") as f:
+    types = dict.fromkeys(names, pa.string())
+    with fs.open(path, "rb", compression=compression) as f:
         reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                                 parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
                                 convert_options=pacsv.ConvertOptions(column_types=types, check_utf8=False))
         yield from _normalized(reader, reader.schema, path, home)
-        if malformed:
-            bad = pa.table({name: pa.nulls(len(malformed), reader.schema.field(name).type)
+        for start in range(0, len(malformed), BATCH_ROWS):
+            errors = malformed[start:start + BATCH_ROWS]
+            bad = pa.table({name: pa.nulls(len(errors), reader.schema.field(name).type)
                             for name in reader.schema.names})
-            bad = bad.append_column(ROW_ERROR, pa.array(malformed, pa.string()))
-            for batch in bad.to_batches(BATCH_ROWS):
-                yield normalize_batch(batch, path, home)
+            yield normalize_batch(bad, path, home, errors)
+
+
+class _JsonLinesFile:
+    """A JSON Lines manifest file, streamed in blocks of whole lines, without letting one line sink it.
+
+    pyarrow's own JSON reader fixes a file's columns and types from its first block, so a field that first
+    appears later, or a number that becomes a string, fails the whole file; and one malformed line fails it
+    anywhere. Here each block (``JSON_BLOCK_BYTES`` of whole lines) is parsed by Arrow on its own, with Arrow's
+    types. A block Arrow cannot parse (a malformed line, a field of two types within the block) is parsed line
+    by line in Python instead: a line that is not a JSON object becomes an error row naming its line number, in
+    its place.
+
+    A field keeps its JSON type while the file agrees with itself; one seen as integers and as floats is read as
+    floats, and one seen with any other two types is read as text from there on (as CSV's are), objects and
+    arrays as their JSON text always (as Arrow read them: an object's missing keys as nulls). A part
+    (``ManifestReader.parts``) has one schema: a field that first appears, or whose type widens, starts a new
+    one, and consumers unite the parts by name as they unite files (integers and floats as floats, other types
+    that differ as text).
+    """
+
+    def __init__(self, source: str, fs: fsspec.AbstractFileSystem, path: str, home: str):
+        self.source, self.path, self.home = source, path, home
+        self.blocks = self._blocks(fs, path)
+        self.pending: tuple[pa.Table, list | None] | None = None
+        self.pending_types: dict[str, pa.DataType] = {}
+        self.done = False
+        self.types: dict[str, pa.DataType] = {}  # the current part's columns
+        self.text: set[str] = set()  # fields seen with two types: text from then on
+
+    def parts(self) -> Iterator[Iterator[pa.RecordBatch]]:
+        yield _guarded(self.source, self._part())
+        while self._more_guarded():
+            yield _guarded(self.source, self._part())
+
+    def _more_guarded(self) -> bool:
+        try:
+            return self._more()
+        except ManifestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as _guarded
+            raise _unreadable(self.source, exc) from None
+
+    def _more(self) -> bool:
+        """Whether a block is pending, reading the next one (and the part types it needs) if none is."""
+        if self.pending is None and not self.done:
+            self.pending = next(self.blocks, None)
+            self.done = self.pending is None
+            if self.pending is not None:
+                self.pending_types = self._unified(self.pending[0])
+        return self.pending is not None
+
+    def _unified(self, table: pa.Table) -> dict[str, pa.DataType]:
+        """The current part's column types widened to hold ``table`` too (fields of two kinds become text)."""
+        types = dict(self.types)
+        for f in table.schema:
+            known = types.get(f.name)
+            if f.name in self.text or pa.types.is_nested(f.type):
+                types[f.name] = pa.string()
+            elif known is None or pa.types.is_null(known):
+                types[f.name] = f.type
+            elif pa.types.is_null(f.type) or f.type == known:
+                pass
+            elif _is_number(f.type) and _is_number(known):
+                types[f.name] = pa.float64()
+            else:
+                self.text.add(f.name)
+                types[f.name] = pa.string()
+        return types
+
+    def _part(self) -> Iterator[pa.RecordBatch]:
+        """Blocks while their columns fit the part's; the first part also checks the file is JSON Lines."""
+        first = not self.types
+        if not self._more():
+            if first:
+                raise ManifestError(f"cannot read manifest file {redact_uri(self.path)}: no JSON lines in it")
+            return
+        if first:
+            errors = self.pending[1]
+            if errors and all(errors):
+                raise ManifestError(f"manifest {redact_uri(self.path)} is not JSON Lines: {errors[0]}")
+        self.types = self.pending_types
+        while self._more() and self.pending_types == self.types:
+            (table, errors), self.pending = self.pending, None
+            table = pa.table({name: _as_type(table.column(name) if name in table.column_names
+                                             else pa.nulls(table.num_rows), kind)
+                              for name, kind in self.types.items()})
+            for start in range(0, max(table.num_rows, 1), BATCH_ROWS):
+                yield normalize_batch(table.slice(start, BATCH_ROWS), self.path, self.home,
+                                      errors[start:start + BATCH_ROWS] if errors is not None else None)
+
+    def _blocks(self, fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[pa.Table, list | None]]:
+        """Each block of the file as a table, and its rows' errors (or None); blank blocks are skipped."""
+        compression = fsspec.utils.infer_compression(_table_name(fs, path))
+        try:
+            with fs.open(path, "rb", compression=compression) as f:
+                for first_line, data, long_line in _line_blocks(f):
+                    if long_line:
+                        error = (f"manifest line {first_line} is longer than {MAX_LINE_BYTES:,} bytes: "
+                                 f"not a manifest row, skipped unread")
+                        yield _no_columns(1), [error]
+                        continue
+                    table = _read_json(data, self.text)
+                    block = (table, None) if table is not None else _python_block(data, first_line)
+                    if block[0].num_rows or block[1]:
+                        yield block
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest file {redact_uri(path)}: {redact_text(str(exc))}") from None
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _as_type(column: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array:
+    """A block's column as its part's type: nulls and numbers cast, objects and arrays as JSON text."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.type == kind:
+        return column
+    if pa.types.is_nested(column.type):
+        return pa.array([None if v is None else _json_text(v) for v in column.to_pylist()], pa.string())
+    return column.cast(kind)
+
+
+def _line_blocks(f) -> Iterator[tuple[int, bytes, bool]]:
+    """``(number of the first line, whole lines, False)`` in blocks of about ``JSON_BLOCK_BYTES``.
+
+    A line longer than ``MAX_LINE_BYTES`` is skipped to its end without being held, as ``(its number, b"",
+    True)``. A UTF-8 byte order mark at the start of the file is dropped.
+    """
+    line, pieces, held = 1, [], 0  # pieces: the start of a line whose end is not read yet
+    carry = f.read(3).removeprefix(b"\xef\xbb\xbf") or None
+    while True:
+        chunk, carry = (carry, None) if carry is not None else (f.read(JSON_BLOCK_BYTES), None)
+        if not chunk:
+            if held:
+                yield line, b"".join(pieces), False
+            return
+        cut = chunk.rfind(b"\n") + 1
+        if cut:
+            data = b"".join([*pieces, chunk[:cut]])
+            pieces, held = [chunk[cut:]], len(chunk) - cut
+            yield line, data, False
+            line += data.count(b"\n")
+            continue
+        pieces.append(chunk)
+        held += len(chunk)
+        if held > MAX_LINE_BYTES:
+            yield line, b"", True
+            line, pieces, held = line + 1, [], 0
+            carry = _skip_line(f)  # what followed the long line, taken as the next chunk read
+            if carry is None:
+                return
+            carry = carry or None
+
+
+def _skip_line(f) -> bytes | None:
+    """Read past the end of the current line; what follows it in the chunk read, or None at the end."""
+    while True:
+        chunk = f.read(JSON_BLOCK_BYTES)
+        if not chunk:
+            return None
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return chunk[end + 1:]
+
+
+def _read_json(data: bytes, text: set[str]) -> pa.Table | None:
+    """The block parsed by Arrow, or None where Arrow cannot parse it.
+
+    Fields in ``text`` are read as the strings they are where they hold strings: Arrow would take dates for
+    timestamps, whose text it writes in its own way.
+    """
+    table = _arrow_json(data, text)
+    if table is None and text:  # a text field holds numbers, objects... here: as Arrow infers them
+        table = _arrow_json(data, set())
+        dates = {f.name for f in table.schema if f.name in text and pa.types.is_timestamp(f.type)} if table else ()
+        table = (_arrow_json(data, dates) if dates else None) or table
+    return table
+
+
+def _arrow_json(data: bytes, strings: set[str]) -> pa.Table | None:
+    schema = pa.schema([(name, pa.string()) for name in sorted(strings)]) if strings else None
+    try:
+        return pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=len(data) + 1),
+                                parse_options=pajson.ParseOptions(explicit_schema=schema))
+    except pa.ArrowInvalid:
+        return None
+
+
+def _json_text(value) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _python_block(data: bytes, first_line: int) -> tuple[pa.Table, list | None]:
+    """A block Arrow could not parse, line by line: each line that is not a JSON object is an error row."""
+    rows: list[dict] = []
+    errors: list[str | None] = []
+    for number, raw in enumerate(data.split(b"\n"), first_line):
+        if not raw.strip():
+            continue
+        error = None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = raw.decode("utf-8", errors="replace")
+            error = f"manifest line {number} is not valid UTF-8 ({exc.reason})"
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            value, reason = None, getattr(exc, "msg", type(exc).__name__)
+            error = error or f"malformed manifest line {number} ({reason}): {redact_text(text.strip()[:200])!r}"
+        if value is not None and not isinstance(value, dict):
+            value, error = None, error or (f"manifest line {number} is not a JSON object: "
+                                           f"{redact_text(text.strip()[:200])!r}")
+        rows.append(value or {})
+        errors.append(error)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {name: _python_column([row.get(name) for row in rows]) for name in names}
+    return (pa.table(columns) if columns else _no_columns(len(rows))), (errors if any(errors) else None)
+
+
+def _no_columns(rows: int) -> pa.Table:
+    """A table of ``rows`` rows and no columns (lines that are error rows only)."""
+    return pa.table({"_": pa.nulls(rows)}).drop_columns(["_"])
+
+
+def _python_column(values: list) -> pa.Array:
+    """One field's values from Python's JSON parser: typed as Arrow would type them, or text where mixed."""
+    kinds = {type(v) for v in values if v is not None}
+    try:
+        if kinds <= {str}:
+            return pa.array(values, pa.string() if kinds else pa.null())
+        if kinds in ({bool}, {int}):
+            return pa.array(values, pa.bool_() if bool in kinds else pa.int64())
+        if kinds <= {int, float}:
+            return pa.array(values, pa.float64())
+    except OverflowError:  # an integer beyond int64: its digits, as text
+        pass
+    texts: list[str | None] = [None] * len(values)
+    floats = []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            texts[i] = value
+        elif isinstance(value, bool):
+            texts[i] = "true" if value else "false"
+        elif isinstance(value, int):
+            texts[i] = str(value)
+        elif isinstance(value, float):
+            floats.append(i)
+        elif value is not None:
+            texts[i] = _json_text(value)
+    if floats:  # formatted by Arrow, as the numbers of Arrow-parsed blocks are when their field turns to text
+        formatted = pa.array([values[i] for i in floats], pa.float64()).cast(pa.string()).to_pylist()
+        for i, text in zip(floats, formatted, strict=True):
+            texts[i] = text
+    return pa.array(texts, pa.string())
 
 
 def _valid_text(column: pa.Array, name: str, errors: list | None) -> tuple[pa.Array, list | None]:
@@ -262,10 +567,18 @@ def _resolve(uris: pa.Array, home: str) -> pa.Array:
     return pc.if_else(absolute, uris, pc.if_else(rooted, rooted_uri, relative))
 
 
-def normalize_batch(batch: pa.RecordBatch | pa.Table, source: str, home: str) -> pa.RecordBatch:
+def normalize_batch(batch: pa.RecordBatch | pa.Table, source: str, home: str,
+                    errors: list[str | None] | None = None) -> pa.RecordBatch:
     """One batch of a manifest file as the job reads it.
 
-    Columns: resolved ``uri``, ``etag``, ``size_bytes``, the file's other columns, and ``ROW_ERROR``.
+    Columns: resolved ``uri``, ``etag``, ``size_bytes``, the file's other columns, and ``ROW_ERROR``. A column
+    named like one the job adds (``RESERVED_COLUMNS``, or ``__name__``) is carried as ``manifest_<name>``.
+
+    Args:
+        batch: The file's rows as read.
+        source: The file, for messages.
+        home: What relative keys resolve against.
+        errors: Per row, why the reader found it unusable (a malformed line), or None.
 
     Raises:
         ManifestError: The file has no ``uri`` column.
@@ -275,11 +588,9 @@ def normalize_batch(batch: pa.RecordBatch | pa.Table, source: str, home: str) ->
         raise ManifestError(f"manifest {redact_uri(source)} has no 'uri' column "
                             f"(columns: {', '.join(names) or 'none'})")
     n = batch.num_rows
-    errors = batch.column(ROW_ERROR).to_pylist() if ROW_ERROR in names else None
+    errors = list(errors) if errors is not None else None
     columns = {}
     for name in names:
-        if name == ROW_ERROR:
-            continue
         column = batch.column(name)
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
@@ -290,12 +601,97 @@ def normalize_batch(batch: pa.RecordBatch | pa.Table, source: str, home: str) ->
     etag = columns["etag"].cast(pa.string()) if "etag" in columns else pa.nulls(n, pa.string())
     out["etag"] = pc.utf8_trim(etag, '"')
     size_name = next((s for s in SIZE_COLUMNS if s in columns), None)
-    out["size_bytes"] = columns[size_name].cast(pa.int64()) if size_name else pa.nulls(n, pa.int64())
-    for name, column in columns.items():
-        if name not in ("uri", "etag", size_name):
-            out[name] = column
+    if size_name:
+        out["size_bytes"], errors = _sizes(columns[size_name], size_name, errors)
+    else:
+        out["size_bytes"] = pa.nulls(n, pa.int64())
+    carried = [name for name in columns if name not in ("uri", "etag", size_name)]
+    for name in carried:
+        out[_carried_name(name, names, out)] = columns[name]
     out[ROW_ERROR] = pa.array(errors, pa.string()) if errors is not None else pa.nulls(n, pa.string())
     return pa.RecordBatch.from_pydict(out)
+
+
+def _carried_name(name: str, names: list[str], taken: Mapping) -> str:
+    """``name``, or ``manifest_<name>`` (prefixed again while that is taken) where the job has its own column."""
+    if name not in RESERVED_COLUMNS and not (name.startswith("__") and name.endswith("__")):
+        return name
+    renamed = f"manifest_{name}"
+    while renamed in names or renamed in taken:
+        renamed = f"manifest_{renamed}"
+    return renamed
+
+
+_WHOLE_DIGITS = r"^[0-9]{1,18}$"  # what Arrow casts to int64 exactly; anything else is decided in Python
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,4})?")
+_MAX_SIZE = 2**63
+
+
+def _sizes(column: pa.Array, name: str, errors: list | None) -> tuple[pa.Array, list | None]:
+    """A size column as int64 bytes, and the rows' errors: a value that is no whole number of bytes is an error.
+
+    Blank and null are unknown sizes (null). Whole numbers of any type count (``"12"``, ``12``, ``12.0``,
+    ``"1e3"``); ``"12kb"``, ``"-5"``, ``1.5``, ``true`` make their row an error. Plain digits and whole
+    non-negative numbers are converted by Arrow for the whole batch; only the other values are looked at in
+    Python, one by one (``_size_value``).
+    """
+    n, kind = len(column), column.type
+    values = column
+    if pa.types.is_null(kind):
+        return pa.nulls(n, pa.int64()), errors
+    if pa.types.is_integer(kind):
+        odd = (pc.less(column, 0) if pa.types.is_signed_integer(kind)
+               else pc.greater_equal(column, pa.scalar(_MAX_SIZE, pa.uint64())))
+    elif pa.types.is_floating(kind):
+        whole = pc.and_(pc.is_finite(column), pc.equal(pc.floor(column), column))
+        odd = pc.invert(pc.and_(whole, pc.and_(pc.greater_equal(column, 0), pc.less(column, float(_MAX_SIZE)))))
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        values = pc.utf8_trim_whitespace(column)
+        values = pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
+        odd = pc.invert(pc.match_substring_regex(values, _WHOLE_DIGITS))
+    else:
+        odd, values = pc.is_valid(column), pa.nulls(n, pa.int64())
+    odd = pc.fill_null(odd, False)
+    sizes = pc.if_else(odd, pa.scalar(None, values.type), values).cast(pa.int64())
+    if not pc.any(odd).as_py():
+        return sizes, errors
+    fixed = sizes.to_pylist()
+    where = pc.indices_nonzero(odd)
+    for i, value in zip(where.to_pylist(), column.take(where).to_pylist(), strict=True):
+        fixed[i], error = _size_value(name, value)
+        if error:
+            errors = errors if errors is not None else [None] * n
+            errors[i] = errors[i] or error
+    return pa.array(fixed, pa.int64()), errors
+
+
+def _size_value(name: str, value) -> tuple[int | None, str | None]:
+    """One size value as bytes, or why it is not a number of bytes."""
+    number = None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None, None
+        if _NUMBER.fullmatch(text):
+            number = Decimal(text)
+    elif isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+        number = Decimal(value)
+    elif isinstance(value, float) and math.isfinite(value):
+        number = Decimal(value)
+    elif value is None:
+        return None, None
+    shown = repr(value[:60]) if isinstance(value, str) else str(value)[:60]
+    try:
+        whole = number is not None and number.is_finite() and number == number.to_integral_value()
+    except InvalidOperation:
+        whole = False
+    if not whole:
+        return None, f"{name} {shown} is not a whole number of bytes"
+    if number < 0:
+        return None, f"{name} {shown} is negative"
+    if number >= _MAX_SIZE:
+        return None, f"{name} {shown} is too large for a number of bytes"
+    return int(number), None
 
 
 def _read_report(fs: fsspec.AbstractFileSystem, path: str) -> tuple[dict, str]:
@@ -349,10 +745,7 @@ def _inventory_batches(fs: fsspec.AbstractFileSystem, path: str, report: Mapping
             if "etag" in batch.schema.names:
                 out["etag"] = batch.column("etag").cast(pa.string())
             if "size" in batch.schema.names:
-                size = batch.column("size")
-                if pa.types.is_string(size.type):
-                    size = pc.if_else(pc.equal(size, ""), pa.scalar(None, pa.string()), size)
-                out["size"] = size.cast(pa.int64())
+                out["size"] = batch.column("size")  # text in a CSV report: ``normalize_batch`` reads it
             part = pa.RecordBatch.from_pydict(out)
             if keep is not None:
                 part = part.filter(keep)
@@ -461,9 +854,7 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
             report, home = _read_report(fs, path)
             versions = ((path, _version(info)), *((p, _version(fs.info(p))) for p in report["paths"]))
             return ManifestReader(uri, "s3-inventory", home, fs, path, versions, report)
-        name = path.lower().removesuffix(".gz")
-        kind = ("parquet" if name.endswith(".parquet") else "jsonl"
-                if name.endswith((".json", ".jsonl", ".ndjson")) else "csv")
+        kind = _table_kind(_table_name(fs, path))
         return ManifestReader(uri, kind, home, fs, path, ((path, _version(info)),))
     except ManifestError:
         raise
@@ -473,7 +864,10 @@ def open_manifest(uri: str, storage_options: Mapping | None = None) -> ManifestR
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
-    """Concatenate per-file tables; a column whose type differs between files becomes text."""
+    """Concatenate per-part tables as the planner unites them.
+
+    A column of two number types becomes float64, one of other different types text.
+    """
     if len(tables) == 1:
         return tables[0]
     types: dict[str, set] = {}
@@ -481,9 +875,10 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
         for f in table.schema:
             if not pa.types.is_null(f.type):
                 types.setdefault(f.name, set()).add(f.type)
-    clashing = {name for name, found in types.items() if len(found) > 1}
-    if clashing:
-        tables = [t.cast(pa.schema([pa.field(f.name, pa.string()) if f.name in clashing else f for f in t.schema]))
+    wanted = {name: pa.float64() if all(_is_number(t) for t in found) else pa.string()
+              for name, found in types.items() if len(found) > 1}
+    if wanted:
+        tables = [t.cast(pa.schema([pa.field(f.name, wanted.get(f.name, f.type)) for f in t.schema]))
                   for t in tables]
     return pa.concat_tables(tables, promote_options="permissive")
 

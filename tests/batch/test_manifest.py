@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.batch.manifest import ManifestError, read_manifest
+from pipeline.batch import manifest as manifest_module
+from pipeline.batch.manifest import ManifestError, open_manifest, read_manifest
 
 HEAD = ["row_index", "uri", "etag", "size_bytes"]
 ROWS = [
@@ -366,3 +367,320 @@ def test_local_listing_walks_in_path_order(tmp_path):
     batches = list(next(iter(open_manifest(str(tmp_path)).parts())))
     uris = [u for b in batches for u in b.column("uri").to_pylist()]
     assert uris == [f"file://{tmp_path}/{n}" for n in sorted(names)]
+
+
+# A presigned manifest URL is typed (and decompressed) by its path, not by the end of its query.
+
+
+@pytest.mark.parametrize(("key", "kind"), [("m.parquet", "parquet"), ("m.jsonl", "jsonl"), ("m.csv.gz", "csv"),
+                                           ("m.jsonl.gz", "jsonl")])
+def test_presigned_manifest_url_is_read_by_its_path(s3, key, kind):
+    import boto3
+    from botocore.config import Config
+
+    fs, options = s3
+    fs.mkdir("lib")
+    rows = [{"uri": f"s3://lib/img/{i}.jpg", "label": f"l{i}"} for i in range(3)]
+    body = {"parquet": lambda: _parquet_bytes(pa.Table.from_pylist(rows)),
+            "jsonl": lambda: "".join(json.dumps(r) + "\n" for r in rows).encode(),
+            "csv": lambda: _csv(rows, ("uri", "label")).encode()}[kind]()
+    fs.pipe(f"lib/{key}", gzip.compress(body) if key.endswith(".gz") else body)
+    client = boto3.client("s3", endpoint_url=options["client_kwargs"]["endpoint_url"],
+                          config=Config(signature_version="s3v4"), region_name="us-east-1")
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "lib", "Key": key}, ExpiresIn=3600)
+    assert "?X-Amz-" in url and not url.endswith((".parquet", ".jsonl", ".gz"))
+    manifest = read_manifest(url)
+    assert manifest.kind == kind
+    assert manifest.home == f"{options['client_kwargs']['endpoint_url']}/lib/"
+    assert manifest.row_errors is None
+    assert manifest.table.select(["uri", "label"]).to_pylist() == rows
+
+
+def test_unreadable_presigned_manifest_error_keeps_its_signature_out(s3):
+    import boto3
+    from botocore.config import Config
+
+    fs, options = s3
+    fs.mkdir("lib")
+    fs.pipe("lib/m.parquet", b"this is not parquet")
+    client = boto3.client("s3", endpoint_url=options["client_kwargs"]["endpoint_url"],
+                          config=Config(signature_version="s3v4"), region_name="us-east-1")
+    url = client.generate_presigned_url("get_object", Params={"Bucket": "lib", "Key": "m.parquet"}, ExpiresIn=3600)
+    signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+    with pytest.raises(ManifestError, match="cannot read manifest file") as info:
+        read_manifest(url)
+    assert signature not in str(info.value) and "X-Amz-Signature=***" in str(info.value)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+# Sizes: one value that is not a whole number of bytes is that row's error; the other rows are read.
+
+
+def test_bad_size_in_csv_is_that_rows_error(tmp_path):
+    sizes = ["10", "12kb", "", "-5", " 7 ", "1e3", "12.0", "1.5", "0x10", "99999999999999999999", "0"]
+    (tmp_path / "m.csv").write_text("uri,size,label\n" + "".join(f"{i}.jpg,{s},l{i}\n" for i, s in enumerate(sizes)))
+    manifest = read_manifest(str(tmp_path / "m.csv"))
+    assert manifest.table.column("size_bytes").to_pylist() == [
+        10, None, None, None, 7, 1000, 12, None, None, None, 0]
+    assert manifest.table.column("label").to_pylist() == [f"l{i}" for i in range(len(sizes))]
+    assert manifest.row_errors == [
+        None, "size '12kb' is not a whole number of bytes", None, "size '-5' is negative", None, None, None,
+        "size '1.5' is not a whole number of bytes", "size '0x10' is not a whole number of bytes",
+        "size '99999999999999999999' is too large for a number of bytes", None]
+
+
+@pytest.mark.parametrize("form", ["parquet-double", "parquet-string", "parquet-int", "parquet-uint", "jsonl"])
+def test_size_columns_of_other_types_follow_the_same_rule(tmp_path, form):
+    if form == "jsonl":
+        values = [10, "12kb", 1.5, "20", 30.0, -1, None, True]
+        (tmp_path / "m.jsonl").write_text("".join(json.dumps({"uri": f"{i}.jpg", "size_bytes": v}) + "\n"
+                                                  for i, v in enumerate(values)))
+        path = tmp_path / "m.jsonl"
+        expected = [10, None, None, 20, 30, None, None, None]
+        bad = {1: "size_bytes '12kb' is not a whole number of bytes",
+               2: "size_bytes '1.5' is not a whole number of bytes", 5: "size_bytes '-1' is negative",
+               7: "size_bytes 'true' is not a whole number of bytes"}
+    else:
+        values, kind, expected, bad = {
+            "parquet-double": ([10.0, 1.5, float("nan"), None, 2.0**63, -3.0], pa.float64(),
+                               [10, None, None, None, None, None],
+                               {1: "size_bytes 1.5 is not a whole number of bytes",
+                                2: "size_bytes nan is not a whole number of bytes",
+                                4: "size_bytes 9.223372036854776e+18 is too large for a number of bytes",
+                                5: "size_bytes -3.0 is negative"}),
+            "parquet-string": (["10", "12kb", None, " ", "7"], pa.string(), [10, None, None, None, 7],
+                               {1: "size_bytes '12kb' is not a whole number of bytes"}),
+            "parquet-int": ([10, -4, None], pa.int32(), [10, None, None], {1: "size_bytes -4 is negative"}),
+            "parquet-uint": ([10, 2**64 - 1], pa.uint64(), [10, None],
+                             {1: f"size_bytes {2**64 - 1} is too large for a number of bytes"}),
+        }[form]
+        path = tmp_path / "m.parquet"
+        pq.write_table(pa.table({"uri": [f"{i}.jpg" for i in range(len(values))],
+                                 "size_bytes": pa.array(values, kind)}), path)
+    manifest = read_manifest(str(path))
+    assert manifest.table.schema.field("size_bytes").type == pa.int64()
+    assert manifest.table.column("size_bytes").to_pylist() == expected
+    assert manifest.row_errors == [bad.get(i) for i in range(len(values))]
+
+
+def test_a_bad_size_is_one_error_row_of_the_plan(tmp_path):
+    from pipeline.batch.allowlist import Allowlist
+    from pipeline.batch.plan import make_plan
+
+    (tmp_path / "m.csv").write_text("uri,size\n" + "".join(f"img/{i}.jpg,{1000 + i}\n" for i in range(5))
+                                    + "img/x.jpg,12kb\n")
+    reader = open_manifest(str(tmp_path / "m.csv"))
+    plan = make_plan(reader, Allowlist((reader.home,)), _local_fs(), str(tmp_path / "out"), "m@1",
+                     "2026-12-01", True, 1000)
+    decided = plan.rows(scored=False).read_all().to_pylist()
+    assert [(r["uri"], r["status"], r["error"]) for r in decided] == [
+        (f"file://{tmp_path}/img/x.jpg", "error", "size '12kb' is not a whole number of bytes")]
+    assert [r["size_bytes"] for r in plan.rows(scored=True).read_all().to_pylist()] == list(range(1000, 1005))
+
+
+def _local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+# JSON Lines: read block by block, as robustly as CSV.
+
+
+def _jsonl_rows(n: int, late_from: int) -> list[dict]:
+    """Rows whose optional ``album`` first appears at ``late_from`` and whose ``id`` turns from number to text."""
+    rows = []
+    for i in range(n):
+        row = {"uri": f"photos/{i:08d}-a-longer-name-than-most.jpg", "id": i if i < late_from else f"x{i}"}
+        if i >= late_from:
+            row["album"] = "holiday"
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1 << 16])
+def test_jsonl_field_appearing_or_changing_type_late(tmp_path, monkeypatch, block_bytes):
+    # 40,000 lines (2.4 MB): past pyarrow's first block of 1 MB, whose types its stream reader would keep.
+    # With 64 KiB blocks the change falls between blocks, and the file comes in parts of growing columns.
+    if block_bytes:
+        monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", block_bytes)
+    rows = _jsonl_rows(40_000, late_from=30_000)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = read_manifest(str(tmp_path / "m.jsonl"))
+    table = manifest.table
+    assert table.column_names == [*HEAD, "id", "album"]
+    assert table.schema.field("id").type == pa.string()
+    assert table.column("id").to_pylist() == [str(r["id"]) for r in rows]
+    assert table.column("album").to_pylist() == [r.get("album") for r in rows]
+    assert table.column("uri").to_pylist() == [f"file://{tmp_path}/{r['uri']}" for r in rows]
+    assert table.column("row_index").to_pylist() == list(range(len(rows)))
+    assert manifest.row_errors is None
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1 << 16])
+def test_jsonl_late_field_through_the_planner(tmp_path, monkeypatch, block_bytes):
+    from pipeline.batch.allowlist import Allowlist
+    from pipeline.batch.output import output_schema
+    from pipeline.batch.plan import make_plan
+
+    if block_bytes:
+        monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", block_bytes)
+    rows = _jsonl_rows(40_000, late_from=30_000)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reader = open_manifest(str(tmp_path / "m.jsonl"))
+    plan = make_plan(reader, Allowlist((reader.home,)), _local_fs(), str(tmp_path / "out"), "m@1",
+                     "2026-12-01", True, 100_000)
+    assert output_schema(plan.extras).names[-2:] == ["id", "album"]
+    got = plan.rows(scored=True).read_all().select(["row_index", "id", "album"]).to_pylist()
+    assert got == [{"row_index": i, "id": str(r["id"]), "album": r.get("album")} for i, r in enumerate(rows)]
+
+
+def test_jsonl_bad_lines_are_error_rows_in_place(tmp_path):
+    lines = [json.dumps({"uri": "a.jpg", "n": 1}).encode(), b"{not json", json.dumps({"uri": "b.jpg"}).encode(),
+             b"", b"[1, 2]", b'{"uri": "c\xff.jpg"}', b"   ", b'{"uri": "d.jpg", "n": "two"}',
+             b'{"uri": "e.jpg", "nested": {"k": [1, 2.5]}, "flag": true, "f": 0.5}']
+    (tmp_path / "m.jsonl").write_bytes(b"\r\n".join(lines) + b"\n")
+    manifest = read_manifest(str(tmp_path / "m.jsonl"))
+    table = manifest.table
+    assert table.column("uri").to_pylist() == [
+        f"file://{tmp_path}/a.jpg", None, f"file://{tmp_path}/b.jpg", None, f"file://{tmp_path}/c\ufffd.jpg",
+        f"file://{tmp_path}/d.jpg", f"file://{tmp_path}/e.jpg"]
+    assert table.column("n").to_pylist() == ["1", None, None, None, None, "two", None]
+    assert table.column("nested").to_pylist()[-1] == '{"k": [1, 2.5]}'
+    assert table.column("flag").to_pylist()[-1] is True
+    assert table.column("f").to_pylist()[-1] == 0.5
+    errors = manifest.row_errors
+    assert errors[0] is None and errors[2] is None and errors[5] is None and errors[6] is None
+    assert errors[1].startswith("malformed manifest line 2 (Expecting property name") and "'{not json'" in errors[1]
+    assert errors[3] == "manifest line 5 is not a JSON object: '[1, 2]'"
+    assert errors[4].startswith("manifest line 6 is not valid UTF-8")
+
+
+def test_jsonl_malformed_line_is_one_error_row_of_the_plan(tmp_path):
+    from pipeline.batch.allowlist import Allowlist
+    from pipeline.batch.plan import make_plan
+
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"uri": f"img/{i}.jpg"}) + "\n" for i in range(5))
+                                      + "{not json\n")
+    reader = open_manifest(str(tmp_path / "m.jsonl"))
+    plan = make_plan(reader, Allowlist((reader.home,)), _local_fs(), str(tmp_path / "out"), "m@1",
+                     "2026-12-01", True, 1000)
+    assert plan.manifest_rows == 6
+    [decided] = plan.rows(scored=False).read_all().to_pylist()
+    assert decided["status"] == "error" and decided["error"].startswith("malformed manifest line 6")
+    assert plan.rows(scored=True).read_all().num_rows == 5
+
+
+@pytest.mark.parametrize("through", ["read_manifest", "planner"])
+def test_jsonl_field_whose_type_changes_between_blocks(tmp_path, monkeypatch, through):
+    # A line or two per block: the field is read with each block's type, widened, then text, part by part.
+    monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", 64)
+    values = [1, 2, 2.5, None, "n/a", True, {"a": [1]}, 7]
+    days = ["2024-01-01", "2024-01-02", "2024-01-03", "soon", None, "2024-01-06", "2024-01-07", "x"]
+    rows = [{"uri": f"{i}.jpg", "v": v, "day": d, "n": i, "r": 2.5 if i == 2 else i}
+            for i, (v, d) in enumerate(zip(values, days, strict=True))]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if through == "read_manifest":
+        table = read_manifest(str(tmp_path / "m.jsonl")).table
+    else:
+        from pipeline.batch.allowlist import Allowlist
+        from pipeline.batch.plan import make_plan
+
+        reader = open_manifest(str(tmp_path / "m.jsonl"))
+        plan = make_plan(reader, Allowlist((reader.home,)), _local_fs(), str(tmp_path / "out"), "m@1",
+                         "2026-12-01", True, 1000)
+        table = plan.rows(scored=True).read_all()
+    assert table.column("v").to_pylist() == ["1", "2", "2.5", None, "n/a", "true", '{"a": [1]}', "7"]
+    # Dates are Arrow's timestamps while the field holds only dates, then text: those read before are written
+    # as Arrow writes a timestamp.
+    assert table.column("day").to_pylist() == ["2024-01-01 00:00:00", "2024-01-02 00:00:00", "2024-01-03 00:00:00",
+                                               "soon", None, "2024-01-06", "2024-01-07", "x"]
+    assert table.column("n").to_pylist() == list(range(len(rows)))  # a field of one type keeps it
+    assert pa.types.is_integer(table.schema.field("n").type)
+    assert table.schema.field("r").type == pa.float64()  # integers, then a float: floats
+    assert table.column("r").to_pylist() == [0.0, 1.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0]
+
+
+def test_jsonl_overlong_line_is_skipped_as_an_error_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", 64)
+    monkeypatch.setattr(manifest_module, "MAX_LINE_BYTES", 1000)
+    long = json.dumps({"uri": "long.jpg", "pad": "x" * 5000})
+    lines = [json.dumps({"uri": "a.jpg"}), long, *(json.dumps({"uri": f"{i}.jpg"}) for i in range(20))]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    manifest = read_manifest(str(tmp_path / "m.jsonl"))
+    assert manifest.table.column("uri").to_pylist() == [
+        f"file://{tmp_path}/a.jpg", None, *(f"file://{tmp_path}/{i}.jpg" for i in range(20))]
+    assert manifest.row_errors == [
+        None, "manifest line 2 is longer than 1,000 bytes: not a manifest row, skipped unread", *[None] * 20]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 5, 8, 13, 64])
+def test_jsonl_blocks_keep_every_line_and_its_number(monkeypatch, block_bytes):
+    monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(manifest_module, "MAX_LINE_BYTES", 12)
+    lines = [b"a", b"", b"bb" * 10, b"ccc", b"d" * 12, b"e" * 13, b"", b"f" * 30, b"g"]
+    got = {}
+    for first, data, long_line in manifest_module._line_blocks(io.BytesIO(b"\xef\xbb\xbf" + b"\n".join(lines))):
+        if long_line:
+            got[first] = None
+            continue
+        for number, line in enumerate(data.removesuffix(b"\n").split(b"\n"), first):
+            assert number not in got
+            got[number] = line
+    assert sorted(got) == list(range(1, len(lines) + 1))
+    for number, line in got.items():
+        # A line is given whole, or (only when over the limit) skipped unread.
+        assert line == lines[number - 1] or (line is None and len(lines[number - 1]) > 12)
+    if block_bytes < 12:
+        assert got[3] is None and got[8] is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b"", "no JSON lines in it"), (b"\n  \n", "no JSON lines in it"),
+    (b"uri,etag\na.jpg,e\n", "is not JSON Lines: malformed manifest line 1"),
+    (b'{"path": "a.jpg"}\n', "has no 'uri' column"),
+])
+def test_a_file_that_is_no_jsonl_manifest_is_a_manifest_error(tmp_path, text, message):
+    (tmp_path / "m.jsonl").write_bytes(text)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(str(tmp_path / "m.jsonl"))
+
+
+# Manifest columns named like the job's own are carried under another name, never dropped or colliding.
+
+
+def test_columns_named_like_the_jobs_own_are_renamed(tmp_path):
+    (tmp_path / "m.csv").write_text("uri,row_index,read_retries,shard,__row_error__,manifest_row_index,album\n"
+                                    "a.jpg,A-7,3,s1,not an error,m,x\n")
+    manifest = read_manifest(str(tmp_path / "m.csv"))
+    assert manifest.extra_columns == ["manifest_manifest_row_index", "manifest_read_retries", "manifest_shard",
+                                      "manifest___row_error__", "manifest_row_index", "album"]
+    assert manifest.table.to_pylist() == [{
+        "row_index": 0, "uri": f"file://{tmp_path}/a.jpg", "etag": None, "size_bytes": None,
+        "manifest_manifest_row_index": "A-7", "manifest_read_retries": "3", "manifest_shard": "s1",
+        "manifest___row_error__": "not an error", "manifest_row_index": "m", "album": "x"}]
+    assert manifest.row_errors is None
+
+
+def test_columns_named_like_the_jobs_own_pass_the_stages(tmp_path):
+    from pipeline.batch.allowlist import Allowlist
+    from pipeline.batch.output import output_schema
+    from pipeline.batch.plan import make_plan
+    from pipeline.batch.stages import fetch_batch, prepare_batch
+
+    (tmp_path / "m.csv").write_text("uri,row_index,read_retries,album\nmissing.jpg,A-7,3,x\n")
+    reader = open_manifest(str(tmp_path / "m.csv"))
+    allowlist = Allowlist((reader.home,))
+    plan = make_plan(reader, allowlist, _local_fs(), str(tmp_path / "out"), "m@1", "2026-12-01", True, 1000)
+    rows = plan.rows(scored=True).read_all()
+    fetched = fetch_batch(rows, allowlist=allowlist)
+    prepared = prepare_batch(fetched, config=None)  # no row to decode: the object is missing
+    assert prepared.column("read_retries").to_pylist() == [0]
+    assert prepared.select(["row_index", "status", "manifest_row_index", "manifest_read_retries"]).to_pylist() == [
+        {"row_index": 0, "status": "error", "manifest_row_index": "A-7", "manifest_read_retries": "3"}]
+    assert output_schema(plan.extras).names[-3:] == ["manifest_row_index", "manifest_read_retries", "album"]
