@@ -219,8 +219,10 @@ _ORDER = "score IS NULL, coalesce(isnan(score), false), score DESC, uri, model_i
 _ORDER_REVERSED = "score IS NULL, coalesce(isnan(score), false), score ASC, uri DESC, model_id DESC, run_date DESC"
 
 
-def _parquet_source(con, dataset: pads.Dataset, files: Sequence[str]) -> tuple[str, list]:
+def _parquet_source(con, dataset: pads.Dataset, files: Sequence[str], columns: Sequence[str]) -> tuple[str, list]:
     """SQL for DuckDB's own Parquet reader over ``files`` of the dataset, and its parameter.
+
+    No files (no partition of the selected dates): an empty table of ``columns``, in the dataset's types.
 
     DuckDB reads the files itself (a remote file system is handed to it through fsspec), so what it holds stays
     within its memory limit; an Arrow stream copied into a DuckDB table held about 100 bytes a row beyond it.
@@ -228,6 +230,9 @@ def _parquet_source(con, dataset: pads.Dataset, files: Sequence[str]) -> tuple[s
     """
     import pyarrow.fs as pafs
 
+    if not files:
+        con.register("no_rows", pa.schema([dataset.schema.field(c) for c in columns]).empty_table())
+        return "no_rows", []
     if isinstance(dataset.filesystem, pafs.PyFileSystem):
         fs = dataset.filesystem.handler.fs
         protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
@@ -319,18 +324,15 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
         if flt.latest or flt.ranked:
             base = _base_filter(flt, None if flt.latest else statuses)
             files = [f.path for f in dataset.get_fragments(filter=base)]
-            source, source_params = _parquet_source(con, dataset, files)
+            source, source_params = _parquet_source(con, dataset, files, key_cols)
             where, params = _sql_filter(flt, None if flt.latest else statuses, None, None)
             keys = ", ".join(key_cols)
             population = "keys"
-            if not files:  # no file of the selected dates: an empty table of the key columns
-                con.register("no_keys", pa.schema([dataset.schema.field(c) for c in key_cols]).empty_table())
-                source, source_params = "no_keys", []
             if flt.latest:
                 con.execute(f"CREATE TABLE winners AS SELECT {keys} FROM {source} WHERE {where} QUALIFY {_WINNER} = 1",
                             source_params + params)
                 stats.key_rows_read = con.execute(f"SELECT count(*) FROM {source} WHERE {where}",
-                                                  source_params + params).fetchall()[0][0] if files else 0
+                                                  source_params + params).fetchall()[0][0]
                 winners = population = "winners"
             else:
                 con.execute(f"CREATE TABLE keys AS SELECT {keys} FROM {source} WHERE {where}", source_params + params)
@@ -362,22 +364,16 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
             if groups:
                 files.append(fragment.path)
         where, params = _sql_filter(flt, statuses, low, high)
-        if files:
-            source, source_params = _parquet_source(con, dataset, files)
-            present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", source_params).fetchall()}
-            # A column only other nights' files have (a manifest column carried then) is null in these rows.
-            read_cols = ", ".join(f'"{c}"' if c in present else f'NULL AS "{c}"'
-                                  for c in dict.fromkeys([*wanted, *key_cols]))
-            con.execute(f"CREATE TABLE picked AS SELECT {read_cols} FROM {source} WHERE {where}",
-                        source_params + params)
-            if low is not None or high is not None:
-                # A NaN is no score, but DuckDB 2.0's Parquet reader lets a NaN through a pushed-down ``score <= x``
-                # (and ``NOT isnan(score)`` beside it); the rows read are checked once more.
-                con.execute("DELETE FROM picked WHERE isnan(score)")
-        else:
-            empty = pa.schema([dataset.schema.field(c) for c in dict.fromkeys([*wanted, *key_cols])]).empty_table()
-            con.register("no_rows", empty)
-            con.execute("CREATE TABLE picked AS SELECT * FROM no_rows")
+        columns = list(dict.fromkeys([*wanted, *key_cols]))
+        source, source_params = _parquet_source(con, dataset, files, columns)
+        present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", source_params).fetchall()}
+        # A column only other nights' files have (a manifest column carried then) is null in these rows.
+        read_cols = ", ".join(f'"{c}"' if c in present else f'NULL AS "{c}"' for c in columns)
+        con.execute(f"CREATE TABLE picked AS SELECT {read_cols} FROM {source} WHERE {where}", source_params + params)
+        if low is not None or high is not None:
+            # A NaN is no score, but DuckDB 2.0's Parquet reader lets a NaN through a pushed-down ``score <= x``
+            # (and ``NOT isnan(score)`` beside it); the rows read are checked once more.
+            con.execute("DELETE FROM picked WHERE isnan(score)")
         chosen = "picked"
         if winners is not None:
             # The latest row of each image; identical duplicate rows of one night collapse to one.
