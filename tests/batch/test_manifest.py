@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -503,15 +504,22 @@ def _jsonl_rows(n: int, late_from: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("block_bytes", [None, 1 << 16])
-def test_jsonl_field_appearing_or_changing_type_late(tmp_path, monkeypatch, block_bytes):
-    # 40,000 lines (2.4 MB): past pyarrow's first block of 1 MB, whose types its stream reader would keep.
-    # With 64 KiB blocks the change falls between blocks, and the file comes in parts of growing columns.
-    if block_bytes:
-        monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", block_bytes)
+@pytest.fixture(params=[None, 1 << 16], ids=["default blocks", "64 KiB blocks"])
+def late_jsonl(request, tmp_path, monkeypatch) -> tuple[Path, list[dict]]:
+    """40,000 lines (2.4 MB): past pyarrow's first block of 1 MB, whose types its stream reader would keep.
+
+    With 64 KiB blocks the change falls between blocks, and the file comes in parts of growing columns.
+    """
+    if request.param:
+        monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", request.param)
     rows = _jsonl_rows(40_000, late_from=30_000)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = read_manifest(str(tmp_path / "m.jsonl"))
+    return tmp_path / "m.jsonl", rows
+
+
+def test_jsonl_field_appearing_or_changing_type_late(tmp_path, late_jsonl):
+    path, rows = late_jsonl
+    manifest = read_manifest(str(path))
     table = manifest.table
     assert table.column_names == [*HEAD, "id", "album"]
     assert table.schema.field("id").type == pa.string()
@@ -522,17 +530,13 @@ def test_jsonl_field_appearing_or_changing_type_late(tmp_path, monkeypatch, bloc
     assert manifest.row_errors is None
 
 
-@pytest.mark.parametrize("block_bytes", [None, 1 << 16])
-def test_jsonl_late_field_through_the_planner(tmp_path, monkeypatch, block_bytes):
+def test_jsonl_late_field_through_the_planner(tmp_path, late_jsonl):
     from pipeline.batch.allowlist import Allowlist
     from pipeline.batch.output import output_schema
     from pipeline.batch.plan import make_plan
 
-    if block_bytes:
-        monkeypatch.setattr(manifest_module, "JSON_BLOCK_BYTES", block_bytes)
-    rows = _jsonl_rows(40_000, late_from=30_000)
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    reader = open_manifest(str(tmp_path / "m.jsonl"))
+    path, rows = late_jsonl
+    reader = open_manifest(str(path))
     plan = make_plan(reader, Allowlist((reader.home,)), _local_fs(), str(tmp_path / "out"), "m@1",
                      "2026-12-01", True, 100_000)
     assert output_schema(plan.extras).names[-2:] == ["id", "album"]
