@@ -185,10 +185,7 @@ def _load_manifest(con: duckdb.DuckDBPyConnection, reader: ManifestReader, allow
         first = next(batches, None)
         if first is None:
             continue
-        stream = pa.RecordBatchReader.from_batches(first.schema, chain([first], batches))
-        con.register("manifest_part", stream)
-        con.execute(f"CREATE TABLE manifest_{k} AS SELECT * FROM manifest_part")
-        con.unregister("manifest_part")
+        _create_from_stream(con, f"manifest_{k}", "SELECT * FROM stream", first.schema, chain([first], batches))
         tables.append(f"manifest_{k}")
         rows += con.sql(f"SELECT count(*) FROM manifest_{k}").fetchall()[0][0]
     if not tables:
@@ -203,24 +200,32 @@ def _load_manifest(con: duckdb.DuckDBPyConnection, reader: ManifestReader, allow
     return rows
 
 
-def _done_stream(fs, root: str, model_id: str, run_date: str, incremental: bool,
-                 failures: list[BaseException]) -> pa.RecordBatchReader:
-    """The history's rows that count as done, as one stream (see ``pipeline.batch.output.iter_done_rows``).
+def _create_from_stream(con: duckdb.DuckDBPyConnection, table: str, query: str, schema: pa.Schema,
+                        batches: Iterator[pa.RecordBatch]) -> None:
+    """``CREATE TABLE table AS query``, where ``query`` reads ``batches`` as the relation ``stream``.
 
-    DuckDB reports an exception raised inside a stream it reads as text only; the exception itself is kept in
-    ``failures``, so the plan raises what went wrong (``HistoryUnreadable``: which file, and why).
+    DuckDB reports an exception raised inside a stream it reads as text only, in an error of its own; the
+    exception itself is raised instead (a ``ManifestError`` naming the manifest, a ``HistoryUnreadable`` naming
+    the part file), so a file that fails part-way is the one-line error its reader gives.
     """
-    schema = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size_bytes", pa.int64())])
+    failures: list[BaseException] = []
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def kept() -> Iterator[pa.RecordBatch]:
         try:
-            for batch in iter_done_rows(fs, root, model_id, run_date, incremental, BATCH_ROWS):
-                yield batch.cast(schema)
+            yield from batches
         except Exception as exc:
             failures.append(exc)
             raise
 
-    return pa.RecordBatchReader.from_batches(schema, batches())
+    con.register("stream", pa.RecordBatchReader.from_batches(schema, kept()))
+    try:
+        con.execute(f"CREATE TABLE {table} AS {query}")
+    except duckdb.Error:
+        if failures:
+            raise failures[0] from None
+        raise
+    finally:
+        con.unregister("stream")
 
 
 JOIN_BYTES_PER_ROW = 40  # memory limit a history row needs in one anti-join pass (measured with a margin)
@@ -255,16 +260,11 @@ def make_plan(reader: ManifestReader, allowlist: Allowlist, output_fs, output_ro
     con, tmp = _connect(config)
     try:
         n = _load_manifest(con, reader, allowlist, limit)
-        failures: list[BaseException] = []
-        con.register("done_rows", _done_stream(output_fs, output_root, model_id, run_date, incremental, failures))
-        try:
-            con.execute("""CREATE TABLE done AS SELECT uri, coalesce(etag, '') AS e, coalesce(size_bytes, -1) AS s
-                           FROM done_rows""")
-        except duckdb.Error:
-            if failures:
-                raise failures[0] from None
-            raise
-        con.unregister("done_rows")
+        # The history's rows that count as done (see ``pipeline.batch.output.iter_done_rows``).
+        done = pa.schema([("uri", pa.string()), ("etag", pa.string()), ("size_bytes", pa.int64())])
+        history = iter_done_rows(output_fs, output_root, model_id, run_date, incremental, BATCH_ROWS)
+        _create_from_stream(con, "done", "SELECT uri, coalesce(etag, '') AS e, coalesce(size_bytes, -1) AS s "
+                                         "FROM stream", done, (b.cast(done) for b in history))
         # Not done before: an anti-join on the object version (URI, ETag, size). DuckDB's hash join spills,
         # but past a few tens of bytes of memory limit per history row it fails (30M rows against 256 MB,
         # measured); so the join runs in passes over hash partitions of the URI, each one's hash table

@@ -65,6 +65,20 @@ def test_a_copy_of_a_row_refused_for_its_own_fault_is_scored(tmp_path):
     assert rows[3][0] == "error" and rows[3][1].startswith("duplicate of manifest row 1 ")
 
 
+def test_a_manifest_that_fails_part_way_is_the_readers_one_line_error(tmp_path):
+    """A gzipped CSV cut short fails after its first batches, inside DuckDB's read of the stream: the plan raises
+    the reader's ManifestError, not DuckDB's wrapper of its text."""
+    import gzip
+
+    from pipeline.batch.manifest import ManifestError
+
+    text = "uri\n" + "".join(f"img/{i:08d}-a-name-long-enough-for-several-blocks.jpg\n" for i in range(400_000))
+    data = gzip.compress(text.encode())
+    (tmp_path / "m.csv.gz").write_bytes(data[:len(data) * 3 // 4])
+    with pytest.raises(ManifestError, match=r"^cannot read manifest .*m\.csv\.gz: EOFError"):
+        _plan(tmp_path / "m.csv.gz", tmp_path / "out")
+
+
 def test_a_part_file_that_cannot_be_read_now_stops_the_plan_and_a_stray_file_is_passed_over(tmp_path, s3,
                                                                                               monkeypatch):
     """Tonight's committed part file on S3 answers 503: the plan fails (the rerun tries again) rather than plan
