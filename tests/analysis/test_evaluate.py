@@ -269,4 +269,23 @@ def test_scoring_the_labelled_images_through_the_job(local_ray, checkpoints, pho
     again = ["evaluate", str(labels), "--images-prefix", str(folder), "--scores", str(output), "--bootstrap", "20",
              "--json"]
     assert _cli(*again) == 0
-    assert json.loads(capsys.readouterr().out)["metrics"] == scored["metrics"]
+    _assert_same_metrics(json.loads(capsys.readouterr().out)["metrics"], scored["metrics"])
+
+
+def _assert_same_metrics(again: dict, first: dict) -> None:
+    """The same scores paired with the same labels: every value equal, every interval equal to 1e-6.
+
+    A resample that repeats a few of five images is fitted by a logistic that is nearly exact (RMSE ~1e-16),
+    an ill-conditioned fit whose last digits follow the process's state: in one pytest process the second
+    evaluation's RMSE bound moved by 1e-7, and flushing denormals (``torch.set_flush_denormal``) gives the
+    same move in a fresh one. The values and the full-data mapping are no such fit, so they must be equal, and
+    a score paired with another image's label moves an interval far more than 1e-6.
+    """
+    assert set(again) == set(first)
+    for name, entry in first.items():
+        if isinstance(entry, dict) and "value" in entry:
+            assert again[name]["value"] == entry["value"], name
+            assert again[name]["low"] == pytest.approx(entry["low"], rel=1e-6, abs=1e-12), name
+            assert again[name]["high"] == pytest.approx(entry["high"], rel=1e-6, abs=1e-12), name
+        else:
+            assert again[name] == entry, name
