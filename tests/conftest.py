@@ -13,7 +13,7 @@ import skimage
 
 from pipeline.scoring.preprocess import PreprocessConfig
 from pipeline.scoring.sample import depth_random_name, write_random_depth_anything, write_random_dgiqa
-from pipeline.scoring.scorer import Scorer, ScorerConfig
+from pipeline.scoring.scorer import Scorer, ScorerConfig, make_scorer
 
 DATA = Path(__file__).parent / "data"
 
@@ -112,8 +112,9 @@ def dpiqa_student(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fast_scorer(checkpoints) -> Scorer:
-    return Scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
-                               device="cpu", preprocess=FAST))
+    """DGIQA at the tests' fast settings, made as the job's actors make it (``make_scorer``)."""
+    return make_scorer(ScorerConfig(weights=str(checkpoints["dgiqa"]), depth_weights=str(checkpoints["depth"]),
+                                    device="cpu", preprocess=FAST))
 
 
 @pytest.fixture(scope="session")

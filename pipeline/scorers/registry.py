@@ -47,6 +47,11 @@ class ScorerOption:
         choices: The values the flag accepts, where it is a choice.
         keyed_at_default: Whether the run key holds the option at its default value too; False for options added
             after runs were keyed without them, so that those runs resume.
+        names_model: Set away from its default, the option makes other scores than the published inference
+            (another crop count, depth input, orientation, loader or latent), so ``model_id`` names it
+            (``model_id_options``): the incremental skip and "latest per image" key on ``model_id``, and a night
+            run with a corrected setting must score again, not keep the scores of the old one. The speed options
+            (``--draft-decode``, ``--decode``, like ``--precision``) approximate the same scores and do not.
     """
 
     name: str
@@ -54,6 +59,7 @@ class ScorerOption:
     in_model_id: bool = False
     choices: tuple[str, ...] = ()
     keyed_at_default: bool = True
+    names_model: bool = False
 
     @property
     def flag(self) -> str:
@@ -67,16 +73,16 @@ SCORER_OPTIONS: dict[str, ScorerOption] = {option.name: option for option in (
     ScorerOption("depth_weights", None, in_model_id=True),
     ScorerOption("encoder", "auto", in_model_id=True, choices=("auto", "vits", "vitb", "vitl")),
     ScorerOption("depth_version", "v1", in_model_id=True, choices=("v1", "v2")),
-    ScorerOption("crops", 20),
-    ScorerOption("depth_input_size", 518),
+    ScorerOption("crops", 20, names_model=True),
+    ScorerOption("depth_input_size", 518, names_model=True),
     ScorerOption("draft_decode", False),
-    ScorerOption("exif_transpose", False),
+    ScorerOption("exif_transpose", False, names_model=True),
     ScorerOption("decode", "cpu", choices=("cpu", "gpu"), keyed_at_default=False),
     ScorerOption("trained_on", "livec", choices=("livec", "koniq10k", "spaq", "kadid10k", "tid2013", "csiq"),
-                 keyed_at_default=False),
+                 keyed_at_default=False, names_model=True),
     ScorerOption("prompt_embeddings", None, in_model_id=True),
     ScorerOption("clip_text", None, in_model_id=True),
-    ScorerOption("latent", "sample", choices=("sample", "mean"), keyed_at_default=False),
+    ScorerOption("latent", "sample", choices=("sample", "mean"), keyed_at_default=False, names_model=True),
 )}
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -216,6 +222,18 @@ def check_options(model: str, given: Iterable[str]) -> None:
 def changed_options(values: Mapping[str, object]) -> list[str]:
     """The names among ``values`` (option name -> value) whose value is not the option's default."""
     return [name for name, value in values.items() if value != SCORER_OPTIONS[name].default]
+
+
+def model_id_options(model: str, values: Mapping[str, object]) -> str:
+    """The ``model_id`` suffix of the score-changing options ``model`` uses and ``values`` sets away from default.
+
+    ``crops=5,depth-input-size=700`` (flag names, in the registry's order), or empty at the defaults: every
+    output written at the defaults keeps the ``model_id`` it had before options were named in it.
+    """
+    used = get_scorer(model).options
+    named = [(option.flag[2:], values[name]) for name, option in SCORER_OPTIONS.items()
+             if option.names_model and name in used and values[name] != option.default]
+    return ",".join(f"{flag}={str(value).lower() if isinstance(value, bool) else value}" for flag, value in named)
 
 
 def resolve_options(model: str, given: Mapping[str, object]) -> dict[str, object]:

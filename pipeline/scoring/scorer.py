@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,7 +17,15 @@ from torch import nn
 
 from pipeline.models import depth_anything as da
 from pipeline.models.attention import ATTENTION_MODES, set_attention
-from pipeline.scorers.registry import DEVICES, SCORER_OPTIONS, changed_options, check_options, get_scorer, resolve
+from pipeline.scorers.registry import (
+    DEVICES,
+    SCORER_OPTIONS,
+    changed_options,
+    check_options,
+    get_scorer,
+    model_id_options,
+    resolve,
+)
 from pipeline.scoring.depth import depth_passes
 from pipeline.scoring.device_decode import decode_on_device
 from pipeline.scoring.precision import PRECISIONS, autocast
@@ -271,12 +279,25 @@ def check_models(config: ScorerConfig) -> ModelInfo:
     Raises:
         WeightsError: A checkpoint cannot be read or does not fit its model.
     """
-    return resolve(get_scorer(config.model).runner).check(config)
+    return _with_options(resolve(get_scorer(config.model).runner).check(config), config)
 
 
 def make_scorer(config: ScorerConfig):
     """The runner the registry names for ``config.model``, weights loaded."""
-    return resolve(get_scorer(config.model).runner)(config)
+    runner = resolve(get_scorer(config.model).runner)(config)
+    runner.info = _with_options(runner.info, config)
+    runner.model_id = runner.info.model_id
+    return runner
+
+
+def _with_options(info: ModelInfo, config: ScorerConfig) -> ModelInfo:
+    """``info`` whose ``model_id`` ends in ``+<options>`` when score-changing options are set (``model_id_options``).
+
+    Done here, on the one road from a config to a runner, so that the driver's ``model_id`` (which the plan skips
+    by) and every actor's (which it checks against the driver's) are named alike for every scorer.
+    """
+    named = model_id_options(config.model, config.options())
+    return replace(info, model_id=f"{info.model_id}+{named}") if named else info
 
 
 def prepare_item(data: bytes, config: ScorerConfig):

@@ -218,6 +218,12 @@ def test_incremental_runs_score_only_what_is_new_or_changed(checkpoints, bucket,
     rescored = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", weights=str(other_weights)))
     assert rescored["skipped_done_before"] == 0 and rescored["rows_written"] == 3
 
+    # Another crop count makes other scores: named in model_id, so the night scores again and keeps both.
+    recropped = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", crops=3))
+    assert recropped["skipped_done_before"] == 0 and recropped["rows_written"] == 3
+    assert recropped["model_id"].endswith("+crops=3,depth-input-size=70")
+    assert run_job(_job(checkpoints, manifest, output, run_date="2026-11-23", crops=3))["skipped_done_before"] == 3
+
     full = run_job(_job(checkpoints, manifest, output, run_date="2026-11-22", incremental=False))
     assert full["rows_written"] == 3
     # --full scores everything again, but a rerun of the same night never writes a row twice.

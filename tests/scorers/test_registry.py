@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, resolve, scorer_names
+from pipeline.scorers.registry import SCORER_OPTIONS, get_scorer, model_id_options, resolve, scorer_names
 from pipeline.scoring.scorer import ScorerConfig
 
 
@@ -52,6 +52,19 @@ def test_the_trained_on_choices_are_the_dpam_presets():
     assert SCORER_OPTIONS["trained_on"].choices == tuple(dpam_preprocess.PRESETS)
     assert SCORER_OPTIONS["trained_on"].default == dpam_preprocess.DEFAULT_PRESET
     assert not SCORER_OPTIONS["trained_on"].keyed_at_default  # runs keyed before the option existed resume
+
+
+def test_model_id_names_the_score_changing_options_set_away_from_their_defaults():
+    defaults = {name: option.default for name, option in SCORER_OPTIONS.items()}
+    assert [model_id_options(name, defaults) for name in scorer_names()] == ["", "", "", ""]
+    dgiqa = {**defaults, "crops": 5, "depth_input_size": 700, "draft_decode": True, "decode": "gpu"}
+    assert model_id_options("dgiqa", dgiqa) == "crops=5,depth-input-size=700"  # speed options: not named
+    assert model_id_options("dpam", {**defaults, "trained_on": "koniq10k"}) == "trained-on=koniq10k"
+    assert model_id_options("dpiqa-student", {**defaults, "exif_transpose": True}) == "exif-transpose=true"
+    assert model_id_options("dpiqa", {**defaults, "latent": "mean"}) == "latent=mean"
+    # Every option that changes what a scorer reads from the image is named, or is in model_id already.
+    assert {name for name, option in SCORER_OPTIONS.items() if not (option.names_model or option.in_model_id)} == {
+        "draft_decode", "decode"}
 
 
 def test_a_spec_with_an_unknown_option_is_refused_when_declared():

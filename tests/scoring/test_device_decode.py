@@ -20,7 +20,7 @@ from pipeline.batch.stages import ScoreActor, _unpack, pack_arrays, prepare_batc
 from pipeline.scoring import device_decode
 from pipeline.scoring.device_decode import EncodedImage, decode_on_device, decode_oriented, prepare_for_device
 from pipeline.scoring.preprocess import PreparedImage, PreprocessConfig, decode_image, prepare_bytes
-from pipeline.scoring.scorer import Scorer, ScorerConfig
+from pipeline.scoring.scorer import Scorer, ScorerConfig, make_scorer
 
 DATA = Path(__file__).parents[1] / "data"
 CPU = torch.device("cpu")
@@ -38,7 +38,7 @@ def _jpeg(path, quality=90, orientation=None) -> bytes:
 
 @pytest.fixture(scope="module")
 def gpu_decode(fast_scorer) -> Scorer:
-    return Scorer(dataclasses.replace(fast_scorer.config, decode="gpu"))
+    return make_scorer(dataclasses.replace(fast_scorer.config, decode="gpu"))
 
 
 def test_jpegs_ship_encoded_and_score_in_the_actor_beside_cpu_decoded_images(fast_scorer, gpu_decode,

@@ -84,9 +84,10 @@ def test_bad_images_raise_image_errors(fast_scorer, data, message):
         fast_scorer.score_bytes(data)
 
 
-def test_model_id_names_both_weights(fast_scorer):
+def test_model_id_names_both_weights_and_the_score_changing_options(fast_scorer):
     info = fast_scorer.info
-    assert fast_scorer.model_id == f"dgiqa@{info.weights_sha256}+depth-anything-v1-vits@{info.depth_sha256}"
+    assert fast_scorer.model_id == (f"dgiqa@{info.weights_sha256}+depth-anything-v1-vits@{info.depth_sha256}"
+                                    "+crops=2,depth-input-size=70")  # the tests' fast settings, not the published
     assert len(info.weights_sha256) == 64 and fast_scorer.encoder == "vits"
     # The driver's check sees the same model id without building the models.
     assert check_models(fast_scorer.config) == info
