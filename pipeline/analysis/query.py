@@ -165,6 +165,8 @@ class ScanStats:
         rows_selected: Rows in the result.
         key_rows_read: Rows scanned (a few narrow columns) to find each image's latest row or the
             score distribution; 0 when neither was needed.
+        rows_before_uris: With ``uris``: the rows the filter keeps before that restriction (of latest rows,
+            the images the selection knows), counted in DuckDB; else None.
     """
 
     files_total: int = 0
@@ -174,6 +176,7 @@ class ScanStats:
     rows_read: int = 0
     rows_selected: int = 0
     key_rows_read: int = 0
+    rows_before_uris: int | None = None
 
     def describe(self) -> str:
         """One line for people: what was selected and what was read to select it."""
@@ -283,8 +286,8 @@ def _rank_bounds(con, population: str, flt: ScoreFilter) -> tuple[float | None, 
 
 @contextlib.contextmanager
 def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: Sequence[str] | None = None,
-              memory_mb: int = DEFAULT_PLAN_MEMORY_MB,
-              spill_dir: str | None = None) -> Iterator[tuple[pa.RecordBatchReader, ScanStats]]:
+              memory_mb: int = DEFAULT_PLAN_MEMORY_MB, spill_dir: str | None = None,
+              uris: pa.Array | None = None) -> Iterator[tuple[pa.RecordBatchReader, ScanStats]]:
     """Rows of the scores dataset that ``flt`` keeps, sorted by score (highest first), then uri, as a stream.
 
     The history can hold 10^9 rows: nothing here holds a column of it in Python. The narrow key columns of
@@ -299,6 +302,9 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
         columns: Columns to return; default all. The key columns needed to pick rows are read regardless.
         memory_mb: DuckDB's memory limit.
         spill_dir: Local folder for DuckDB's files (default: a fresh temporary folder).
+        uris: Keep only rows of these images (as the output writes ``uri``): a labelled set's, joined in DuckDB
+            so that only they come back, whatever the history holds. Which row is an image's latest, and the
+            ranks, are still those of the whole history; not combinable with a ranked filter.
 
     Yields:
         The rows (in the dataset schema's types) and what was read to find them.
@@ -314,6 +320,8 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
     statuses = flt.statuses
     if flt.min_score is not None or flt.max_score is not None or flt.ranked:
         statuses = tuple(s for s in (statuses or STATUSES) if s == STATUS_OK)
+    if uris is not None and flt.ranked:
+        raise QueryError("a selection of given images cannot also be ranked")
     key_cols = ["uri", "model_id", PARTITION, "status", "scored_at", "score"]
     # Nullable: partitions written before a column existed read it as nulls (see ``open_scores``).
     out_schema = pa.schema([dataset.schema.field(c).with_nullable(True) for c in wanted])
@@ -369,6 +377,13 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
         present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", source_params).fetchall()}
         # A column only other nights' files have (a manifest column carried then) is null in these rows.
         read_cols = ", ".join(f'"{c}"' if c in present else f'NULL AS "{c}"' for c in columns)
+        if uris is not None:
+            counted = "winners" if winners is not None else source
+            stats.rows_before_uris = con.execute(f"SELECT count(*) FROM {counted} WHERE {where}",
+                                                 ([] if winners is not None else source_params) + params
+                                                 ).fetchall()[0][0]
+            con.register("given_uris", pa.table({"uri": uris.cast(pa.string())}))
+            where += " AND uri IN (SELECT uri FROM given_uris)"
         con.execute(f"CREATE TABLE picked AS SELECT {read_cols} FROM {source} WHERE {where}", source_params + params)
         if low is not None or high is not None:
             # A NaN is no score, but DuckDB 2.0's Parquet reader lets a NaN through a pushed-down ``score <= x``
@@ -398,10 +413,27 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
 BATCH_ROWS = 65_536
 
 
-def select(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(),
-           columns: Sequence[str] | None = None) -> tuple[pa.Table, ScanStats]:
+def model_ids(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), memory_mb: int = DEFAULT_PLAN_MEMORY_MB,
+              spill_dir: str | None = None) -> list[str]:
+    """The ``model_id`` values of the rows ``flt``'s dates, model and statuses keep (not its latest rule or ranks).
+
+    A DISTINCT in DuckDB over one column: a history of 10^9 rows holds a handful of models.
+    """
+    from pipeline.batch.plan import duckdb_connection
+
+    with duckdb_connection(memory_mb, spill_dir) as con:
+        files = [f.path for f in dataset.get_fragments(filter=_base_filter(flt, flt.statuses))]
+        source, source_params = _parquet_source(con, dataset, files, ["model_id", "status", PARTITION])
+        where, params = _sql_filter(flt, flt.statuses, None, None)
+        found = con.execute(f"SELECT DISTINCT model_id FROM {source} WHERE {where} AND model_id IS NOT NULL",
+                            source_params + params).fetchall()
+    return sorted(row[0] for row in found)
+
+
+def select(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: Sequence[str] | None = None,
+           uris: pa.Array | None = None) -> tuple[pa.Table, ScanStats]:
     """``selection`` read whole: for selections known to be small (tests, a labelled set's scores)."""
-    with selection(dataset, flt, columns) as (rows, stats):
+    with selection(dataset, flt, columns, uris=uris) as (rows, stats):
         return rows.read_all(), stats
 
 

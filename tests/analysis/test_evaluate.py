@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.analysis import evaluate
+from pipeline.analysis import evaluate, query
 from pipeline.analysis.labels import read_labels
 from pipeline.analysis.metrics import compute_metrics, density_separation
+from pipeline.analysis.query import QueryError
 from pipeline.batch.output import RESULT_SCHEMA
 from pipeline.cli import evaluate as cli_evaluate
 from tests.conftest import local_ray_without_auth
@@ -92,6 +93,18 @@ def test_evaluate_uses_each_images_latest_ok_score_of_one_model(dataset):
     assert result.metrics.srocc.value > 0.9 and result.model_id == MODEL_A
     stale = compute_metrics(dataset["stale"][:25], dataset["label_values"][:25], bootstrap=0)
     assert abs(stale.srocc.value) < 0.5  # the older night's scores would have shown
+
+
+def test_reading_the_labelled_images_scores_only_brings_those_rows(dataset):
+    """The labels' URIs are joined in DuckDB: the other images' scores stay there, only counted."""
+    asked = [f"{IMAGES}/img{i:03d}.jpg" for i in (0, 1, 2, 26, 29)] + [f"file://{IMAGES}/elsewhere.jpg"]
+    scores = evaluate.read_scores(str(dataset["output"]), MODEL_A, uris=asked)
+    got = dict(zip(scores.table.column("uri").to_pylist(), scores.table.column("score").to_pylist(), strict=True))
+    # The latest ok rows of the asked images that have one (26's latest row is an error, 29 was never scored).
+    assert got == {f"file://{IMAGES}/img{i:03d}.jpg": pytest.approx(float(dataset["fresh"][i])) for i in (0, 1, 2)}
+    assert scores.images == 29 and scores.model_id == MODEL_A  # 25 labelled and 4 unlabelled images scored ok
+    with pytest.raises(QueryError, match="cannot also be ranked"):
+        query.select(query.open_scores(str(dataset["output"])), query.ScoreFilter(top=0.1), uris=pa.array(asked))
 
 
 def test_several_models_need_a_model_id(dataset):
