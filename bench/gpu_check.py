@@ -185,6 +185,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _figure(rate: float) -> float:
+    """A measured rate to four significant digits: a loaded CPU's bf16 rate (under 5e-4 TFLOP/s) is not 0."""
+    return float(f"{rate:.4g}")
+
+
 def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int, seconds: float) -> float:
     """TFLOP/s of repeated ``n x n`` products on ``device``: the ceiling the models' dense layers could reach."""
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
@@ -307,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             for precision, dtype in DTYPES.items():
                 peaks[precision] = matmul_peak_tflops(dtype, device, n, seconds)
             return {"device": device.type, "matmul_n": n,
-                    "peak_tflops": {k: round(v, 3) for k, v in peaks.items()},
+                    "peak_tflops": {k: _figure(v) for k, v in peaks.items()},
                     "note": "torch defaults: fp32 matmul without TF32 (cuDNN convolutions may use TF32)"}
 
         report.run("matmul_peak", "env", 10, measure_peaks)
@@ -355,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     round_tasks = tasks * max(1, math.ceil(2 * args.workers / len(tasks)))
                     repeats, wall = _timed_repeats(lambda: pool_map(fn, round_tasks, chunksize=1), short_s)
                     return {"device": "cpu", "workers": args.workers, "images": repeats * len(round_tasks),
-                            "wall_s": round(wall, 3), "images_per_s": round(repeats * len(round_tasks) / wall, 3)}
+                            "wall_s": round(wall, 3), "images_per_s": _figure(repeats * len(round_tasks) / wall)}
 
                 report.run(f"decode_cpu_{decoder}_{name}", "decode", short_s * 3 + 2, cpu_decode)
 
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                     _reset_gpu_memory(device)
                     repeats, wall = _timed_repeats(once, short_s)
                     return {"device": device.type, "batch": batch, "images": repeats * batch, "wall_s": round(wall, 3),
-                            "images_per_s": round(repeats * batch / wall, 3), **_gpu_memory(device)}
+                            "images_per_s": _figure(repeats * batch / wall), **_gpu_memory(device)}
 
                 report.run(f"decode_torchvision_{device.type}_b{batch}_{name}", "decode", short_s * 3 + 2,
                            device_decode)
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                                         lambda: [once() for _ in range(repeats)], repeats * batch,
                                         flops * repeats * batch, peak)
                         return {**row, "device": device.type, "batch": batch, "precision": precision,
-                                "planned_images": planned * batch, "assumed_images_per_s": round(assumed, 3),
+                                "planned_images": planned * batch, "assumed_images_per_s": _figure(assumed),
                                 "tflop_per_image": flops / 1e12, "warmup_s": round(warm, 3), **_gpu_memory(device)}
 
                     report.run(f"forward_{encoder}_{precision}_b{batch}", "forward", short_s * 3 + 3, forward)
@@ -474,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                             ours = scores[:len(reference)]
                             return {**row, "device": device.type, "batch": batch, "precision": precision,
                                     "size": name, "planned_images": planned * batch,
-                                    "assumed_images_per_s": round(assumed, 3), "tflop_per_image": flops / 1e12,
+                                    "assumed_images_per_s": _figure(assumed), "tflop_per_image": flops / 1e12,
                                     "warmup_s": round(warm, 3), **_gpu_memory(device),
                                     "max_abs_score_delta_vs_cpu_fp32": max(abs(a - b) for a, b in
                                                                             zip(ours, reference, strict=True)),
@@ -505,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                     images += len(ours)
                     deltas[name] = max(abs(a - b) for a, b in zip(ours, reference, strict=True))
                 return {"device": device.type, "encoder": encoder, "precision": "fp32", "images": images,
-                        "images_per_s": round(images / wall, 3), "max_abs_score_delta_by_size": deltas,
+                        "images_per_s": _figure(images / wall), "max_abs_score_delta_by_size": deltas,
                         "max_abs_score_delta_vs_cpu_fp32": max(deltas.values()), **_gpu_memory(device)}
 
             report.run(f"score_decode_device_{encoder}_fp32", "score", target_s * 2 + 20, decoded_on_device)
