@@ -222,7 +222,7 @@ _ORDER = "score IS NULL, coalesce(isnan(score), false), score DESC, uri, model_i
 _ORDER_REVERSED = "score IS NULL, coalesce(isnan(score), false), score ASC, uri DESC, model_id DESC, run_date DESC"
 
 
-def _parquet_source(con, dataset: pads.Dataset, files: Sequence[str], columns: Sequence[str]) -> tuple[str, list]:
+def parquet_source(con, dataset: pads.Dataset, files: Sequence[str], columns: Sequence[str]) -> tuple[str, list]:
     """SQL for DuckDB's own Parquet reader over ``files`` of the dataset, and its parameter.
 
     No files (no partition of the selected dates): an empty table of ``columns``, in the dataset's types.
@@ -332,7 +332,7 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
         if flt.latest or flt.ranked:
             base = _base_filter(flt, None if flt.latest else statuses)
             files = [f.path for f in dataset.get_fragments(filter=base)]
-            source, source_params = _parquet_source(con, dataset, files, key_cols)
+            source, source_params = parquet_source(con, dataset, files, key_cols)
             where, params = _sql_filter(flt, None if flt.latest else statuses, None, None)
             keys = ", ".join(key_cols)
             population = "keys"
@@ -373,7 +373,7 @@ def selection(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), columns: 
                 files.append(fragment.path)
         where, params = _sql_filter(flt, statuses, low, high)
         columns = list(dict.fromkeys([*wanted, *key_cols]))
-        source, source_params = _parquet_source(con, dataset, files, columns)
+        source, source_params = parquet_source(con, dataset, files, columns)
         present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}", source_params).fetchall()}
         # A column only other nights' files have (a manifest column carried then) is null in these rows.
         read_cols = ", ".join(f'"{c}"' if c in present else f'NULL AS "{c}"' for c in columns)
@@ -423,7 +423,7 @@ def model_ids(dataset: pads.Dataset, flt: ScoreFilter = ScoreFilter(), memory_mb
 
     with duckdb_connection(memory_mb, spill_dir) as con:
         files = [f.path for f in dataset.get_fragments(filter=_base_filter(flt, flt.statuses))]
-        source, source_params = _parquet_source(con, dataset, files, ["model_id", "status", PARTITION])
+        source, source_params = parquet_source(con, dataset, files, ["model_id", "status", PARTITION])
         where, params = _sql_filter(flt, flt.statuses, None, None)
         found = con.execute(f"SELECT DISTINCT model_id FROM {source} WHERE {where} AND model_id IS NOT NULL",
                             source_params + params).fetchall()

@@ -321,8 +321,29 @@ def test_score_histogram_counts_ok_scores(library, all_dates):
     assert [b.attrs["data-group"] for b in boxes] == list(NIGHTS)
     for box, night in zip(boxes, NIGHTS, strict=True):
         values = [r["score"] for r in library["rows"] if r["status"] == "ok" and r["night"] == night]
-        assert float(box.attrs["data-median"]) == pytest.approx(np.median(values), abs=1e-6)
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
+        assert float(box.attrs["data-median"]) == pytest.approx(median, abs=1e-6)
+        assert float(box.attrs["data-q1"]) == pytest.approx(q1, abs=1e-6) and q1 < median < q3
+        assert float(box.attrs["data-q3"]) == pytest.approx(q3, abs=1e-6)
         assert int(box.attrs["data-count"]) == len(values)
+
+
+def test_the_histogram_bins_scores_on_the_edges_as_numpy_does(tmp_path):
+    """The bins are counted in DuckDB; a score on a bin edge falls in numpy's bin, 1.0 in the last one."""
+    from pipeline.analysis.query import open_scores
+    from pipeline.analysis.report.selection import OkScores
+
+    bins = report.HISTOGRAM_BINS
+    scores = np.array([k / bins for k in range(bins + 1)] + [0.05, 0.15, 0.35, 0.7, 0.85, 1e-9], np.float32)
+    part = tmp_path / "scores" / f"run_date={NIGHTS[0]}"
+    part.mkdir(parents=True)
+    rows = [_row(f"s3://photos/{i}.jpg", "ok", float(v)) for i, v in enumerate(scores)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), part / "part-0.parquet")
+    found = OkScores(open_scores(str(tmp_path / "scores")), (NIGHTS[0],)).distribution(bins)
+    expected, _ = np.histogram(scores.astype(np.float64), bins=bins, range=(0, 1))
+    assert found.histogram == expected.tolist() and found.total == len(scores)
+    box = found.boxes[NIGHTS[0]]
+    assert (box.low, box.median, box.high) == (0.0, pytest.approx(np.median(scores.astype(np.float64))), 1.0)
 
 
 def test_over_several_nights_an_image_is_one_tile_and_the_histogram_counts_scores(tmp_path):

@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 
 import fsspec
-import numpy as np
 import pyarrow.compute as pc
 
 from pipeline.analysis.query import open_scores
 from pipeline.analysis.report.config import ReportConfig, ReportError
 from pipeline.analysis.report.depth import load_depth_maps
 from pipeline.analysis.report.failures import error_groups
-from pipeline.analysis.report.page import ReportContent, render_page
+from pipeline.analysis.report.page import HISTOGRAM_BINS, ReportContent, render_page
 from pipeline.analysis.report.selection import (
+    OkScores,
     count_rows,
     run_summaries,
-    scores_by_date,
     select_dates,
     span,
     thumbnail_grids,
@@ -46,8 +45,9 @@ def build_report(config: ReportConfig) -> str:
     depth = load_depth_maps(config)
 
     ok_filter = selection & (pc.field("status") == STATUS_OK) & pc.field("score").is_valid()
-    scores = scores_by_date(dataset, ok_filter, dates)
-    grids = thumbnail_grids(dataset, ok_filter, np.concatenate(list(scores.values())), config.thumbnails)
+    ok_scores = OkScores(dataset, tuple(dates), config.model_id)
+    scores = ok_scores.distribution(HISTOGRAM_BINS)
+    grids = thumbnail_grids(dataset, ok_filter, ok_scores, scores.total, config.thumbnails)
     summaries = run_summaries(config, dates)
     shown = [row for grid in grids for row in grid.rows]
     tiles = make_tiles(shown, config, thumbnail_access(config, summaries), depth) if shown else []

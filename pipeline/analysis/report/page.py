@@ -15,11 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
 
-import numpy as np
-
 from pipeline.analysis import svg
 from pipeline.analysis.report.failures import ErrorGroup
-from pipeline.analysis.report.selection import TileGrid, span
+from pipeline.analysis.report.selection import ScoreDistribution, TileGrid, span
 from pipeline.analysis.report.thumbnails import Tile
 from pipeline.batch.allowlist import redact_uri
 from pipeline.batch.output import PARTITION, STATUS_ERROR, STATUS_OK, STATUS_REJECTED, STATUSES
@@ -39,7 +37,7 @@ class ReportContent:
         dates: The selected run dates, oldest first.
         counts: Rows by ``(run_date, model_id, status)``.
         summaries: The selected runs' summaries.
-        scores: The finite ``ok`` scores of each date.
+        scores: The histogram and per-date boxes of the finite ``ok`` scores.
         failures: Failure causes, most frequent first.
         grids: The thumbnail grids, in page order.
         tiles: The tiles of all grids, one after the other in the grids' order.
@@ -51,7 +49,7 @@ class ReportContent:
     dates: Sequence[str]
     counts: Mapping[tuple[str, str, str], int]
     summaries: list[dict]
-    scores: Mapping[str, np.ndarray]
+    scores: ScoreDistribution
     failures: list[ErrorGroup]
     grids: list[TileGrid]
     tiles: list[Tile]
@@ -157,21 +155,20 @@ def _summaries_section(summaries: list[dict]) -> list[str]:
     return out
 
 
-def _scores_section(scores: Mapping[str, np.ndarray]) -> list[str]:
+def _scores_section(scores: ScoreDistribution, dates: Sequence[str]) -> list[str]:
     out = ["<h2>Scores of ok images</h2>"]
-    total = sum(v.size for v in scores.values())
+    total = scores.total
     if not total:
         return [*out, '<p class="muted">No ok rows with a score in this selection.</p>']
-    counts = sum(np.histogram(np.clip(v, 0.0, 1.0), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0] for v in scores.values())
     # Over several run dates an image scored on each counts once a night: the bars count scores, not images.
-    counted = f"{_num(total)} images" if len(scores) == 1 else f"{_num(total)} scores over {len(scores)} run dates"
-    out.append(svg.histogram(counts.tolist(), 0.0, 1.0, title=f"Score histogram ({counted})",
-                             x_label="score", y_label="images" if len(scores) == 1 else "scores"))
-    if len(scores) > 1:
-        groups = [(date, svg.BoxStats(*(float(q) for q in np.percentile(v, [0, 25, 50, 75, 100])), count=v.size))
-                  for date, v in sorted(scores.items()) if v.size]
-        out.append(svg.box_plot(groups, 0.0, 1.0, title="Score by run date (median, quartiles, range)",
-                                x_label="run date", y_label="score"))
+    several = len(dates) > 1
+    counted = f"{_num(total)} scores over {len(dates)} run dates" if several else f"{_num(total)} images"
+    out.append(svg.histogram(scores.histogram, 0.0, 1.0, title=f"Score histogram ({counted})",
+                             x_label="score", y_label="scores" if several else "images"))
+    if several:
+        out.append(svg.box_plot(sorted(scores.boxes.items()), 0.0, 1.0,
+                                title="Score by run date (median, quartiles, range)", x_label="run date",
+                                y_label="score"))
     return out
 
 
@@ -252,7 +249,7 @@ def render_page(content: ReportContent) -> str:
     body.append("</div>")
     body += _counts_section(counts, several)
     body += _summaries_section(content.summaries)
-    body += _scores_section(content.scores)
+    body += _scores_section(content.scores, content.dates)
     body += _errors_section(content.failures)
     depth_label = content.depth_label
     if depth_label:

@@ -1,28 +1,35 @@
 """What the report reads from the scores output: the run dates, row counts, scores, thumbnail rows and summaries.
 
-Everything goes through pyarrow filters: ``run_date`` prunes whole partitions, and the thumbnails' rows are found
-by two score thresholds, which row-group statistics of the score-sorted part files answer without reading most
-rows. No column of the selection is held whole.
+Rows go through pyarrow filters: ``run_date`` prunes whole partitions, and the thumbnails' rows are found by two
+score thresholds, which row-group statistics of the score-sorted part files answer without reading most rows.
+The score aggregates (histogram, per-date quartiles, the thresholds) are DuckDB's, out of core. No column of the
+selection is held whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import posixpath
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import duckdb
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline.analysis.query import parquet_source
 from pipeline.analysis.report.config import ReportConfig, ReportError
+from pipeline.analysis.svg import BoxStats
 from pipeline.batch.allowlist import redact_uri
-from pipeline.batch.output import PARTITION
+from pipeline.batch.output import PARTITION, STATUS_OK
+from pipeline.batch.plan import duckdb_connection
+from pipeline.limits import DEFAULT_PLAN_MEMORY_MB
 
 
 def partition_dates(dataset: pads.Dataset) -> list[str]:
@@ -84,14 +91,100 @@ def count_rows(dataset: pads.Dataset, selection: pc.Expression) -> Counter:
     return counts
 
 
-def scores_by_date(dataset: pads.Dataset, ok_filter: pc.Expression, dates: Sequence[str]) -> dict[str, np.ndarray]:
-    """The finite scores of each selected date; one partition is read at a time, only its score column."""
-    by_date = {}
-    for date in dates:
-        column = dataset.to_table(columns=["score"], filter=ok_filter & (pc.field(PARTITION) == date)).column(0)
-        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-        by_date[date] = values[np.isfinite(values)]
-    return by_date
+@dataclass(frozen=True)
+class OkScores:
+    """The finite ``ok`` scores of the selection, left in the part files and read by DuckDB.
+
+    A month of nights of 10^8 images is 3e9 scores: the page's histogram, per-date boxes and thumbnail
+    thresholds are aggregates, computed out of core (``memory_mb``), so no score column is held in Python.
+
+    Attributes:
+        dataset: From ``open_scores``.
+        dates: The selected run dates.
+        model_id: Only this model's rows (None: every model's).
+        memory_mb: DuckDB's memory limit; sorts past it spill to a temporary folder.
+    """
+
+    dataset: pads.Dataset
+    dates: tuple[str, ...]
+    model_id: str | None = None
+    memory_mb: int = DEFAULT_PLAN_MEMORY_MB
+
+    @contextlib.contextmanager
+    def _scores(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, str, list]]:
+        """A DuckDB connection and a SQL subquery of ``run_date, score`` (DOUBLE), with its parameters."""
+        selected = pc.field(PARTITION).isin(list(self.dates))
+        if self.model_id is not None:
+            selected &= pc.field("model_id") == self.model_id
+        files = [f.path for f in self.dataset.get_fragments(filter=selected)]
+        with duckdb_connection(self.memory_mb) as con:
+            source, params = parquet_source(con, self.dataset, files, [PARTITION, "score", "status", "model_id"])
+            dates = ", ".join("?" * len(self.dates))
+            where = f"status = '{STATUS_OK}' AND isfinite(score) AND {PARTITION} IN ({dates})"
+            params = [*params, *self.dates]
+            if self.model_id is not None:
+                where += " AND model_id = ?"
+                params.append(self.model_id)
+            yield con, f"(SELECT {PARTITION}, score::DOUBLE AS score FROM {source} WHERE {where})", params
+
+    def distribution(self, bins: int) -> ScoreDistribution:
+        """The histogram (``np.histogram``'s bins over [0, 1], scores clipped into it) and each date's box.
+
+        Quartiles interpolate linearly between order statistics (``np.percentile``'s default), found by one
+        sort per date, which DuckDB spills; an exact quantile aggregate would hold a date's scores in memory.
+        """
+        with self._scores() as (con, scores, params):
+            # Scores are float32: x * bins is exact in double, so its floor is np.histogram's bin (the edges tested).
+            binned = (f"SELECT least(floor(least(greatest(score, 0.0::DOUBLE), 1.0::DOUBLE) * {bins})::BIGINT, "
+                      f"{bins - 1}) AS i FROM {scores}")
+            counts = dict(con.execute(f"SELECT i, count(*) FROM ({binned}) GROUP BY i", params).fetchall())
+            ranked = (f"SELECT {PARTITION} AS night, score, row_number() OVER w - 1 AS k, count(*) OVER w AS n "
+                      f"FROM {scores} WINDOW w AS (PARTITION BY {PARTITION} ORDER BY score ROWS BETWEEN "
+                      "UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)")
+            wanted = " OR ".join(f"k = floor({q} * (n - 1)) OR k = ceil({q} * (n - 1))" for q in QUARTILES)
+            order_stats: dict[str, dict[int, float]] = {}
+            sizes: dict[str, int] = {}
+            for night, score, k, n in con.execute(f"SELECT * FROM ({ranked}) WHERE {wanted}", params).fetchall():
+                order_stats.setdefault(night, {})[k] = score
+                sizes[night] = n
+        boxes = {}
+        for night in sorted(order_stats):
+            n, values = sizes[night], order_stats[night]
+            five = []
+            for q in QUARTILES:
+                h = q * (n - 1)
+                lo, hi = math.floor(h), math.ceil(h)
+                five.append(values[lo] + (values[hi] - values[lo]) * (h - lo))
+            boxes[night] = BoxStats(*five, count=n)
+        return ScoreDistribution([counts.get(i, 0) for i in range(bins)], boxes)
+
+    def kth(self, k: int, lowest: bool) -> float:
+        """The ``k``-th lowest (or highest) score, ``k`` from 1 (DuckDB's top-N: ``k`` values held)."""
+        with self._scores() as (con, scores, params):
+            direction = "ASC" if lowest else "DESC"
+            return con.execute(f"SELECT score FROM {scores} ORDER BY score {direction} LIMIT 1 OFFSET {k - 1}",
+                               params).fetchall()[0][0]
+
+
+QUARTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class ScoreDistribution:
+    """What the page draws of the ok scores.
+
+    Attributes:
+        histogram: Counts of equal bins over [0, 1].
+        boxes: Each run date's minimum, quartiles, maximum and count; dates without a score left out.
+    """
+
+    histogram: list[int]
+    boxes: dict[str, BoxStats]
+
+    @property
+    def total(self) -> int:
+        """How many scores."""
+        return sum(self.histogram)
 
 
 @dataclass(frozen=True)
@@ -111,8 +204,8 @@ def _order(row: dict) -> tuple:
     return row["score"], row["uri"], row[PARTITION]
 
 
-def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, ordered: np.ndarray, n: int, lowest: bool,
-                    exclude: frozenset = frozenset()) -> list[dict]:
+def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, scores: OkScores, total: int, n: int,
+                    lowest: bool, exclude: frozenset = frozenset()) -> list[dict]:
     """The ``n`` images (``uri`` and ``model_id``) of the lowest (or highest) scores, each at its most extreme row.
 
     Over several nights an image has a row a night; the rows past a threshold score may then hold fewer than
@@ -122,8 +215,8 @@ def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, ordered: np
     score = pc.field("score")
     k = n
     while True:
-        k = min(k, ordered.size)
-        bound = float(ordered[k - 1] if lowest else ordered[-k])
+        k = min(k, total)
+        bound = scores.kth(k, lowest)
         beyond = score <= bound if lowest else score >= bound
         table = dataset.to_table(columns=TILE_COLUMNS, filter=ok_filter & beyond)
         rows = sorted((r for r in table.to_pylist() if np.isfinite(r["score"])), key=_order, reverse=not lowest)
@@ -131,7 +224,7 @@ def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, ordered: np
         for row in rows:
             if (row["uri"], row["model_id"]) not in exclude:
                 picked.setdefault((row["uri"], row["model_id"]), row)
-        if len(picked) >= n or k == ordered.size:
+        if len(picked) >= n or k == total:
             return list(picked.values())[:n]
         k = max(k + n - len(picked), math.ceil(k * n / max(len(picked), 1)))
 
@@ -146,7 +239,8 @@ def _every_image(dataset: pads.Dataset, ok_filter: pc.Expression) -> list[dict]:
     return sorted(newest.values(), key=_order)
 
 
-def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.ndarray, n: int) -> list[TileGrid]:
+def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: OkScores, total: int,
+                    n: int) -> list[TileGrid]:
     """The ``n`` lowest-scoring images (ascending) and the ``n`` highest (descending), or all in one grid.
 
     An image is a ``(uri, model_id)``; over a range of nights it is shown once per grid, at its lowest row in the
@@ -155,14 +249,13 @@ def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: np.
     says why. Only rows at or beyond threshold scores are read, which the score-sorted part files' row-group
     statistics mostly answer without reading the rest.
     """
-    if n == 0 or scores.size == 0:
+    if n == 0 or total == 0:
         return []
-    ordered = np.sort(scores[np.isfinite(scores)])
-    lowest = _extreme_images(dataset, ok_filter, ordered, n, lowest=True) if ordered.size >= 2 * n else []
+    lowest = _extreme_images(dataset, ok_filter, scores, total, n, lowest=True) if total >= 2 * n else []
     highest = []
     if len(lowest) == n:
         shown = frozenset((r["uri"], r["model_id"]) for r in lowest)
-        highest = _extreme_images(dataset, ok_filter, ordered, n, lowest=False, exclude=shown)
+        highest = _extreme_images(dataset, ok_filter, scores, total, n, lowest=False, exclude=shown)
     if len(highest) < n:
         rows = _every_image(dataset, ok_filter)
         noun = "image" if len(rows) == 1 else "images"
