@@ -1,13 +1,16 @@
-"""``dgiqa filter`` over histories of growing size: wall time and peak memory of the selecting process.
+"""``dgiqa filter`` and ``dgiqa report`` over histories of growing size: wall time and peak memory of the process.
 
 Each history holds two nights of N images each (every image scored on both, so the latest row per image has
 to be found among 2N rows), written as the job writes them (one part file a night, sorted by score, row groups
 of 16,384). For each size, three selections run in fresh processes, their RSS sampled while they work: the
 best 1 % of the latest rows (``--top``), a score threshold over the latest rows (``--min-score``), and every
 night's rows above a threshold (``--all-runs``). Memory that stays flat from the smallest history to the
-largest is the point: the selection runs in DuckDB under its memory limit.
+largest is the point: the selection runs in DuckDB under its memory limit. The report over both nights (its
+histogram, per-night quartiles and thumbnail thresholds) runs in fresh processes too; ``--code-root`` runs the
+children on another checkout (an earlier commit's worktree), for a side-by-side run.
 
     python bench/bench_query.py --rows 250000 1000000 5000000 --json bench/results_query.json
+    python bench/bench_query.py --only report --rows 1000000 5000000 --code-root /tmp/before --json ...
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pipeline.batch.resources import PeakRss
 from pipeline.cli import main
 started = time.monotonic()
 with PeakRss(interval_s=0.01) as rss:
-    code = main(["filter", *sys.argv[1:]])
+    code = main(sys.argv[1:])
 print(json.dumps({{"exit": code, "wall_s": round(time.monotonic() - started, 2),
                   "peak_rss_mib": round(rss.peak / 2**20, 1)}}))
 """
@@ -79,23 +82,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[250_000, 1_000_000, 5_000_000],
                    help="images per night (the history holds twice as many rows)")
+    p.add_argument("--only", choices=("filter", "report"), help="run only these commands")
+    p.add_argument("--code-root", default=str(ROOT), help="checkout whose pipeline the children import")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
     script = work / "child.py"
-    script.write_text(CHILD.format(root=str(ROOT)))
+    script.write_text(CHILD.format(root=args.code_root))
+    commands = {} if args.only == "report" else {
+        name: ["filter", "{history}", *flags, "--out", str(work / "selection.parquet")]
+        for name, flags in SELECTIONS.items()}
+    if args.only != "filter":
+        commands["report over both nights"] = ["report", "{history}", "--from", "2026-11-20", "--until",
+                                               "2026-11-21", "--html", str(work / "report.html")]
     results = []
     for n in args.rows:
         history = work / f"scores-{n}"
         size = write_history(history, n)
-        for name, flags in SELECTIONS.items():
-            run = subprocess.run([sys.executable, str(script), str(history), *flags, "--out",
-                                  str(work / "selection.parquet")], capture_output=True, text=True)
+        for name, argv in commands.items():
+            run = subprocess.run([sys.executable, str(script), *(a.format(history=history) for a in argv)],
+                                 capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(run.stderr[-3000:])
             row = json.loads(run.stdout.strip().splitlines()[-1])
             row.update(history_rows=2 * n, history_mib=round(size / 2**20, 1), selection=name,
-                       stats=run.stderr.strip().splitlines()[-1])
+                       code_root=args.code_root, stats=(run.stderr.strip().splitlines() or [""])[-1])
             results.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

@@ -331,7 +331,7 @@ def test_score_histogram_counts_ok_scores(library, all_dates):
 def test_the_histogram_bins_scores_on_the_edges_as_numpy_does(tmp_path):
     """The bins are counted in DuckDB; a score on a bin edge falls in numpy's bin, 1.0 in the last one."""
     from pipeline.analysis.query import open_scores
-    from pipeline.analysis.report.selection import OkScores
+    from pipeline.analysis.report.selection import SelectedRows
 
     bins = report.HISTOGRAM_BINS
     scores = np.array([k / bins for k in range(bins + 1)] + [0.05, 0.15, 0.35, 0.7, 0.85, 1e-9], np.float32)
@@ -339,7 +339,7 @@ def test_the_histogram_bins_scores_on_the_edges_as_numpy_does(tmp_path):
     part.mkdir(parents=True)
     rows = [_row(f"s3://photos/{i}.jpg", "ok", float(v)) for i, v in enumerate(scores)]
     pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), part / "part-0.parquet")
-    found = OkScores(open_scores(str(tmp_path / "scores")), (NIGHTS[0],)).distribution(bins)
+    found = SelectedRows(open_scores(str(tmp_path / "scores")), (NIGHTS[0],)).distribution(bins)
     expected, _ = np.histogram(scores.astype(np.float64), bins=bins, range=(0, 1))
     assert found.histogram == expected.tolist() and found.total == len(scores)
     box = found.boxes[NIGHTS[0]]

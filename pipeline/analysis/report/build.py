@@ -13,8 +13,7 @@ from pipeline.analysis.report.depth import load_depth_maps
 from pipeline.analysis.report.failures import error_groups
 from pipeline.analysis.report.page import HISTOGRAM_BINS, ReportContent, render_page
 from pipeline.analysis.report.selection import (
-    OkScores,
-    count_rows,
+    SelectedRows,
     run_summaries,
     select_dates,
     span,
@@ -38,16 +37,16 @@ def build_report(config: ReportConfig) -> str:
     selection = pc.field(PARTITION).isin(dates)
     if config.model_id is not None:
         selection &= pc.field("model_id") == config.model_id
-    counts = count_rows(dataset, selection)
+    rows = SelectedRows(dataset, tuple(dates), config.model_id)
+    counts = rows.counts()
     if not counts:
         model = f" of model {config.model_id}" if config.model_id is not None else ""
         raise ReportError(f"no rows{model} in run_date {span(dates)} at {redact_uri(config.output)}")
     depth = load_depth_maps(config)
 
     ok_filter = selection & (pc.field("status") == STATUS_OK) & pc.field("score").is_valid()
-    ok_scores = OkScores(dataset, tuple(dates), config.model_id)
-    scores = ok_scores.distribution(HISTOGRAM_BINS)
-    grids = thumbnail_grids(dataset, ok_filter, ok_scores, scores.total, config.thumbnails)
+    scores = rows.distribution(HISTOGRAM_BINS)
+    grids = thumbnail_grids(dataset, ok_filter, rows, scores.total, config.thumbnails)
     summaries = run_summaries(config, dates)
     shown = [row for grid in grids for row in grid.rows]
     tiles = make_tiles(shown, config, thumbnail_access(config, summaries), depth) if shown else []

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import duckdb
 import fsspec
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
@@ -79,24 +78,12 @@ def select_dates(dataset: pads.Dataset, config: ReportConfig) -> list[str]:
     return [present[-1]]
 
 
-def count_rows(dataset: pads.Dataset, selection: pc.Expression) -> Counter:
-    """Rows by ``(run_date, model_id, status)``, counted batch by batch (no column is held whole)."""
-    counts: Counter = Counter()
-    keys = [PARTITION, "model_id", "status"]
-    for batch in dataset.to_batches(columns=keys, filter=selection):
-        if batch.num_rows:
-            grouped = pa.Table.from_batches([batch]).group_by(keys).aggregate([("status", "count")])
-            for *key, n in zip(*(grouped.column(c).to_pylist() for c in [*keys, "status_count"]), strict=True):
-                counts[tuple(key)] += n
-    return counts
-
-
 @dataclass(frozen=True)
-class OkScores:
-    """The finite ``ok`` scores of the selection, left in the part files and read by DuckDB.
+class SelectedRows:
+    """The rows of the selected dates (and model), left in the part files and aggregated by DuckDB.
 
-    A month of nights of 10^8 images is 3e9 scores: the page's histogram, per-date boxes and thumbnail
-    thresholds are aggregates, computed out of core (``memory_mb``), so no score column is held in Python.
+    A month of nights of 10^8 images is 3e9 rows: the page's row counts, histogram, per-date boxes and
+    thumbnail thresholds are aggregates, computed out of core (``memory_mb``), so no column is held in Python.
 
     Attributes:
         dataset: From ``open_scores``.
@@ -111,8 +98,12 @@ class OkScores:
     memory_mb: int = DEFAULT_PLAN_MEMORY_MB
 
     @contextlib.contextmanager
-    def _scores(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, str, list]]:
-        """A DuckDB connection and a SQL subquery of ``run_date, score`` (DOUBLE), with its parameters."""
+    def _rows(self, ok_scores: bool) -> Iterator[tuple[duckdb.DuckDBPyConnection, str, list]]:
+        """A DuckDB connection and a SQL subquery of the selected rows, with its parameters.
+
+        ``ok_scores``: only the finite scores of ``ok`` rows, as ``run_date, score`` (DOUBLE); else every row's
+        ``run_date, model_id, status``.
+        """
         selected = pc.field(PARTITION).isin(list(self.dates))
         if self.model_id is not None:
             selected &= pc.field("model_id") == self.model_id
@@ -120,12 +111,22 @@ class OkScores:
         with duckdb_connection(self.memory_mb) as con:
             source, params = parquet_source(con, self.dataset, files, [PARTITION, "score", "status", "model_id"])
             dates = ", ".join("?" * len(self.dates))
-            where = f"status = '{STATUS_OK}' AND isfinite(score) AND {PARTITION} IN ({dates})"
+            where = f"{PARTITION} IN ({dates})"
             params = [*params, *self.dates]
             if self.model_id is not None:
                 where += " AND model_id = ?"
                 params.append(self.model_id)
-            yield con, f"(SELECT {PARTITION}, score::DOUBLE AS score FROM {source} WHERE {where})", params
+            if ok_scores:
+                where += f" AND status = '{STATUS_OK}' AND isfinite(score)"
+            columns = f"{PARTITION}, score::DOUBLE AS score" if ok_scores else f"{PARTITION}, model_id, status"
+            yield con, f"(SELECT {columns} FROM {source} WHERE {where})", params
+
+    def counts(self) -> Counter:
+        """Rows by ``(run_date, model_id, status)``."""
+        with self._rows(ok_scores=False) as (con, rows, params):
+            found = con.execute(f"SELECT {PARTITION}, model_id, status, count(*) FROM {rows} GROUP BY ALL",
+                                params).fetchall()
+        return Counter({(str(night), model, status): n for night, model, status, n in found})
 
     def distribution(self, bins: int) -> ScoreDistribution:
         """The histogram (``np.histogram``'s bins over [0, 1], scores clipped into it) and each date's box.
@@ -133,34 +134,38 @@ class OkScores:
         Quartiles interpolate linearly between order statistics (``np.percentile``'s default), found by one
         sort per date, which DuckDB spills; an exact quantile aggregate would hold a date's scores in memory.
         """
-        with self._scores() as (con, scores, params):
-            # Scores are float32: x * bins is exact in double, so its floor is np.histogram's bin (the edges tested).
-            binned = (f"SELECT least(floor(least(greatest(score, 0.0::DOUBLE), 1.0::DOUBLE) * {bins})::BIGINT, "
-                      f"{bins - 1}) AS i FROM {scores}")
-            counts = dict(con.execute(f"SELECT i, count(*) FROM ({binned}) GROUP BY i", params).fetchall())
-            ranked = (f"SELECT {PARTITION} AS night, score, row_number() OVER w - 1 AS k, count(*) OVER w AS n "
-                      f"FROM {scores} WINDOW w AS (PARTITION BY {PARTITION} ORDER BY score ROWS BETWEEN "
-                      "UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)")
-            wanted = " OR ".join(f"k = floor({q} * (n - 1)) OR k = ceil({q} * (n - 1))" for q in QUARTILES)
-            order_stats: dict[str, dict[int, float]] = {}
-            sizes: dict[str, int] = {}
-            for night, score, k, n in con.execute(f"SELECT * FROM ({ranked}) WHERE {wanted}", params).fetchall():
-                order_stats.setdefault(night, {})[k] = score
-                sizes[night] = n
+        histogram = [0] * bins
+        sizes: dict[str, int] = {}
         boxes = {}
-        for night in sorted(order_stats):
-            n, values = sizes[night], order_stats[night]
-            five = []
-            for q in QUARTILES:
-                h = q * (n - 1)
-                lo, hi = math.floor(h), math.ceil(h)
-                five.append(values[lo] + (values[hi] - values[lo]) * (h - lo))
-            boxes[night] = BoxStats(*five, count=n)
-        return ScoreDistribution([counts.get(i, 0) for i in range(bins)], boxes)
+        with self._rows(ok_scores=True) as (con, scores, params):
+            # Scores are float32: x * bins is exact in double, so its floor is np.histogram's bin (the edges tested).
+            binned = (f"SELECT {PARTITION} AS night, least(floor(least(greatest(score, 0.0::DOUBLE), 1.0::DOUBLE) "
+                      f"* {bins})::BIGINT, {bins - 1}) AS i FROM {scores}")
+            for night, i, n in con.execute(f"SELECT night, i, count(*) FROM ({binned}) GROUP BY ALL",
+                                           params).fetchall():
+                histogram[i] += n
+                sizes[night] = sizes.get(night, 0) + n
+            for night, n in sorted(sizes.items()):
+                # A window over one date's scores, without PARTITION BY: DuckDB's sort spills (measured:
+                # 5M scores under a 24 MB limit), where quantile_cont holds the values and a partitioned window
+                # ran out of memory at 2 x 5M under 256 MB.
+                wanted = sorted({f(q * (n - 1)) for q in QUARTILES for f in (math.floor, math.ceil)})
+                ranked = (f"SELECT score, row_number() OVER (ORDER BY score) - 1 AS k FROM {scores} "
+                          f"WHERE {PARTITION} = ?")
+                positions = ", ".join(map(str, wanted))
+                values = dict(con.execute(f"SELECT k, score FROM ({ranked}) WHERE k IN ({positions})",
+                                          [*params, night]).fetchall())
+                five = []
+                for q in QUARTILES:
+                    h = q * (n - 1)
+                    lo, hi = math.floor(h), math.ceil(h)
+                    five.append(values[lo] + (values[hi] - values[lo]) * (h - lo))
+                boxes[night] = BoxStats(*five, count=n)
+        return ScoreDistribution(histogram, boxes)
 
     def kth(self, k: int, lowest: bool) -> float:
         """The ``k``-th lowest (or highest) score, ``k`` from 1 (DuckDB's top-N: ``k`` values held)."""
-        with self._scores() as (con, scores, params):
+        with self._rows(ok_scores=True) as (con, scores, params):
             direction = "ASC" if lowest else "DESC"
             return con.execute(f"SELECT score FROM {scores} ORDER BY score {direction} LIMIT 1 OFFSET {k - 1}",
                                params).fetchall()[0][0]
@@ -204,7 +209,7 @@ def _order(row: dict) -> tuple:
     return row["score"], row["uri"], row[PARTITION]
 
 
-def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, scores: OkScores, total: int, n: int,
+def _extreme_images(dataset: pads.Dataset, ok_filter: pc.Expression, scores: SelectedRows, total: int, n: int,
                     lowest: bool, exclude: frozenset = frozenset()) -> list[dict]:
     """The ``n`` images (``uri`` and ``model_id``) of the lowest (or highest) scores, each at its most extreme row.
 
@@ -239,7 +244,7 @@ def _every_image(dataset: pads.Dataset, ok_filter: pc.Expression) -> list[dict]:
     return sorted(newest.values(), key=_order)
 
 
-def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: OkScores, total: int,
+def thumbnail_grids(dataset: pads.Dataset, ok_filter: pc.Expression, scores: SelectedRows, total: int,
                     n: int) -> list[TileGrid]:
     """The ``n`` lowest-scoring images (ascending) and the ``n`` highest (descending), or all in one grid.
 
