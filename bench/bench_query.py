@@ -6,8 +6,9 @@ of 16,384). For each size, three selections run in fresh processes, their RSS sa
 best 1 % of the latest rows (``--top``), a score threshold over the latest rows (``--min-score``), and every
 night's rows above a threshold (``--all-runs``). Memory that stays flat from the smallest history to the
 largest is the point: the selection runs in DuckDB under its memory limit. The report over both nights (its
-histogram, per-night quartiles and thumbnail thresholds) runs in fresh processes too; ``--code-root`` runs the
-children on another checkout (an earlier commit's worktree), for a side-by-side run.
+histogram, per-night quartiles and thumbnail thresholds) and ``dgiqa evaluate --scores`` of 1,000 labelled images
+run in fresh processes too; ``--code-root`` runs the children on another checkout (an earlier commit's
+worktree), for a side-by-side run.
 
     python bench/bench_query.py --rows 250000 1000000 5000000 --json bench/results_query.json
     python bench/bench_query.py --only report --rows 1000000 5000000 --code-root /tmp/before --json ...
@@ -19,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,11 @@ SELECTIONS = {
 }
 
 
+def image_uri(i: int) -> str:
+    """The ``i``-th image of a generated history."""
+    return f"s3://photos/library/{i // 1000:06d}/IMG_{i:09d}.jpg"
+
+
 def write_history(root: Path, n: int) -> int:
     """Two nights of ``n`` images each, in the job's output schema; returns the bytes written."""
     import numpy as np
@@ -57,7 +64,7 @@ def write_history(root: Path, n: int) -> int:
 
     schema = output_schema(pa.schema([]))
     rng = np.random.default_rng(0)
-    uris = pa.array([f"s3://photos/library/{i // 1000:06d}/IMG_{i:09d}.jpg" for i in range(n)])
+    uris = pa.array([image_uri(i) for i in range(n)])
     for night in ("2026-11-20", "2026-11-21"):
         order = np.argsort(rng.random(n).astype(np.float32))
         scores = np.sort(rng.random(n).astype(np.float32))
@@ -82,25 +89,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[250_000, 1_000_000, 5_000_000],
                    help="images per night (the history holds twice as many rows)")
-    p.add_argument("--only", choices=("filter", "report"), help="run only these commands")
+    p.add_argument("--only", choices=("filter", "report", "evaluate"), help="run only these commands")
     p.add_argument("--code-root", default=str(ROOT), help="checkout whose pipeline the children import")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
     script = work / "child.py"
     script.write_text(CHILD.format(root=args.code_root))
-    commands = {} if args.only == "report" else {
+    commands = {} if args.only not in (None, "filter") else {
         name: ["filter", "{history}", *flags, "--out", str(work / "selection.parquet")]
         for name, flags in SELECTIONS.items()}
-    if args.only != "filter":
+    if args.only in (None, "report"):
         commands["report over both nights"] = ["report", "{history}", "--from", "2026-11-20", "--until",
                                                "2026-11-21", "--html", str(work / "report.html")]
+    if args.only in (None, "evaluate"):
+        commands["evaluate 1,000 labelled images"] = ["evaluate", "{labels}", "--scores", "{history}",
+                                                      "--bootstrap", "0", "--json"]
     results = []
     for n in args.rows:
         history = work / f"scores-{n}"
         size = write_history(history, n)
+        labels = work / f"labels-{n}.csv"
+        picked = sorted(random.Random(0).sample(range(n), min(n, 1000)))
+        labels.write_text("uri,mos\n" + "".join(f"{image_uri(i)},{1 + 4 * (i % 97) / 96:.3f}\n" for i in picked))
         for name, argv in commands.items():
-            run = subprocess.run([sys.executable, str(script), *(a.format(history=history) for a in argv)],
+            run = subprocess.run([sys.executable, str(script),
+                                  *(a.format(history=history, labels=labels) for a in argv)],
                                  capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(run.stderr[-3000:])
