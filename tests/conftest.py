@@ -174,7 +174,7 @@ def s3(s3_server):
 
 
 @contextlib.contextmanager
-def local_ray_without_auth() -> Iterator[None]:
+def local_ray_without_auth(num_cpus: int = 2) -> Iterator[None]:
     """A Ray of the test's own on 127.0.0.1 (``address="local"``: never someone else's cluster), token
     authentication off for it only (a test head on the loopback), stopped and the setting restored afterwards.
 
@@ -184,7 +184,7 @@ def local_ray_without_auth() -> Iterator[None]:
 
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     try:
         yield

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
@@ -121,7 +122,22 @@ class JobConfig:
                                         max_pixels=self.max_pixels, draft=self.draft_decode))
 
 
-def _cluster_plan(config: JobConfig) -> tuple[float, float, tuple[int, int]]:
+class ClusterPlan(NamedTuple):
+    """Resources of the two Ray stages: the scoring actors' (GPUs and CPUs each, pool size) and each decode task's."""
+
+    gpus: float
+    cpus: float
+    actors: tuple[int, int]
+    decode_cpus: float = 1.0
+
+
+def _cluster_plan(config: JobConfig) -> ClusterPlan:
+    """The actor pool and decode tasks for the cluster Ray reports.
+
+    On a CPU cluster the one actor takes half the CPUs and the decode tasks the rest. A single-CPU cluster
+    (a small VM, a container limited to one core) splits its CPU in halves: an actor holding the only CPU left
+    the decode tasks that feed it unscheduled, and the run waited for ever.
+    """
     import ray
 
     resources = ray.cluster_resources()
@@ -134,14 +150,15 @@ def _cluster_plan(config: JobConfig) -> tuple[float, float, tuple[int, int]]:
                            "whose GPU nodes are not up yet, pass --gpus-per-actor 1.")
     cpus = config.cpus_per_actor
     if cpus is None:
-        cpus = 1.0 if gpus else float(max(1, cluster_cpus // 2))
+        cpus = 1.0 if gpus else (float(cluster_cpus // 2) if cluster_cpus >= 2 else 0.5)
     if config.actors is not None:
         actors = config.actors
     elif gpus:
         actors = (1, max(1, int(cluster_gpus / gpus)))
     else:
         actors = (1, 1)
-    return gpus, cpus, actors
+    decode_cpus = 0.5 if not gpus and cluster_cpus < 2 else 1.0
+    return ClusterPlan(gpus, cpus, actors, decode_cpus)
 
 
 class _Progress:
@@ -163,7 +180,7 @@ class _Progress:
                         100 * self.done / max(self.total, 1), rate, self.errors)
 
 
-def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo, cluster: tuple,
+def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo, cluster: ClusterPlan,
                    allowlist: Allowlist, operators: list[str]) -> Iterator[pa.Table]:
     """The scored rows, streamed from the cluster; ``operators`` gets Ray Data's operator names at the end."""
     import ray
@@ -171,7 +188,7 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
 
     from pipeline.batch.stages import ScoreActor, prepare_plan_files
 
-    gpus, cpus, actors = cluster
+    gpus, cpus, actors, decode_cpus = cluster
     logger.info("actor pool: %d-%d actors, %g GPU and %g CPU each; %d images a batch", actors[0], actors[1], gpus,
                 cpus, _batch_size(config, gpus))
     ctx = DataContext.get_current()
@@ -198,11 +215,11 @@ def _scored_stream(config: JobConfig, plan_files: list[str], fs, info: ModelInfo
                         fn_kwargs={"config": config.scorer_config(), "fs": fs, "batch_size": batch,
                                    "storage_options": dict(config.storage_options), "allowlist": allowlist,
                                    "max_bytes": config.max_bytes},
-                        num_cpus=1, memory=_decode_task_memory(config))
+                        num_cpus=decode_cpus, memory=_decode_task_memory(config))
     ds = ds.map_batches(
         config.actor_class or ScoreActor, batch_format="pyarrow", batch_size=batch,
         fn_constructor_kwargs={"config": config.scorer_config(), "expected_model_id": info.model_id,
-                               "num_threads": None if gpus else int(cpus)},
+                               "num_threads": None if gpus else max(1, int(cpus))},
         # Ray Data restarts a dead actor and retries its batch by default (max_restarts / max_task_retries -1);
         # tests/test_faults.py kills one to keep that true.
         compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]), num_gpus=gpus, num_cpus=cpus)

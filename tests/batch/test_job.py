@@ -4,6 +4,9 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,6 +20,7 @@ from pipeline.scoring.preprocess import PreprocessConfig
 from pipeline.scoring.sample import write_random_dgiqa
 from pipeline.scoring.scorer import Scorer, ScorerConfig
 
+REPO = Path(__file__).resolve().parents[2]
 FAST_JOB = {"crops": 1, "depth_input_size": 70, "batch_size": 2, "log_every_s": 0}
 # A job row's score against the same image scored alone: both run fp32 on the CPU and differ by rounding only, but
 # the job's actor puts several images' crops into one forward pass, which reorders sums (measured: 1.5e-5).
@@ -265,13 +269,43 @@ def test_s3_bucket_in_and_out(checkpoints, s3, photo_paths, direct_scorer):
         {f"s3://photos/library/{path.name}": path.read_bytes() for path in photo_paths[:2]}, direct_scorer)
 
 
+def test_a_one_cpu_cluster_shares_its_cpu_between_the_actor_and_the_decode_tasks(checkpoints, bucket, tmp_path):
+    """An actor that held the only CPU left the decode tasks feeding it unscheduled, and the run never ended.
+
+    A Ray of one CPU of its own, in a child process (this module's Ray has two); the timeout only guards the
+    suite against that hang.
+    """
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"uri\n{bucket}/images/astronaut.png\n{bucket}/images/corrupt.jpg\n")
+    child = f"""
+import json
+from tests.conftest import local_ray_without_auth
+from pipeline.batch.job import JobConfig, _cluster_plan, run_job
+config = JobConfig(manifest={str(manifest)!r}, output={str(tmp_path / "out")!r}, weights={str(checkpoints["dgiqa"])!r},
+                   depth_weights={str(checkpoints["depth"])!r}, crops=1, depth_input_size=70, batch_size=2,
+                   log_every_s=0)
+with local_ray_without_auth(num_cpus=1):
+    plan = _cluster_plan(config)
+    print(json.dumps({{"plan": plan, "counts": run_job(config)["status_counts"]}}))
+"""
+    # This module's Ray set token authentication in the environment; Ray reads it on import, before the child's
+    # own (loopback, no authentication) starts, and its actors would then be refused.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([sys.executable, "-c", child], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["plan"] == [0.0, 0.5, [1, 1], 0.5]  # GPUs, actor CPUs, pool, decode task CPUs
+    assert result["counts"] == {"ok": 1, "error": 1, "rejected": 0}
+
+
 def test_cluster_without_gpus_scores_on_cpu_with_a_warning(caplog):
     from pipeline.batch.job import _cluster_plan
 
     config = JobConfig(manifest="m", output="o", weights="w", depth_weights="d")
     with caplog.at_level("WARNING"):
-        gpus, cpus, actors = _cluster_plan(config)
-    assert gpus == 0 and actors == (1, 1) and cpus >= 1
+        gpus, cpus, actors, decode_cpus = _cluster_plan(config)
+    assert gpus == 0 and actors == (1, 1) and cpus >= 1 and decode_cpus == 1  # this module's Ray has 2 CPUs
     assert "no GPUs" in caplog.text
     forced = JobConfig(manifest="m", output="o", weights="w", depth_weights="d", gpus_per_actor=0.5, actors=(2, 4))
     assert _cluster_plan(forced)[0] == 0.5 and _cluster_plan(forced)[2] == (2, 4)
