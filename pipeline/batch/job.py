@@ -259,9 +259,10 @@ def _run_key(config: JobConfig, reader: ManifestReader, model_id: str, run_date:
     """``<job>-<rows>``: the job part names manifest, model and options; the rows part the work itself.
 
     Of the model-specific options only those the scorer uses enter the job part (and of those, only those
-    ``model_id`` does not already name): a student run is the same run whatever DGIQA's ``--crops`` says, so a
-    resume never misses its staged shards over an option nothing read. DGIQA's keys hold the same fields as
-    before the options were declared per scorer, so DGIQA runs resume across that change.
+    whose weights ``model_id`` does not already name; the score-changing ones it names when set stay in too):
+    a student run is the same run whatever DGIQA's ``--crops`` says, so a resume never misses its staged shards
+    over an option nothing read. DGIQA's keys hold the same fields as before the options were declared per
+    scorer, so DGIQA runs resume across that change.
 
     The rows part hashes the manifest files' versions (ETags, or sizes and modification times) and the
     fingerprint of every row to write, so a manifest replaced at the same URI after a killed attempt starts
